@@ -1,0 +1,21 @@
+"""Ops the models call: each a plain-torch reference (the CPU path and the test
+oracle) plus, on CUDA tensors, a Triton kernel wrapped in an autograd Function with
+a hand-written backward. :func:`backend` forces one side for a block of code."""
+from .activation import act_mul
+from .attention import attention, segments_from_attention_mask
+from .cross_entropy import linear_cross_entropy
+from .dispatch import backend, current_backend, use_triton
+from .rms_norm import rms_norm
+from .rope import apply_rope
+
+__all__ = [
+    "act_mul",
+    "apply_rope",
+    "attention",
+    "backend",
+    "current_backend",
+    "linear_cross_entropy",
+    "rms_norm",
+    "segments_from_attention_mask",
+    "use_triton",
+]

@@ -1,0 +1,65 @@
+"""Choosing between an op's Triton kernel and its plain-torch reference.
+
+``auto`` (the default) runs kernels on CUDA tensors and the reference elsewhere.
+``reference`` always runs the reference; ``triton`` always runs the kernel, which on
+CPU tensors needs ``TRITON_INTERPRET=1`` (how CI tests kernels without a GPU).
+``FASTQLORA_BACKEND`` sets the starting mode; :func:`backend` changes it for a block.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+_MODES = ("auto", "reference", "triton")
+_mode = os.environ.get("FASTQLORA_BACKEND", "auto")
+if _mode not in _MODES:
+    raise ValueError(f"FASTQLORA_BACKEND={_mode!r}: expected one of {', '.join(_MODES)}")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def current_backend() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def backend(mode: str) -> Iterator[None]:
+    """Run the enclosed block with ops in ``mode`` ("auto", "reference" or "triton")."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"backend must be one of {', '.join(_MODES)}, got {mode!r}")
+    previous, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = previous
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` should launch its Triton kernel."""
+    if _mode == "reference":
+        return False
+    if _mode == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was asked for but triton is not installed")
+        if not x.is_cuda and not interpreting():
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return True
+    return x.is_cuda and triton_available()
