@@ -1,0 +1,209 @@
+"""LoRA adapters: ``y = base(x) + s·(dropout(x)·Aᵀ)·Bᵀ`` with ``s = alpha/r`` (or
+``alpha/√r`` for rsLoRA), initialized as PEFT does (A Kaiming-uniform, B zero).
+
+Adapters attach to the model's frozen projections (``FrozenLinear.adapter``) and to
+the embedding table. Their parameters are fp32 master weights; the forward casts to
+the activations' dtype. This module also names them the way PEFT does, so adapters
+save to and load from PEFT's format, and merges them into 16-bit weights.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OTHER_TARGETS = ("embed_tokens", "lm_head")
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraAdapter(nn.Module):
+    """The low-rank branch of one projection: A ``[r, in]``, B ``[out, r]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        self.dropout_p = dropout
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
+        # PEFT's default init: A as nn.Linear's kaiming_uniform(a=√5), B zero so the
+        # adapter starts as the identity change.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        return F.linear(F.linear(h, a), b) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B·A`` in fp32: what merging adds to the base weight."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout_p}"
+
+
+class LoraEmbeddingAdapter(nn.Module):
+    """LoRA on an embedding table, PEFT's form: ``Δ = s·E_A[ids]·Bᵀ`` with
+    ``lora_embedding_A [r, vocab]`` (zero-initialized) and ``lora_embedding_B [dim, r]``
+    (normal-initialized)."""
+
+    def __init__(self, num_embeddings: int, dim: int, r: int, alpha: float, use_rslora: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=device))
+        nn.init.normal_(self.lora_embedding_B)
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        after_a = F.embedding(ids, self.lora_embedding_A.t())
+        return (after_a @ self.lora_embedding_B.t()).to(dtype) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).t() * self.scale
+
+
+def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(module path, host module, adapter) for every attached adapter."""
+    for name, module in model.named_modules():
+        adapter = getattr(module, "adapter", None)
+        if isinstance(adapter, (LoraAdapter, LoraEmbeddingAdapter)):
+            yield name, module, adapter
+
+
+def validate_targets(target_modules: Iterable[str] | str) -> list[str]:
+    if isinstance(target_modules, str):
+        target_modules = (
+            list(LINEAR_TARGETS) if target_modules in ("all-linear", "all") else [target_modules]
+        )
+    targets = list(dict.fromkeys(target_modules))
+    allowed = LINEAR_TARGETS + OTHER_TARGETS
+    unknown = [t for t in targets if t not in allowed]
+    if unknown:
+        raise ValueError(f"unknown target_modules {unknown}; choose from {list(allowed)} or 'all-linear'")
+    if not targets:
+        raise ValueError("target_modules is empty: name at least one projection, e.g. ['q_proj', 'v_proj']")
+    return targets
+
+
+def attach_lora(
+    model: nn.Module,
+    target_modules: Iterable[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    seed: int | None = None,
+) -> list[str]:
+    """Attach a fresh adapter to each targeted module; returns their paths.
+
+    Targeted modules must expose an ``adapter`` slot (the model's FrozenLinear and
+    Embedding modules do). Adapters are created on the host module's device."""
+    targets = set(validate_targets(target_modules))
+    generator_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    attached = []
+    try:
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in targets or not hasattr(module, "adapter"):
+                continue
+            device = _module_device(module)
+            if isinstance(module, nn.Embedding) or leaf == "embed_tokens":
+                module.adapter = LoraEmbeddingAdapter(
+                    module.num_embeddings, module.embedding_dim, r, alpha, use_rslora, device=device
+                )
+            else:
+                module.adapter = LoraAdapter(
+                    module.in_features, module.out_features, r, alpha, dropout, use_rslora, device=device
+                )
+            attached.append(name)
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+    missing = targets - {n.rsplit(".", 1)[-1] for n in attached}
+    if missing:
+        raise ValueError(f"target_modules {sorted(missing)} match no module of this model")
+    return attached
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        return t.device
+    return torch.device("cpu")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors under PEFT's key names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, _, adapter in iter_adapters(model):
+        key = PEFT_PREFIX + name
+        if isinstance(adapter, LoraAdapter):
+            out[f"{key}.lora_A.weight"] = adapter.lora_A.detach()
+            out[f"{key}.lora_B.weight"] = adapter.lora_B.detach()
+        else:
+            out[f"{key}.lora_embedding_A"] = adapter.lora_embedding_A.detach()
+            out[f"{key}.lora_embedding_B"] = adapter.lora_embedding_B.detach()
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "") -> None:
+    """Copy PEFT-named adapter tensors into the attached adapters; every adapter must be
+    covered and every LoRA tensor used."""
+    where = f" in {source}" if source else ""
+    expected = adapter_state_dict(model)
+    lora_keys = {k for k in tensors if ".lora_" in k}
+    # PEFT sometimes writes the adapter name into the key (".lora_A.default.weight").
+    normalized = {k.replace(".default.weight", ".weight").replace(".default", ""): k for k in lora_keys}
+    missing = [k for k in expected if k not in normalized]
+    if missing:
+        raise ValueError(f"adapter tensor {missing[0]} is missing{where} ({len(missing)} missing in all)")
+    unused = [normalized[k] for k in normalized if k not in expected]
+    if unused:
+        raise ValueError(f"adapter tensor {unused[0]}{where} matches no LoRA module of this model")
+    params = dict(_adapter_params(model))
+    with torch.no_grad():
+        for key, target in params.items():
+            src = tensors[normalized[key]]
+            if tuple(src.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"adapter tensor {normalized[key]}{where} has shape {tuple(src.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(src.to(target.dtype))
+
+
+def _adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, _, adapter in iter_adapters(model):
+        key = PEFT_PREFIX + name
+        if isinstance(adapter, LoraAdapter):
+            yield f"{key}.lora_A.weight", adapter.lora_A
+            yield f"{key}.lora_B.weight", adapter.lora_B
+        else:
+            yield f"{key}.lora_embedding_A", adapter.lora_embedding_A
+            yield f"{key}.lora_embedding_B", adapter.lora_embedding_B

@@ -1,0 +1,167 @@
+"""JSONL training data: read records, turn each into token ids and labels.
+
+Three record forms, recognized by their fields:
+- ``{"text": ...}``: plain text, every token trains.
+- ``{"messages": [{"role", "content"}, ...]}``: a chat, rendered with the tokenizer's
+  chat template; with ``completion_only`` only the assistant turns train.
+- ``{"instruction", "input"?, "output"}``: an Alpaca-style prompt and its answer; with
+  ``completion_only`` only the answer trains.
+Labels use -100 for tokens that do not train (transformers' ignore index).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each non-blank line of a JSONL file; a malformed line is
+    a ValueError naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
+            check_record(rec, f"{path}:{lineno}")
+            records.append((lineno, rec))
+    if not records:
+        raise ValueError(f"dataset file {path} has no records")
+    return records
+
+
+def check_record(rec: dict[str, Any], where: str) -> str:
+    """The record's form ("text", "messages" or "instruction"); ValueError otherwise."""
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise ValueError(f"{where}: field 'text' must be a string")
+        return "text"
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: field 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{where}: 'messages' has no assistant turn to learn from")
+        return "messages"
+    if "instruction" in rec or "output" in rec:
+        for key in ("instruction", "output"):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{where}: field '{key}' must be a string")
+        if "input" in rec and not isinstance(rec["input"], str):
+            raise ValueError(f"{where}: field 'input' must be a string")
+        return "instruction"
+    raise ValueError(
+        f"{where}: record has none of the fields 'text', 'messages' or 'instruction'/'output' "
+        f"(found {sorted(rec)})"
+    )
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _with_specials(tokenizer, prompt: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
+    """bos + prompt + answer + eos, as the ids and the answer's span."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = bos + prompt + answer + eos
+    return ids, list(range(len(bos) + len(prompt), len(ids)))
+
+
+def tokenize_record(rec: dict[str, Any], tokenizer, completion_only: bool, where: str = "") -> Example:
+    kind = check_record(rec, where or "record")
+    if kind == "text":
+        ids, _ = _with_specials(tokenizer, [], _ids(tokenizer, rec["text"]))
+        return Example(ids, list(ids))
+    if kind == "instruction":
+        template = ALPACA_WITH_INPUT if rec.get("input") else ALPACA_NO_INPUT
+        prompt = template.format(instruction=rec["instruction"], input=rec.get("input", ""))
+        ids, answer_span = _with_specials(tokenizer, _ids(tokenizer, prompt), _ids(tokenizer, rec["output"]))
+        return _labelled(ids, answer_span, completion_only)
+    return _tokenize_chat(rec["messages"], tokenizer, completion_only, where)
+
+
+def _labelled(ids: list[int], train_positions: list[int], completion_only: bool) -> Example:
+    if not completion_only:
+        return Example(ids, list(ids))
+    labels = [IGNORE_INDEX] * len(ids)
+    for p in train_positions:
+        labels[p] = ids[p]
+    return Example(ids, labels)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer, completion_only: bool, where: str) -> Example:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{where}: a 'messages' record needs a tokenizer with a chat template, and this "
+            "tokenizer has none; use 'text' or 'instruction'/'output' records instead"
+        )
+
+    def render(msgs, gen_prompt):
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    ids = render(messages, False)
+    train_positions: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        # The assistant turn's tokens are what its rendering adds to the prompt before it.
+        start = len(render(messages[:i], True))
+        end = len(render(messages[: i + 1], False))
+        train_positions.extend(range(start, min(end, len(ids))))
+    return _labelled(ids, train_positions, completion_only)
+
+
+def load_dataset(
+    path: str | Path, tokenizer, max_seq_length: int, completion_only: bool = False
+) -> list[Example]:
+    """Tokenized examples of a JSONL file, truncated to ``max_seq_length``; examples with
+    nothing left to learn from are dropped."""
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    out = []
+    for lineno, rec in read_jsonl(path):
+        ex = tokenize_record(rec, tokenizer, completion_only, f"{path}:{lineno}")
+        ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
+        if sum(label != IGNORE_INDEX for label in ex.labels[1:]) > 0:
+            out.append(ex)
+    if not out:
+        raise ValueError(f"no example in {path} has a token to train on within max_seq_length={max_seq_length}")
+    return out

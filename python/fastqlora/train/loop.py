@@ -1,0 +1,156 @@
+"""fastqlora's own training loop (used by ``fastqlora train`` and the demo).
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches whose losses are
+sums divided by the label-token count of the whole step (``num_items_in_batch``), so
+accumulation gives the loss and gradients of one large batch. Checkpoints resume
+exactly; Ctrl-C saves the adapter before leaving.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import load_dataset
+from .packing import collate, count_label_tokens, iterate_batches, pack_examples, unpacked_rows
+from .progress import Progress
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
+    if cfg.optim == "adamw_8bit":
+        if device.type != "cuda":
+            raise ValueError("optim='adamw_8bit' needs a CUDA device (bitsandbytes' 8-bit AdamW); use optim='adamw'")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError("optim='adamw_8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Trainer:
+    """Holds a model with adapters, its data and optimizer; ``train()`` runs the steps."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig, rows=None) -> None:
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.device = next(p.device for p in model.parameters())
+        if rows is None:
+            examples = load_dataset(cfg.dataset, tokenizer, cfg.max_seq_length, cfg.completion_only)
+            rows = (pack_examples(examples, cfg.max_seq_length, cfg.seed) if cfg.packing
+                    else unpacked_rows(examples, cfg.max_seq_length))
+        self.rows = rows
+        self.pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
+                       else 0)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: call FastLanguageModel.get_peft_model first")
+        self.optimizer = build_optimizer(self.params, cfg, self.device)
+        steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.gradient_accumulation_steps))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+        self.step = 0
+        self.position = (0, 0)  # (epoch, batch index) of the next micro-batch
+        self.history: list[dict[str, float]] = []
+
+    # -- state -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "position": self.position,
+                "history": self.history, "config": asdict(self.cfg)}
+
+    def resume_from(self, checkpoint: str | Path) -> None:
+        from ..api import load_adapter_weights
+
+        state = load_trainer_state(checkpoint)
+        load_adapter_weights(self.model, checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.position = state["step"], tuple(state["position"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.cfg.output_dir, self.step, self.model, self.state())
+
+    # -- the loop ----------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        lr = self.cfg.learning_rate * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps,
+                                                self.cfg.lr_scheduler)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        num_items = sum(count_label_tokens(b) for b in micro_batches)
+        self.model.train()
+        total = 0.0
+        for mb in micro_batches:
+            out = self.model(**_to_device(mb, self.device), num_items_in_batch=max(num_items, 1))
+            out.loss.backward()
+            total += float(out.loss.detach())
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def train(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        if cfg.resume and (ckpt := latest_checkpoint(cfg.output_dir)) is not None:
+            self.resume_from(ckpt)
+        batches = iterate_batches(self.rows, cfg.batch_size, cfg.seed, *self.position)
+        progress = Progress(self.total_steps, self.step, enabled=cfg.progress, device=self.device)
+        try:
+            while self.step < self.total_steps:
+                lr = self._set_lr()
+                micro, tokens = [], 0
+                for _ in range(cfg.gradient_accumulation_steps):
+                    epoch, index, rows = next(batches)
+                    batch = collate([self.rows[i] for i in rows], self.pad_id)
+                    tokens += int(batch["attention_mask"].sum())
+                    micro.append(batch)
+                    self.position = (epoch, index + 1)
+                t0 = time.perf_counter()
+                loss = self.train_step(micro)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens, "seconds": dt}
+                self.history.append(record)
+                progress.update(record)
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                    self.save()
+        except KeyboardInterrupt:
+            progress.close()
+            path = self.save()
+            self.model.save_pretrained(Path(cfg.output_dir) / "adapter")
+            print(f"\ninterrupted at step {self.step}: adapter saved to {Path(cfg.output_dir) / 'adapter'}, "
+                  f"resumable checkpoint at {path} (rerun with --resume)")
+            raise
+        progress.close()
+        self.save()
+        self.model.save_pretrained(Path(cfg.output_dir) / "adapter")
+        if cfg.plot:
+            from .plot import plot_loss
+
+            plot_loss(self.history, Path(cfg.output_dir) / "loss.png")
+        return self.history

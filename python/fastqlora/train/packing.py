@@ -1,0 +1,100 @@
+"""Rows and batches: padding-free packing, or one example per row with padding.
+
+Packing puts several examples into one row of at most ``max_seq_length`` tokens with
+position ids restarting at 0 for each; the model turns the restarts into sequence
+boundaries so that attention stays inside each example. The first label of each
+example is set to -100: after the model's one-token label shift that is the
+prediction that would cross a boundary, and it is not a prediction of the example
+itself, so a packed row's loss is exactly the token-weighted mean of its examples'.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX, Example
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pack_examples(examples: Sequence[Example], max_seq_length: int, seed: int = 0) -> list[Row]:
+    """First-fit-decreasing packing of shuffled examples into rows of ``max_seq_length``."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -len(examples[i]))  # stable: ties keep the shuffled order
+    rows: list[Row] = []
+    free: list[int] = []
+    for i in order:
+        ex = examples[i]
+        n = min(len(ex), max_seq_length)
+        slot = next((r for r, room in enumerate(free) if room >= n), None)
+        if slot is None:
+            rows.append(Row([], [], []))
+            free.append(max_seq_length)
+            slot = len(rows) - 1
+        row = rows[slot]
+        row.input_ids += ex.input_ids[:n]
+        row.labels += [IGNORE_INDEX] + ex.labels[1:n]
+        row.position_ids += list(range(n))
+        free[slot] -= n
+    return rows
+
+
+def unpacked_rows(examples: Sequence[Example], max_seq_length: int) -> list[Row]:
+    return [
+        Row(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length], list(range(min(len(ex), max_seq_length))))
+        for ex in examples
+    ]
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest; padding gets label -100, mask 0, and its own
+    position run so it forms a separate sequence."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        labels[b, :n] = torch.tensor(r.labels)
+        pos[b, :n] = torch.tensor(r.position_ids)
+        pos[b, n:] = torch.arange(width - n)
+        mask[b, :n] = 1
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that count in the loss after the model's one-token label shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def epoch_batches(rows: Sequence[Row], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """Row indices of each batch of one epoch, shuffled reproducibly by (seed, epoch)."""
+    order = list(range(len(rows)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def iterate_batches(
+    rows: Sequence[Row], batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, row indices) forever, from a resume point."""
+    epoch, first = start_epoch, start_batch
+    while True:
+        batches = epoch_batches(rows, batch_size, epoch, seed)
+        for b in range(first, len(batches)):
+            yield epoch, b, batches[b]
+        epoch, first = epoch + 1, 0

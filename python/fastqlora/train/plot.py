@@ -1,0 +1,27 @@
+"""The loss curve of a run, saved as a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_loss(history: list[dict[str, float]], path: str | Path) -> Path | None:
+    """Write the loss per step to ``path``; returns None (and says so) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no loss curve written (pip install matplotlib)")
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
