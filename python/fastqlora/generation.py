@@ -1,0 +1,126 @@
+"""Token generation with a KV cache: greedy or sampled, stopping at EOS.
+
+The model supplies two calls — ``prefill(input_ids, attention_mask, cache)`` returning
+the last position's logits, and ``decode(tokens, cache)`` returning the next
+logits — and this module owns the loop, the cache and the sampling rules
+(temperature, top-k, nucleus top-p, as transformers applies them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, ``[B, capacity, Hk, D]`` each, plus which cached
+    positions are real (left padding leaves holes at the start of short rows)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # bool [B, capacity]
+    length: int = 0
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B] next position id
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> KVCache:
+        def buf():
+            return torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
+
+        return cls([buf() for _ in range(num_layers)], [buf() for _ in range(num_layers)],
+                   torch.zeros(batch, capacity, dtype=torch.bool, device=device), 0,
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v [B, n, Hk, D]`` at the current length; returns the filled prefix.
+        The caller advances ``length`` once per step, after the last layer."""
+        n = k.shape[1]
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} were asked for")
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, start: int,
+                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Attention of new queries ``q [B, n, Hq, D]`` (cache positions ``start..start+n-1``)
+    over the cache prefix ``k, v [B, T, Hk, D]``: causal, padding holes masked, optional
+    window and soft-cap. fp32 math; output in q's dtype."""
+    B, n, Hq, D = q.shape
+    T, Hk = k.shape[1], k.shape[2]
+    rep = Hq // Hk
+    qf = q.float().transpose(1, 2)  # [B, Hq, n, D]
+    kf = k.float().transpose(1, 2).repeat_interleave(rep, 1)
+    vf = v.float().transpose(1, 2).repeat_interleave(rep, 1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    qpos = torch.arange(start, start + n, device=q.device)[:, None]
+    kpos = torch.arange(T, device=q.device)[None, :]
+    allowed = (kpos <= qpos)[None, None] & valid[:, None, None, :T]
+    if sliding_window is not None:
+        allowed = allowed & ((qpos - kpos) < sliding_window)[None, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs @ vf).transpose(1, 2).to(q.dtype)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus top-p (keeping at least one token)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p  # mass before this token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt ids ``[B, S]`` (left-padded when rows differ) followed by up to
+    ``max_new_tokens`` generated ids; finished rows are filled with ``pad_token_id``."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+    B, S = input_ids.shape
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                       device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    cache = model.allocate_cache(B, S + max_new_tokens)
+    logits = model.prefill(input_ids, attention_mask, cache)
+    out = [input_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = logits.float()
+        if do_sample:
+            probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out.append(nxt[:, None])
+        if eos.numel():
+            done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        logits = model.decode(nxt[:, None], cache)
+    return torch.cat(out, dim=1)
