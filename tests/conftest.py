@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# bitsandbytes compiles its CPU fallbacks with torch.compile, which costs seconds per
+# shape on a 2-core CI machine; the eager code computes the same values.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

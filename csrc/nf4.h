@@ -1,0 +1,45 @@
+// NF4 (4-bit NormalFloat) quantization in bitsandbytes' exact layout, and the 8-bit
+// blockwise quantization bitsandbytes uses for double-quantized absmax values.
+//
+// Layout: element i of the flattened tensor goes to byte i/2, even i in the high
+// nibble; one fp32 absmax per block of `blocksize` consecutive elements. Every entry
+// point takes raw addresses and sizes (integers), never framework tensors.
+#pragma once
+#include <cstdint>
+
+namespace fq {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// The 16 NF4 values (bitsandbytes' table), ascending.
+extern const float kNF4[16];
+
+// ---- CPU ------------------------------------------------------------------------------
+// bitsandbytes' CPU rules: x·(1/absmax) (x/absmax for a partial last block) clamped to
+// [-1, 1], then the code of the first midpoint not below it; odd counts pad with code 7.
+void nf4_quantize_cpu(const void* src, int64_t n, int dtype, int64_t blocksize, uint8_t* packed,
+                      float* absmax);
+// out[i] = code[q_i]·absmax[i/blocksize] in fp32, rounded to the output dtype.
+// With `qabsmax` (nested): absmax_b = code2[qabsmax_b]·absmax2[b/blocksize2] + offset.
+void nf4_dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                        const float* code2, const float* absmax2, float offset, int64_t blocksize2,
+                        int64_t n, int64_t blocksize, void* out, int dtype);
+// 8-bit blockwise quantization of fp32 with a sorted 256-entry code, bitsandbytes' CPU
+// rule (a 65536-bin lookup table of nearest codes).
+void quantize_blockwise8_cpu(const float* src, int64_t n, const float* code, int64_t blocksize,
+                             uint8_t* out, float* absmax);
+
+#ifdef FASTQLORA_WITH_CUDA
+// ---- CUDA (on `stream`) ---------------------------------------------------------------
+// bitsandbytes' CUDA rules: NF4 by its decision tree on x·(1/absmax); 8-bit by its
+// binary search with midpoint ties.
+void nf4_quantize_cuda(const void* src, int64_t n, int dtype, int64_t blocksize, uint8_t* packed,
+                       float* absmax, int64_t stream);
+void nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                         const float* code2, const float* absmax2, float offset, int64_t blocksize2,
+                         int64_t n, int64_t blocksize, void* out, int dtype, int64_t stream);
+void quantize_blockwise8_cuda(const float* src, int64_t n, const float* code, int64_t blocksize,
+                              uint8_t* out, float* absmax, int64_t stream);
+#endif
+
+}  // namespace fq

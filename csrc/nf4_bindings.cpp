@@ -1,0 +1,59 @@
+// Python bindings of the NF4 functions: addresses, sizes, dtype codes and streams as
+// integers. Validation of shapes and dtypes lives in fastqlora/quant.py.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "nf4.h"
+#include "registry.h"
+
+namespace py = pybind11;
+
+namespace fq {
+namespace {
+
+template <typename T> T* as_ptr(int64_t p) { return reinterpret_cast<T*>(static_cast<uintptr_t>(p)); }
+
+}  // namespace
+
+void register_nf4(py::module_& m) {
+  m.def("nf4_quantize_cpu", [](int64_t src, int64_t n, int dtype, int64_t blocksize, int64_t packed, int64_t absmax) {
+    py::gil_scoped_release nogil;
+    nf4_quantize_cpu(as_ptr<const void>(src), n, dtype, blocksize, as_ptr<uint8_t>(packed), as_ptr<float>(absmax));
+  }, py::arg("src"), py::arg("n"), py::arg("dtype"), py::arg("blocksize"), py::arg("packed"), py::arg("absmax"));
+  m.def("nf4_dequantize_cpu", [](int64_t packed, int64_t absmax, int64_t qabsmax, int64_t code2, int64_t absmax2,
+                                 float offset, int64_t blocksize2, int64_t n, int64_t blocksize, int64_t out,
+                                 int dtype) {
+    py::gil_scoped_release nogil;
+    nf4_dequantize_cpu(as_ptr<const uint8_t>(packed), as_ptr<const float>(absmax), as_ptr<const uint8_t>(qabsmax),
+                       as_ptr<const float>(code2), as_ptr<const float>(absmax2), offset, blocksize2, n, blocksize,
+                       as_ptr<void>(out), dtype);
+  });
+  m.def("quantize_blockwise8_cpu", [](int64_t src, int64_t n, int64_t code, int64_t blocksize, int64_t out,
+                                      int64_t absmax) {
+    py::gil_scoped_release nogil;
+    quantize_blockwise8_cpu(as_ptr<const float>(src), n, as_ptr<const float>(code), blocksize, as_ptr<uint8_t>(out),
+                            as_ptr<float>(absmax));
+  });
+#ifdef FASTQLORA_WITH_CUDA
+  m.def("nf4_quantize_cuda", [](int64_t src, int64_t n, int dtype, int64_t blocksize, int64_t packed, int64_t absmax,
+                                int64_t stream) {
+    nf4_quantize_cuda(as_ptr<const void>(src), n, dtype, blocksize, as_ptr<uint8_t>(packed), as_ptr<float>(absmax),
+                      stream);
+  });
+  m.def("nf4_dequantize_cuda", [](int64_t packed, int64_t absmax, int64_t qabsmax, int64_t code2, int64_t absmax2,
+                                  float offset, int64_t blocksize2, int64_t n, int64_t blocksize, int64_t out,
+                                  int dtype, int64_t stream) {
+    nf4_dequantize_cuda(as_ptr<const uint8_t>(packed), as_ptr<const float>(absmax), as_ptr<const uint8_t>(qabsmax),
+                        as_ptr<const float>(code2), as_ptr<const float>(absmax2), offset, blocksize2, n, blocksize,
+                        as_ptr<void>(out), dtype, stream);
+  });
+  m.def("quantize_blockwise8_cuda", [](int64_t src, int64_t n, int64_t code, int64_t blocksize, int64_t out,
+                                       int64_t absmax, int64_t stream) {
+    quantize_blockwise8_cuda(as_ptr<const float>(src), n, as_ptr<const float>(code), blocksize, as_ptr<uint8_t>(out),
+                             as_ptr<float>(absmax), stream);
+  });
+#endif
+}
+
+}  // namespace fq

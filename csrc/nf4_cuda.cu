@@ -1,0 +1,290 @@
+// NF4 and 8-bit blockwise quantization on CUDA, bit for bit with bitsandbytes' CUDA
+// kernels, and a dequantize that runs near memory bandwidth: each thread turns 16
+// bytes of codes (32 values, always inside one absmax block) into four or eight
+// 16-byte stores, with the double-quantized absmax decoded in the same pass.
+// Built with --fmad=false: every multiply and add rounds on its own, as bitsandbytes'
+// separate kernels do.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <stdexcept>
+
+#include "cuda_check.h"
+#include "nf4.h"
+
+namespace fq {
+namespace {
+
+__constant__ float c_nf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+inline cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// bitsandbytes' NF4 decision tree (its thresholds, which differ from the fp32 midpoints
+// in the last bits); a NaN falls through to code 0 as there.
+__device__ __forceinline__ uint8_t nf4_code(float x) {
+  if (x > 0.03979014977812767f) {
+    if (x > 0.3893125355243683f) {
+      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
+      return x > 0.5016634166240692f ? 13 : 12;
+    }
+    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
+    return x > 0.1202552504837513f ? 9 : 8;
+  }
+  if (x > -0.33967943489551544f) {
+    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
+    return x > -0.23460740596055984f ? 5 : 4;
+  }
+  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
+  return x > -0.8480964004993439f ? 1 : 0;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// One warp per absmax block (blocksize <= 32·VALS); each lane handles VALS consecutive
+// values, VALS even so that lanes own whole bytes.
+template <typename T, int VALS>
+__global__ void k_nf4_quantize(const T* __restrict__ src, int64_t n, int64_t blocksize, uint8_t* __restrict__ packed,
+                               float* __restrict__ absmax, int64_t nblocks) {
+  const int lane = threadIdx.x & 31;
+  const int64_t block = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (block >= nblocks) return;
+  const int64_t base = block * blocksize;
+  float v[VALS];
+  float m = -FLT_MAX;
+#pragma unroll
+  for (int j = 0; j < VALS; ++j) {
+    const int64_t k = lane * VALS + j;
+    const int64_t i = base + k;
+    v[j] = (k < blocksize && i < n) ? to_f32(src[i]) : 0.0f;
+    if (k < blocksize && i < n) m = fmaxf(m, fabsf(v[j]));
+  }
+  m = warp_max(m);
+  const float inv = 1.0f / m;
+  if (lane == 0) absmax[block] = m;
+#pragma unroll
+  for (int j = 0; j < VALS; j += 2) {
+    const int64_t k = lane * VALS + j;
+    const int64_t i = base + k;
+    if (k < blocksize && i < n) {
+      const uint8_t hi = nf4_code(v[j] * inv);
+      const uint8_t lo = nf4_code(v[j + 1] * inv);  // a pad past the end is 0·inv, as in bitsandbytes
+      packed[i >> 1] = static_cast<uint8_t>((hi << 4) | lo);
+    }
+  }
+}
+
+// bitsandbytes' dQuantize<0>: binary search over the sorted 256-entry code, then the
+// nearer neighbour by midpoint.
+__device__ __forceinline__ uint8_t quantize8(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = (upper + val) * 0.5f;
+    return x > midpoint ? upper_pivot : pivot;
+  }
+  const float midpoint = (lower + val) * 0.5f;
+  return x < midpoint ? lower_pivot : pivot;
+}
+
+__global__ void k_quantize8(const float* __restrict__ src, int64_t n, const float* __restrict__ code_g,
+                            int64_t blocksize, uint8_t* __restrict__ out, float* __restrict__ absmax) {
+  __shared__ float code[256];
+  __shared__ float red[32];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = code_g[i];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * blocksize;
+  float m = -FLT_MAX;
+  for (int64_t k = threadIdx.x; k < blocksize && base + k < n; k += blockDim.x) m = fmaxf(m, fabsf(src[base + k]));
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float r = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : -FLT_MAX;
+    r = warp_max(r);
+    if (threadIdx.x == 0) red[0] = r;
+  }
+  __syncthreads();
+  const float am = red[0];
+  const float inv = 1.0f / am;
+  if (threadIdx.x == 0) absmax[blockIdx.x] = am;
+  for (int64_t k = threadIdx.x; k < blocksize && base + k < n; k += blockDim.x)
+    out[base + k] = quantize8(code, src[base + k] * inv);
+}
+
+// Decode the absmax of block b, plain or double-quantized.
+__device__ __forceinline__ float block_absmax(const float* absmax, const uint8_t* qabsmax, const float* code2,
+                                              const float* absmax2, float offset, int64_t blocksize2, int64_t b) {
+  if (qabsmax == nullptr) return absmax[b];
+  return code2[qabsmax[b]] * absmax2[b / blocksize2] + offset;  // two roundings (--fmad=false)
+}
+
+template <typename T>
+struct alignas(16) Pack8 {  // eight outputs: 16 bytes for 16-bit types, 32 for fp32
+  T v[8];
+};
+
+// Each thread: 16 packed bytes = 32 values. Requires blocksize % 32 == 0 so the 32 values
+// share one absmax; the tail (n % 32) is done by one thread element by element.
+template <typename T>
+__global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restrict__ packed,
+                                                        const float* __restrict__ absmax,
+                                                        const uint8_t* __restrict__ qabsmax,
+                                                        const float* __restrict__ code2,
+                                                        const float* __restrict__ absmax2, float offset,
+                                                        int64_t blocksize2, int64_t n, int64_t blocksize,
+                                                        T* __restrict__ out) {
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = c_nf4[threadIdx.x];
+  __syncthreads();
+  const int64_t chunks = n / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+    const uint4 raw = reinterpret_cast<const uint4*>(packed)[c];
+    const float am = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, (c * 32) / blocksize);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    Pack8<T>* dst = reinterpret_cast<Pack8<T>*>(out + c * 32);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      Pack8<T> p;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (words[w] >> (8 * b)) & 0xffu;
+        p.v[2 * b] = from_f32<T>(table[byte >> 4] * am);
+        p.v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am);
+      }
+      dst[w] = p;
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (int64_t i = chunks * 32; i < n; ++i) {
+      const uint8_t byte = packed[i >> 1];
+      const uint8_t q = (i & 1) ? (byte & 0xf) : (byte >> 4);
+      const float am = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, i / blocksize);
+      out[i] = from_f32<T>(table[q] * am);
+    }
+  }
+}
+
+// Slow path for block sizes that are not multiples of 32 (not used by real models).
+template <typename T>
+__global__ void k_nf4_dequantize_scalar(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                                        const float* code2, const float* absmax2, float offset,
+                                        int64_t blocksize2, int64_t n, int64_t blocksize, T* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const uint8_t byte = packed[i >> 1];
+    const uint8_t q = (i & 1) ? (byte & 0xf) : (byte >> 4);
+    out[i] = from_f32<T>(c_nf4[q] * block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, i / blocksize));
+  }
+}
+
+int grid_for(int64_t work, int threads) {
+  int dev = 0, sms = 0;
+  FQ_CUDA_CHECK(cudaGetDevice(&dev));
+  FQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t want = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(sms) * 16)));
+}
+
+template <typename T>
+void launch_quantize(const void* src, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
+                     cudaStream_t s) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int threads = 256;
+  const int64_t grid = (nblocks * 32 + threads - 1) / threads;
+  const T* x = static_cast<const T*>(src);
+  switch (blocksize) {
+    case 32: k_nf4_quantize<T, 2><<<grid, threads, 0, s>>>(x, n, blocksize, packed, absmax, nblocks); break;
+    case 64: k_nf4_quantize<T, 2><<<grid, threads, 0, s>>>(x, n, blocksize, packed, absmax, nblocks); break;
+    case 128: k_nf4_quantize<T, 4><<<grid, threads, 0, s>>>(x, n, blocksize, packed, absmax, nblocks); break;
+    case 256: k_nf4_quantize<T, 8><<<grid, threads, 0, s>>>(x, n, blocksize, packed, absmax, nblocks); break;
+    case 512: k_nf4_quantize<T, 16><<<grid, threads, 0, s>>>(x, n, blocksize, packed, absmax, nblocks); break;
+    default: throw std::invalid_argument("NF4 quantize on CUDA supports blocksize 32, 64, 128, 256 or 512");
+  }
+  FQ_CUDA_CHECK_LAUNCH("nf4_quantize");
+}
+
+template <typename T>
+void launch_dequantize(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* code2,
+                       const float* absmax2, float offset, int64_t blocksize2, int64_t n, int64_t blocksize,
+                       void* out, cudaStream_t s) {
+  T* o = static_cast<T*>(out);
+  const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  if (blocksize % 32 == 0 && aligned) {
+    k_nf4_dequantize<T><<<grid_for(n / 32 + 1, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset,
+                                                                 blocksize2, n, blocksize, o);
+  } else {
+    k_nf4_dequantize_scalar<T><<<grid_for(n, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset,
+                                                              blocksize2, n, blocksize, o);
+  }
+  FQ_CUDA_CHECK_LAUNCH("nf4_dequantize");
+}
+
+}  // namespace
+
+void nf4_quantize_cuda(const void* src, int64_t n, int dtype, int64_t blocksize, uint8_t* packed, float* absmax,
+                       int64_t stream) {
+  if (n <= 0) throw std::invalid_argument("NF4: the tensor must have at least one element");
+  switch (dtype) {
+    case kF32: return launch_quantize<float>(src, n, blocksize, packed, absmax, as_stream(stream));
+    case kF16: return launch_quantize<__half>(src, n, blocksize, packed, absmax, as_stream(stream));
+    case kBF16: return launch_quantize<__nv_bfloat16>(src, n, blocksize, packed, absmax, as_stream(stream));
+  }
+  throw std::invalid_argument("NF4: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+}
+
+void nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* code2,
+                         const float* absmax2, float offset, int64_t blocksize2, int64_t n, int64_t blocksize,
+                         void* out, int dtype, int64_t stream) {
+  if (n <= 0) throw std::invalid_argument("NF4: the tensor must have at least one element");
+  cudaStream_t s = as_stream(stream);
+  switch (dtype) {
+    case kF32: return launch_dequantize<float>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
+    case kF16: return launch_dequantize<__half>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
+    case kBF16: return launch_dequantize<__nv_bfloat16>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
+  }
+  throw std::invalid_argument("NF4: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+}
+
+void quantize_blockwise8_cuda(const float* src, int64_t n, const float* code, int64_t blocksize, uint8_t* out,
+                              float* absmax, int64_t stream) {
+  if (n <= 0 || blocksize <= 0) throw std::invalid_argument("quantize_blockwise8: empty input or bad blocksize");
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  k_quantize8<<<static_cast<unsigned>(blocks), 256, 0, as_stream(stream)>>>(src, n, code, blocksize, out, absmax);
+  FQ_CUDA_CHECK_LAUNCH("quantize_blockwise8");
+}
+
+}  // namespace fq

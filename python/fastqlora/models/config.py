@@ -1,0 +1,166 @@
+"""``ModelConfig``: one decoder's shape and family switches, parsed from ``config.json``.
+
+Families differ only in fields (gpt-fast style), never in subclasses:
+``norm_offset`` (Gemma's ``1 + w``), ``act`` (SwiGLU "silu" or GeGLU "gelu_tanh"),
+``embed_scale`` (Gemma's √hidden), ``sliding_window``, ``attn_softcap`` and
+``final_softcap`` (Gemma 2), ``attn_scale`` (Gemma's ``query_pre_attn_scalar``),
+``attention_bias`` (Qwen 2), ``tie_word_embeddings``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+# model_type -> the family switches that config.json does not spell out.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False},
+    "mistral": {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False},
+    "gemma": {"norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True},
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    norm_offset: float = 0.0
+    act: str = "silu"
+    embed_scale: float = 1.0
+    sliding_window: int | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    source: str = ""  # the config file, for error messages
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope["rope_type"]
+
+    def validate(self) -> ModelConfig:
+        where = f" in {self.source}" if self.source else ""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {key}={value!r}{where} must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads}{where} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim}{where} must be even for rotary embeddings")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps}{where} must be positive")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r}{where} is not supported; supported: {ROPE_TYPES}")
+        theta = self.rope.get("rope_theta")
+        if not isinstance(theta, (int, float)) or theta <= 0:
+            raise ValueError(f"rope_theta={theta!r}{where} must be a positive number")
+        if self.rope_type in ("linear", "dynamic", "llama3") and not self.rope.get("factor", 0) > 0:
+            raise ValueError(f"rope scaling {self.rope_type!r}{where} needs a positive 'factor'")
+        if self.rope_type == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if key not in self.rope:
+                    raise ValueError(f"rope scaling 'llama3'{where} needs '{key}'")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window={self.sliding_window}{where} must be positive or null")
+        return self
+
+
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One dict in transformers 5's ``rope_parameters`` form, from either config form."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    if not params:
+        params = dict(scaling)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    if params["rope_type"] in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings",
+                          cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048)))
+    return params
+
+
+def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
+    where = f" ({source})" if source else ""
+    model_type = cfg.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r}{where} is not supported; supported model types: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in cfg:
+            raise ValueError(f"config field {key!r} is missing{where}")
+    family = FAMILIES[model_type]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    scalar = cfg.get("query_pre_attn_scalar")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rope=_rope_parameters(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "gemma")),
+        norm_offset=family["norm_offset"],
+        act=family["act"],
+        embed_scale=math.sqrt(cfg["hidden_size"]) if family["scale_embeddings"] else 1.0,
+        sliding_window=window if model_type == "mistral" else None,
+        attn_softcap=cfg.get("attn_logit_softcapping"),
+        final_softcap=cfg.get("final_logit_softcapping"),
+        attn_scale=scalar**-0.5 if scalar else None,
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+        source=source,
+        raw=dict(cfg),
+    ).validate()
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Parse ``config.json`` (a file or the folder that holds it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: a model folder needs a config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return config_from_dict(cfg, str(path))

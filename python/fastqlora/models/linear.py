@@ -1,0 +1,90 @@
+"""``FrozenLinear``: a projection whose base weight never trains — 16-bit, or NF4 in
+bitsandbytes' layout — with an optional adapter whose output is added (LoRA).
+
+The NF4 fields live in buffers, so ``.to()``, ``.cuda()`` and ``state_dict`` carry
+them; :meth:`nf4` rebuilds the :class:`~fastqlora.quant.NF4Tensor` view on demand.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.lora_linear import lora_linear
+from ..quant import NF4Tensor
+
+_NF4_PREFIX = "nf4_"
+
+
+class FrozenLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: nn.Parameter | None = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self._nf4_meta: dict | None = None
+        self.adapter: nn.Module | None = None
+
+    # -- base weight -----------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self._nf4_meta is not None
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Install a 16-bit base weight ``[out, in]`` (frozen)."""
+        self._check_shape(tuple(w.shape))
+        self._drop_nf4()
+        self.weight = nn.Parameter(w.detach(), requires_grad=False)
+
+    def set_nf4(self, q: NF4Tensor) -> None:
+        """Install an NF4 base weight (frozen); the 16-bit one is dropped."""
+        self._check_shape(tuple(q.shape))
+        self._drop_nf4()
+        self.weight = None
+        for name, t in q.tensors().items():
+            self.register_buffer(_NF4_PREFIX + name, t)
+        self._nf4_meta = {"shape": tuple(q.shape), "dtype": q.dtype, "blocksize": q.blocksize,
+                          "nested_offset": q.nested_offset, "nested_blocksize": q.nested_blocksize}
+
+    def nf4(self) -> NF4Tensor:
+        if self._nf4_meta is None:
+            raise ValueError("this projection's weight is not quantized")
+        tensors = {name[len(_NF4_PREFIX):]: buf for name, buf in self.named_buffers(recurse=False)
+                   if name.startswith(_NF4_PREFIX)}
+        meta = self._nf4_meta
+        return NF4Tensor.from_tensors(tensors, meta["shape"], meta["dtype"], meta["blocksize"],
+                                      meta["nested_offset"], meta["nested_blocksize"])
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight ``[out, in]`` in ``dtype`` (dequantized when NF4)."""
+        if self._nf4_meta is not None:
+            return self.nf4().dequantize(dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {shape} does not fit a projection "
+                             f"[{self.out_features}, {self.in_features}]")
+
+    def _drop_nf4(self) -> None:
+        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith(_NF4_PREFIX)]:
+            delattr(self, name)
+        self._nf4_meta = None
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.nf4() if self._nf4_meta is not None else self.weight
+        a = self.adapter
+        if a is None:
+            return lora_linear(x, base, self.bias)
+        if not hasattr(a, "lora_A"):  # any other adapter module: added on top
+            return lora_linear(x, base, self.bias) + a(x)
+        x_lora = F.dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else x
+        return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora)
+
+    def extra_repr(self) -> str:
+        kind = "nf4" if self.is_quantized else str(self.weight.dtype).replace("torch.", "")
+        return f"in={self.in_features}, out={self.out_features}, base={kind}, bias={self.bias is not None}"
