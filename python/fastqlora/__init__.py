@@ -7,4 +7,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["FastLanguageModel", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import fastqlora` stays light (the CLI imports torch only when needed).
+    if name == "FastLanguageModel":
+        from .api import FastLanguageModel
+
+        return FastLanguageModel
+    raise AttributeError(f"module 'fastqlora' has no attribute {name!r}")

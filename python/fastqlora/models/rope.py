@@ -17,7 +17,7 @@ from .config import ModelConfig
 
 
 def _base_inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
-    exps = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    exps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     return 1.0 / (theta**exps)
 
 
@@ -79,10 +79,10 @@ def _yarn(cfg: ModelConfig, p: dict, theta: float, dim: int, device) -> tuple[to
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    pos_freqs = theta ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
     extrapolation = 1.0 / pos_freqs
     interpolation = 1.0 / (factor * pos_freqs)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
     keep = 1 - ramp  # share of the extrapolated (unscaled) frequency
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
@@ -94,7 +94,8 @@ class RotaryTables:
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
-        self.inv_freq, self.scaling = inv_freq_for(cfg)
+        # on the CPU explicitly: models are built under torch.device('meta')
+        self.inv_freq, self.scaling = inv_freq_for(cfg, device="cpu")
         self.original_inv_freq = self.inv_freq
         self.max_seq_len_cached = cfg.max_position_embeddings
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -102,7 +103,7 @@ class RotaryTables:
     def _update_dynamic(self, seq_len: int) -> None:
         original = self.cfg.max_position_embeddings
         if seq_len > self.max_seq_len_cached:
-            self.inv_freq, self.scaling = inv_freq_for(self.cfg, seq_len)
+            self.inv_freq, self.scaling = inv_freq_for(self.cfg, seq_len, device="cpu")
             self.max_seq_len_cached = seq_len
             self._tables.clear()
         if seq_len < original and self.max_seq_len_cached > original:

@@ -1,0 +1,100 @@
+"""Writing models out: PEFT adapters, and merged 16-bit Hugging Face checkpoints.
+
+The adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's key
+names) loads in peft, vLLM and llama.cpp's converters. The merged folder holds
+``W + s·B·A`` for every adapted projection (dequantized from NF4 first), sharded
+safetensors with an index, config.json without the quantization settings, and the
+tokenizer: transformers loads it as a plain model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .lora import LoraAdapter, LoraEmbeddingAdapter, adapter_state_dict, iter_adapters
+from .models.linear import FrozenLinear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def trainable_module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole modules trained in place (``modules_to_save``), under PEFT's key names."""
+    out = {}
+    for name in getattr(model, "modules_to_save", None) or []:
+        module = model.get_submodule("lm_head" if name == "lm_head" else f"model.{name}")
+        out[f"base_model.model.{'lm_head' if name == 'lm_head' else 'model.' + name}.weight"] = (
+            module.weight.detach())
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | Path, peft_config: dict) -> Path:
+    directory = Path(directory)
+    tensors = {**adapter_state_dict(model), **trainable_module_tensors(model)}
+    if not tensors:
+        raise ValueError("the model has no adapters to save: call FastLanguageModel.get_peft_model first, "
+                         "or save the whole model with save_pretrained_merged")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    return directory
+
+
+def merged_tensors(model: nn.Module, dtype: torch.dtype):
+    """(Hugging Face key, tensor on CPU) for every weight, adapters merged in fp32."""
+    delta_of = {name: adapter for name, _, adapter in iter_adapters(model)}
+    done: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, FrozenLinear):
+            w = module.dense_weight(torch.float32)
+            if name in delta_of and isinstance(delta_of[name], LoraAdapter):
+                w = w + delta_of[name].delta_weight().to(w.device)
+            yield f"{name}.weight", w.to(dtype).cpu()
+            done.add(f"{name}.weight")
+            if module.bias is not None:
+                yield f"{name}.bias", module.bias.detach().to(dtype).cpu()
+                done.add(f"{name}.bias")
+        elif name in delta_of and isinstance(delta_of[name], LoraEmbeddingAdapter):
+            w = module.weight.detach().float() + delta_of[name].delta_weight().to(module.weight.device)
+            yield f"{name}.weight", w.to(dtype).cpu()
+            done.add(f"{name}.weight")
+    for key, p in model.named_parameters():
+        if key not in done and ".adapter." not in key:
+            yield key, p.detach().to(dtype).cpu()
+
+
+def save_merged(model: nn.Module, directory: str | Path, config: dict, tokenizer=None,
+                dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in merged_tensors(model, dtype):
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.contiguous()
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

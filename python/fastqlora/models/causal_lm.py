@@ -1,0 +1,189 @@
+"""``CausalLM``: the decoder stack plus the lm_head, the loss, and generation hooks.
+
+``forward`` takes what transformers' causal LMs take and returns their output type
+(``.loss``, ``.logits``), so transformers' Trainer and trl's SFTTrainer drive it
+unchanged. Sequence boundaries inside a row — a 0/1 padding mask whose ones are
+contiguous, or position ids that restart (packed rows) — become ``cu_seqlens`` so that
+attention never crosses them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .. import ops
+from ..checkpointing import run_layers
+from ..generation import KVCache, generate
+from .config import ModelConfig
+from .decoder import Context, DecoderModel
+from .linear import FrozenLinear
+from .rope import RotaryTables
+
+IGNORE_INDEX = -100
+
+
+def sequence_layout(batch: int, seq: int, device: torch.device, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(position ids ``[B, S]``, cu_seqlens over the flattened tokens or None).
+
+    A boundary starts wherever the padding mask changes value or the position ids do not
+    continue by one. Without either, positions are ``0..S-1`` (as transformers does in
+    a plain forward) and each row is one sequence."""
+    starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, seq):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, seq)}")
+        m = attention_mask.to(torch.int8)
+        if bool(((m != 0) & (m != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        changes = (m[:, 1:] != m[:, :-1]).sum(1)
+        if bool((changes > 1).any()):
+            raise ValueError("attention_mask must be contiguous in each row (left or right padding); "
+                             "for several sequences in one row pass restarting position_ids instead")
+        starts[:, 1:] |= m[:, 1:] != m[:, :-1]
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device).expand(batch, seq)
+    else:
+        if position_ids.shape != (batch, seq):
+            position_ids = position_ids.expand(batch, seq)
+        starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return position_ids, None
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1)).flatten()
+    cu = torch.cat([idx, torch.tensor([batch * seq], device=device)]).to(torch.int32)
+    return position_ids, cu
+
+
+class CausalLM(nn.Module):
+    main_input_name = "input_ids"
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = DecoderModel(cfg, dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else FrozenLinear(
+            cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        self.rope = RotaryTables(cfg)
+        self.gradient_checkpointing: bool | str = False
+        self.return_logits_with_loss = False
+
+    # -- properties transformers' tooling reads ---------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.cfg
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection ``[vocab, hidden]``, LoRA delta included when attached."""
+        if self.lm_head is None:
+            w = self.model.embed_tokens.weight
+            adapter = None
+        else:
+            w = self.lm_head.dense_weight()
+            adapter = self.lm_head.adapter
+        if adapter is not None:
+            w = w + adapter.delta_weight().to(w.dtype)
+        return w
+
+    # -- forward ----------------------------------------------------------------------
+    def _run_layers(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        mode = self.gradient_checkpointing if (self.training and torch.is_grad_enabled()) else False
+        return run_layers(self.model.layers, h, ctx, mode)
+
+    def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.cfg.embed_scale != 1.0:
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
+        B, S = h.shape[:2]
+        position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
+        cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
+        h = self._run_layers(h, Context(cos, sin, position_ids, cu))
+        return self.model.norm(h)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                num_items_in_batch=None, inputs_embeds=None, return_logits: bool | None = None, **kwargs):
+        """transformers-style causal LM forward. The loss predicts token t+1 at t and
+        ignores -100; it is the mean over counted tokens, or their sum divided by
+        ``num_items_in_batch`` when given (gradient accumulation). Logits are returned
+        without labels, and with them only when asked (``return_logits=True``), since
+        the fused loss never builds them."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
+        w = self.lm_head_weight()
+        loss = None
+        if labels is not None:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = ops.linear_cross_entropy(h, w, shifted, ignore_index=IGNORE_INDEX, num_items=num_items_in_batch,
+                                            softcap=self.cfg.final_softcap)
+        if return_logits is None:
+            return_logits = labels is None or self.return_logits_with_loss
+        logits = None
+        if return_logits:
+            logits = F.linear(h, w)
+            if self.cfg.final_softcap is not None:
+                logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # -- generation -------------------------------------------------------------------
+    def allocate_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.cfg
+        return KVCache.allocate(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def _step(self, ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        h = self.model.embed_tokens(ids)
+        if self.cfg.embed_scale != 1.0:
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
+        cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.forward_cached(h, cos, sin, position_ids, cache, i)
+        cache.length += ids.shape[1]
+        h = self.model.norm(h[:, -1:])
+        logits = F.linear(h, self.lm_head_weight())[:, -1]
+        if self.cfg.final_softcap is not None:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return logits
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        B, S = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+        # positions count real tokens, as transformers' generate does for left padding
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache.valid[:, :S] = mask.bool()
+        cache.positions = pos[:, -1] + 1
+        return self._step(input_ids, pos, cache)
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        n = tokens.shape[1]
+        cache.valid[:, cache.length:cache.length + n] = True
+        pos = cache.positions[:, None] + torch.arange(n, device=tokens.device)[None]
+        cache.positions = cache.positions + n
+        return self._step(tokens, pos, cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Greedy or sampled generation with a KV cache (see fastqlora.generation)."""
+        was_training = self.training
+        self.eval()
+        try:
+            if kwargs.get("eos_token_id") is None:
+                kwargs["eos_token_id"] = self.cfg.eos_token_id
+            if kwargs.get("pad_token_id") is None:
+                kwargs["pad_token_id"] = self.cfg.pad_token_id
+            kwargs.pop("use_cache", None)
+            return generate(self, input_ids, attention_mask, **kwargs)
+        finally:
+            self.train(was_training)

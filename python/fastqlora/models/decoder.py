@@ -1,0 +1,129 @@
+"""The decoder every supported family shares, read top to bottom: RMSNorm, attention,
+the gated MLP, the layer, the stack, and the causal-LM head with its loss.
+
+Parameter names follow transformers (``model.layers.{i}.self_attn.q_proj`` ...), so
+PEFT adapter keys and merged checkpoints map one to one. Activations are
+``[batch, seq, ...]``; attention runs on ``[batch, seq, heads, head_dim]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..generation import KVCache, cached_attention
+from .config import ModelConfig
+from .linear import FrozenLinear
+from .rope import RotaryTables
+
+
+@dataclass
+class Context:
+    """What every layer of one forward pass shares."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor  # [B, S]
+    cu_seqlens: torch.Tensor | None  # over the flattened B·S tokens; None: each row one sequence
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float, dtype=None, device=None) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = FrozenLinear(h, cfg.num_heads * d, bias, dtype, device)
+        self.k_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
+        self.v_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
+        self.o_proj = FrozenLinear(cfg.num_heads * d, h, False, dtype, device)
+
+    def _qkv(self, x: torch.Tensor, cos, sin, position_ids):
+        B, S, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
+        q, k = ops.apply_rope(q, k, cos, sin, position_ids)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        B, S, _ = x.shape
+        c = self.cfg
+        q, k, v = self._qkv(x, ctx.cos, ctx.sin, ctx.position_ids)
+        o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=c.sliding_window,
+                          softcap=c.attn_softcap, cu_seqlens=ctx.cu_seqlens)
+        return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
+
+    def forward_cached(self, x: torch.Tensor, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        c = self.cfg
+        q, k, v = self._qkv(x, cos, sin, position_ids)
+        k_all, v_all = cache.append(layer, k, v)
+        o = cached_attention(q, k_all, v_all, cache.valid, start=cache.length, scale=c.scale,
+                             sliding_window=c.sliding_window, softcap=c.attn_softcap)
+        return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
+        super().__init__()
+        self.act = cfg.act
+        self.gate_proj = FrozenLinear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
+        self.up_proj = FrozenLinear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
+        self.down_proj = FrozenLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.act_mul(self.gate_proj(x), self.up_proj(x), self.act))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
+        self.self_attn = Attention(cfg, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
+        self.mlp = MLP(cfg, dtype, device)
+
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_cached(self, h, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:
+        h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, position_ids, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Embedding):
+    """The token table (frozen unless trained as a whole) with an optional LoRA adapter."""
+
+    def __init__(self, num: int, dim: int, dtype=None, device=None) -> None:
+        super().__init__(num, dim, dtype=dtype, device=device)
+        self.weight.requires_grad_(False)
+        self.adapter: nn.Module | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight)
+        if self.adapter is not None:
+            out = out + self.adapter(ids, out.dtype)
+        return out
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
