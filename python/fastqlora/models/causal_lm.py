@@ -107,8 +107,6 @@ class CausalLM(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.cfg.embed_scale != 1.0:
-            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         B, S = h.shape[:2]
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
         cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
@@ -145,8 +143,6 @@ class CausalLM(nn.Module):
 
     def _step(self, ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         h = self.model.embed_tokens(ids)
-        if self.cfg.embed_scale != 1.0:
-            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
         for i, layer in enumerate(self.model.layers):
             h = layer.forward_cached(h, cos, sin, position_ids, cache, i)

@@ -107,15 +107,20 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Embedding):
-    """The token table (frozen unless trained as a whole) with an optional LoRA adapter."""
+    """The token table (frozen unless trained as a whole), Gemma's √hidden scale applied
+    in the table's dtype as transformers does, and an optional LoRA adapter whose delta
+    is added after the scale (PEFT wraps the scaled embedding module)."""
 
-    def __init__(self, num: int, dim: int, dtype=None, device=None) -> None:
+    def __init__(self, num: int, dim: int, scale: float = 1.0, dtype=None, device=None) -> None:
         super().__init__(num, dim, dtype=dtype, device=device)
         self.weight.requires_grad_(False)
+        self.scale = scale
         self.adapter: nn.Module | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(ids, self.weight)
+        if self.scale != 1.0:
+            out = out * torch.tensor(self.scale, dtype=self.weight.dtype)
         if self.adapter is not None:
             out = out + self.adapter(ids, out.dtype)
         return out
@@ -124,6 +129,6 @@ class Embedding(nn.Embedding):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale, dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)

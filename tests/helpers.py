@@ -1,0 +1,47 @@
+"""Tiny random checkpoints written by transformers, for tests that compare against it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_DEFAULTS = dict(vocab_size=211, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                 num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=64)
+
+
+def hf_config(family: str = "llama", **overrides):
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig
+
+    kwargs = {**_DEFAULTS, **overrides}
+    if family == "llama":
+        return LlamaConfig(**kwargs)
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+        return MistralConfig(**kwargs)
+    if family == "gemma":
+        kwargs.setdefault("head_dim", 16)
+        kwargs.setdefault("hidden_activation", "gelu_pytorch_tanh")
+        return GemmaConfig(**kwargs)
+    raise ValueError(family)
+
+
+def write_hf_model(path: Path, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
+                   randomize_norms: bool = True, **overrides):
+    """Write a random transformers model to ``path`` and return it (eval mode, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    if randomize_norms:  # norms start at 1 (or 0 for Gemma): make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -1,0 +1,121 @@
+"""Our decoder against transformers' own model on the same random checkpoints (fp32, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err, write_hf_model
+
+from fastqlora import FastLanguageModel
+
+ROPES = {
+    "default": {},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "dynamic": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    "llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+}
+
+
+def _load(path, **kw):
+    kw.setdefault("load_in_4bit", False)
+    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, device="cpu", **kw)
+    return model.eval()
+
+
+def _compare(hf, ours, ids, **kw):
+    with torch.no_grad():
+        ref = hf(ids, **kw).logits
+        got = ours(ids, **kw).logits
+    return rel_err(got, ref)
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(num_attention_heads=6, num_key_value_heads=6)),   # GQA ratio 1
+    ("llama", dict(num_attention_heads=6, num_key_value_heads=3)),   # 2
+    ("llama", dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=88)),  # 4, head_dim 22
+    ("llama", dict(tie_word_embeddings=True, head_dim=10)),          # explicit head_dim, tied (Llama 3.2)
+    ("mistral", dict(sliding_window=7)),                              # window shorter than the sequence
+    ("gemma", dict()),                                                # tied, 1 + w norms, GeGLU, √h scale
+], ids=["gqa1", "gqa2", "gqa4", "tied-headdim", "mistral-window", "gemma"])
+def test_logits_match_transformers(tmp_path, family, overrides):
+    hf = write_hf_model(tmp_path, family, **overrides)
+    ours = _load(tmp_path)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
+    assert _compare(hf, ours, ids) < 1e-5
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_rope_scalings_match_transformers(tmp_path, rope):
+    hf = write_hf_model(tmp_path, "llama", max_position_embeddings=24, **ROPES[rope])
+    ours = _load(tmp_path)
+    # 37 > 24: dynamic NTK rescales, llama3/yarn are exercised past the original length
+    ids = torch.randint(0, hf.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(2))
+    assert _compare(hf, ours, ids) < 1e-5
+
+
+def test_transformers5_rope_parameters_form(tmp_path):
+    import json
+
+    write_hf_model(tmp_path, "llama", **ROPES["llama3"])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    params = dict(cfg.pop("rope_scaling", None) or cfg.get("rope_parameters") or {})
+    params["rope_theta"] = cfg.pop("rope_theta", params.get("rope_theta", 10000.0))
+    cfg["rope_parameters"] = params
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = _load(tmp_path)
+    assert ours.cfg.rope_type == "llama3" and ours.cfg.rope["factor"] == 8.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_loss_and_input_embedding_gradients_match(tmp_path, family):
+    hf = write_hf_model(tmp_path, family)
+    ours = _load(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 21), generator=g)
+    labels = ids.clone()
+    labels[0, :6] = -100
+    emb_ref = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+    emb_got = emb_ref.detach().clone().requires_grad_(True)
+    loss_ref = hf(inputs_embeds=emb_ref, labels=labels).loss
+    loss_got = ours(inputs_embeds=emb_got, labels=labels).loss
+    loss_ref.backward()
+    loss_got.backward()
+    assert abs(loss_got.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    assert rel_err(emb_got.grad, emb_ref.grad) < 1e-4
+
+
+def test_left_padded_batch_matches_on_real_tokens(tmp_path):
+    hf = write_hf_model(tmp_path, "llama")
+    ours = _load(tmp_path)
+    ids = torch.randint(0, hf.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert rel_err(got[real], ref[real]) < 1e-5
+
+
+def test_packed_rows_equal_separate_sequences(tmp_path):
+    hf = write_hf_model(tmp_path, "llama")
+    ours = _load(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, hf.config.vocab_size, (n,), generator=g) for n in (9, 1, 14)]
+    packed = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad():
+        got = ours(packed, position_ids=pos).logits[0]
+        ref = torch.cat([hf(s[None]).logits[0] for s in seqs])
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_num_items_in_batch_gives_sum_over_count(tmp_path):
+    write_hf_model(tmp_path, "llama")
+    ours = _load(tmp_path)
+    ids = torch.randint(0, 211, (2, 13), generator=torch.Generator().manual_seed(6))
+    mean = ours(ids, labels=ids).loss
+    summed = ours(ids, labels=ids, num_items_in_batch=1).loss
+    assert torch.allclose(summed, mean * 2 * 12, rtol=1e-6)
