@@ -137,7 +137,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, load_in_4bit:
                 _check_shape(t.shape, module, attr, key, f)
                 t = t.to(device=device, dtype=dtype)
                 if isinstance(module, FrozenLinear) and attr == "weight":
-                    module.set_nf4(NF4Tensor.quantize(t)) if load_in_4bit else module.set_weight(t)
+                    # the lm_head stays 16-bit, as transformers + bitsandbytes keep it
+                    quantize = load_in_4bit and key != "lm_head.weight"
+                    module.set_nf4(NF4Tensor.quantize(t)) if quantize else module.set_weight(t)
                 else:
                     setattr(module, attr, nn.Parameter(t, requires_grad=False))
                 del t
