@@ -133,5 +133,5 @@ def test_errors_name_the_file_and_key(tmp_path):
 
 def test_offline_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"could not fetch 'no-such-org/no-such-model'.*local folder"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)could not fetch 'no-such-org/no-such-model'.*local folder"):
         FastLanguageModel.from_pretrained("no-such-org/no-such-model")
