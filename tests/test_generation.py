@@ -1,0 +1,70 @@
+"""Generation with the KV cache against transformers' generate, and the sampling rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import write_hf_model
+
+from fastqlora import FastLanguageModel
+from fastqlora.generation import filter_logits
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 5}),
+                                              ("gemma", {})])
+def test_greedy_equals_transformers(tmp_path, family, overrides):
+    hf = write_hf_model(tmp_path, family, **overrides)
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,
+                                                device="cpu")
+    FastLanguageModel.for_inference(ours)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 211, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, :6] = 0
+    ids[mask == 0] = 0
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                       eos_token_id=None)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                        eos_token_id=None)
+    assert torch.equal(got, want)
+
+
+def test_stops_at_eos_and_pads_finished_rows(tmp_path):
+    write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,
+                                                device="cpu")
+    ids = torch.randint(3, 211, (2, 5), generator=torch.Generator().manual_seed(1))
+    free = ours.generate(ids, max_new_tokens=6, eos_token_id=None)
+    eos = int(free[0, 7])  # make row 0's third new token the end of sequence
+    out = ours.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=1)
+    row0 = out[0, 5:].tolist()
+    stop = row0.index(eos)
+    assert all(t == 1 for t in row0[stop + 1:])
+    assert torch.equal(out[:, :5], ids)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    k2 = filter_logits(logits, 1.0, top_k=2, top_p=1.0)
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    probs = torch.softmax(logits, -1)[0]
+    p = filter_logits(logits, 1.0, top_k=0, top_p=float(probs[0]) + 1e-4)
+    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
+    only = filter_logits(logits, 1.0, top_k=0, top_p=0.01)
+    assert torch.isfinite(only[0, 0]) and torch.isinf(only[0, 1:]).all()
+    hot = filter_logits(logits, 0.5, 0, 1.0)
+    assert torch.allclose(hot, logits / 0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        filter_logits(logits, 0.0, 0, 1.0)
+
+
+def test_sampled_generation_is_reproducible(tmp_path):
+    write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,
+                                                device="cpu")
+    ids = torch.randint(3, 211, (2, 4), generator=torch.Generator().manual_seed(2))
+    a = ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9,
+                      generator=torch.Generator().manual_seed(5))
+    b = ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9,
+                      generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == (2, 12)
