@@ -80,8 +80,55 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     @property
-    def config(self) -> ModelConfig:
-        return self.cfg
+    def config(self):
+        """A transformers ``PretrainedConfig`` of the same checkpoint, for the tools that
+        read one (Trainer, trl); the model itself reads ``self.cfg``."""
+        if getattr(self, "_hf_config", None) is None:
+            from transformers import AutoConfig
+
+            raw = {k: v for k, v in self.cfg.raw.items() if k not in ("model_type", "quantization_config")}
+            hf = AutoConfig.for_model(self.cfg.model_type, **raw)
+            hf._attn_implementation = "sdpa"
+            object.__setattr__(self, "_hf_config", hf)
+        return self._hf_config
+
+    @property
+    def generation_config(self):
+        """transformers' GenerationConfig of this model (trl reads and edits its token ids)."""
+        if getattr(self, "_generation_config", None) is None:
+            from transformers import GenerationConfig
+
+            object.__setattr__(self, "_generation_config", GenerationConfig.from_model_config(self.config))
+        return self._generation_config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        """transformers' switch (Trainer calls it); keeps "offload" if that was chosen."""
+        if not self.gradient_checkpointing:
+            self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.gradient_checkpointing)
+
+    def enable_input_require_grads(self) -> None:
+        """Not needed: checkpointing here does not rely on inputs requiring grad."""
+
+    def base_model(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        """The backbone alone (transformers' ``base_model``): final hidden states, which
+        trl's SFTTrainer projects through ``get_output_embeddings()`` with its own loss."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
+        return BaseModelOutputWithPast(last_hidden_state=h)
+
+    def add_model_tags(self, tags) -> None:
+        """transformers' hook for model-card tags (trl calls it); nothing to record here."""
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.lm_head if self.lm_head is not None else self.model.embed_tokens
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens

@@ -115,6 +115,7 @@ class Embedding(nn.Embedding):
         super().__init__(num, dim, dtype=dtype, device=device)
         self.weight.requires_grad_(False)
         self.scale = scale
+        self.bias = None  # read by tools that treat a tied table as the output projection
         self.adapter: nn.Module | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

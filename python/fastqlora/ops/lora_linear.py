@@ -82,4 +82,13 @@ def lora_linear(
                          f"{weight.shape[1] if isinstance(weight, NF4Tensor) else weight.shape[-1]}")
     if x_lora is None:
         x_lora = x
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # Under autocast (Trainer's bf16=True), compute in the autocast dtype explicitly:
+        # the Function's own matmuls must not be re-cast op by op.
+        dt = torch.get_autocast_dtype(device)
+        x, x_lora = x.to(dt), x_lora.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale)
     return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale)
