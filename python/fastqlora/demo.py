@@ -15,7 +15,7 @@ import torch
 from .train.data import ALPACA_NO_INPUT
 
 DEMO_PROMPTS = ("What is the capital of Japan?", "Which city is the capital of Peru?")
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 400
 
 
 def data_dir() -> Path:
@@ -45,12 +45,13 @@ def run_demo(steps: int | None = None, output_dir: str | Path = "fastqlora-demo"
     model, tokenizer = FastLanguageModel.from_pretrained(
         str(root / "demo_model"), max_seq_length=512, load_in_4bit=True, device=device
     )
-    print(f"fastqlora demo: tiny Llama ({sum(p.numel() for p in model.parameters()):,} stored values, NF4 base) "
-          f"on {model.device}")
+    n = sum(p.numel() for p in model.parameters()) + sum(
+        m.out_features * m.in_features for m in model.modules() if getattr(m, "is_quantized", False))
+    print(f"fastqlora demo: a tiny Llama ({n:,} weights, projections in NF4) on {model.device}")
     before = {q: _answer(model, tokenizer, q) for q in DEMO_PROMPTS}
     cfg = TrainConfig(
         model=str(root / "demo_model"), dataset=str(root / "demo.jsonl"), output_dir=str(output_dir),
-        max_seq_length=512, r=16, lora_alpha=16, batch_size=1, learning_rate=5e-3, lr_scheduler="constant",
+        max_seq_length=512, r=16, lora_alpha=16, batch_size=2, learning_rate=5e-3, lr_scheduler="constant",
         warmup_steps=10, max_steps=steps or DEFAULT_STEPS, completion_only=True, packing=True,
         use_gradient_checkpointing=False, progress=progress,
     )

@@ -11,6 +11,7 @@ whose ones are contiguous in each row is expressed the same way (see
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -88,6 +89,51 @@ def attention_reference(
     return out
 
 
+def _row_segments(cu_seqlens: torch.Tensor | None, B: int, S: int, device) -> torch.Tensor | None:
+    """Segment ids ``[B, S]`` when every row starts a sequence (the usual case); None when
+    a sequence would cross rows."""
+    if cu_seqlens is None:
+        return None
+    seg = segment_ids(cu_seqlens.to(device), B * S).view(B, S)
+    if B > 1 and bool((seg[1:, 0] == seg[:-1, -1]).any()):
+        return None
+    return seg
+
+
+def attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plain-torch path (CPU, and GPU shapes the kernel does not take): torch's SDPA
+    per row with a boolean mask, or the explicit reference when soft-capping."""
+    B, S, Hq, D = q.shape
+    seg = _row_segments(cu_seqlens, B, S, q.device)
+    if softcap is not None or (cu_seqlens is not None and seg is None):
+        return attention_reference(q, k, v, scale=scale, causal=causal, sliding_window=sliding_window,
+                                   softcap=softcap, cu_seqlens=cu_seqlens)
+    idx = torch.arange(S, device=q.device)
+    diff = idx[:, None] - idx[None, :]
+    allowed = torch.ones(S, S, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed &= diff >= 0
+    if sliding_window is not None:
+        allowed &= diff < sliding_window
+    mask = allowed[None]
+    if seg is not None:
+        mask = mask & (seg[:, :, None] == seg[:, None, :])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=k.shape[2] != Hq)
+    return out.transpose(1, 2)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,7 +146,7 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q ``[B, S, Hq, D]`` over k, v ``[B, S, Hk, D]``; returns ``[B, S, Hq, D]``."""
-    return attention_reference(
+    return attention_torch(
         q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, cu_seqlens=cu_seqlens
     )
 
