@@ -8,6 +8,7 @@ exactly; Ctrl-C saves the adapter before leaving.
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -117,23 +118,28 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         cfg = self.cfg
         if cfg.resume and (ckpt := latest_checkpoint(cfg.output_dir)) is not None:
-            self.resume_from(ckpt)
+            self.resume_from(ckpt)  # restores the RNG state saved with the checkpoint
+        elif self.step == 0:
+            random.seed(cfg.seed)  # dropout and sampling replay the same way run after run
+            torch.manual_seed(cfg.seed)
         batches = iterate_batches(self.rows, cfg.batch_size, cfg.seed, *self.position)
         progress = Progress(self.total_steps, self.step, enabled=cfg.progress, device=self.device)
         try:
             while self.step < self.total_steps:
                 lr = self._set_lr()
-                micro, tokens = [], 0
+                micro, tokens, position = [], 0, self.position
                 for _ in range(cfg.gradient_accumulation_steps):
                     epoch, index, rows = next(batches)
                     batch = collate([self.rows[i] for i in rows], self.pad_id)
                     tokens += int(batch["attention_mask"].sum())
                     micro.append(batch)
-                    self.position = (epoch, index + 1)
+                    position = (epoch, index + 1)
                 t0 = time.perf_counter()
                 loss = self.train_step(micro)
                 dt = time.perf_counter() - t0
-                self.step += 1
+                # only a finished step moves the data position (a checkpoint taken on
+                # interruption then replays the unfinished step)
+                self.step, self.position = self.step + 1, position
                 record = {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens, "seconds": dt}
                 self.history.append(record)
                 progress.update(record)

@@ -1,0 +1,128 @@
+"""fastqlora's own loop: packing equivalence, exact resume, interruption, the demo, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import rel_err
+
+from fastqlora import FastLanguageModel
+from fastqlora.cli import main as cli_main
+from fastqlora.demo import data_dir, run_demo
+from fastqlora.train import TrainConfig, Trainer
+from fastqlora.train.data import load_dataset
+from fastqlora.train.packing import collate, pack_examples, unpacked_rows
+
+MODEL = str(data_dir() / "demo_model")
+DATA = str(data_dir() / "demo.jsonl")
+
+
+def _peft(load_in_4bit=True, **kw):
+    model, tok = FastLanguageModel.from_pretrained(MODEL, max_seq_length=256, load_in_4bit=load_in_4bit,
+                                                   device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False, **kw)
+    with torch.no_grad():  # non-zero B so every adapter gradient is exercised
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    return model, tok
+
+
+def test_packed_row_equals_token_weighted_mean_of_its_sequences():
+    model, tok = _peft()
+    examples = load_dataset(DATA, tok, max_seq_length=256, completion_only=True)[:5]
+    packed = collate(pack_examples(examples, 512), tok.pad_token_id)
+    assert packed["input_ids"].shape[0] == 1
+    loss = model(**packed).loss
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    packed_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    total = 0.0
+    count = 0
+    for row in unpacked_rows(examples, 256):
+        b = collate([row], tok.pad_token_id)
+        n = int((b["labels"][:, 1:] != -100).sum())
+        out = model(**b, num_items_in_batch=1)  # a sum over this sequence's tokens
+        out.loss.backward()
+        total += out.loss.item()
+        count += n
+    for p in params:
+        p.grad /= count
+    assert abs(loss.item() - total / count) < 1e-5 * loss.item()
+    for got, want in zip(packed_grads, [p.grad for p in params]):
+        assert rel_err(got, want) < 1e-5
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model=MODEL, dataset=DATA, output_dir=str(tmp_path), max_seq_length=256, r=8, lora_alpha=16,
+                batch_size=2, learning_rate=2e-3, max_steps=6, completion_only=True, use_gradient_checkpointing=False,
+                progress=False, plot=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(cfg):
+    model, tok = FastLanguageModel.from_pretrained(cfg.model, max_seq_length=cfg.max_seq_length, device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=cfg.r, lora_alpha=cfg.lora_alpha, random_state=cfg.seed,
+                                             lora_dropout=cfg.lora_dropout, use_gradient_checkpointing=False)
+    return Trainer(model, tok, cfg)
+
+
+def _interrupt_at(trainer, monkeypatch, call):
+    real, calls = trainer.train_step, {"n": 0}
+
+    def flaky(batches):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(batches)
+
+    monkeypatch.setattr(trainer, "train_step", flaky)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full = _trainer(_cfg(tmp_path / "full", lora_dropout=0.1)).train()
+    cut = _trainer(_cfg(tmp_path / "cut", lora_dropout=0.1))
+    _interrupt_at(cut, monkeypatch, 4)  # stopped during step 4: checkpoint-3 is on disk
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    history = _trainer(_cfg(tmp_path / "cut", lora_dropout=0.1, resume=True)).train()
+    assert [h["step"] for h in history] == list(range(1, 7))
+    for a, b in zip(history, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_interrupt_saves_the_adapter(tmp_path, monkeypatch):
+    trainer = _trainer(_cfg(tmp_path, max_steps=5))
+    _interrupt_at(trainer, monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "checkpoint-2" / "trainer_state.pt").is_file()
+
+
+def test_demo_loss_falls(tmp_path, capsys):
+    history = run_demo(steps=40, output_dir=tmp_path, device="cpu", progress=False)
+    first = sum(h["loss"] for h in history[:5]) / 5
+    last = sum(h["loss"] for h in history[-5:]) / 5
+    assert last < first - 0.5
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "before:" in out and "after:" in out
+
+
+def test_cli_train_generate_export(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {MODEL}\ndataset: {DATA}\nmax_seq_length: 256\nmax_steps: 2\nr: 4\n"
+                   f"use_gradient_checkpointing: false\nprogress: false\n")
+    assert cli_main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run"), "--batch-size", "1"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert cli_main(["generate", "--model", str(adapter), "--prompt", "What is", "--max-new-tokens", "3"]) == 0
+    assert cli_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert cli_main(["train", "--model", MODEL, "--dataset", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
