@@ -3,11 +3,14 @@
 The rotation pairs dimension ``i`` with ``i + head_dim/2`` (transformers'
 ``rotate_half``). ``cos`` and ``sin`` are per-position tables ``[max_pos, head_dim/2]``
 in fp32 (attention scaling already folded in), gathered by ``position_ids`` so that
-packed rows can restart positions.
+packed rows can restart positions. On CUDA one Triton launch rotates q and k in place
+(``fastqlora.triton_kernels.rope``); its backward is the rotation by −θ.
 """
 from __future__ import annotations
 
 import torch
+
+from .dispatch import use_triton
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -28,8 +31,68 @@ def apply_rope_reference(
     return _rotate(q, c, s), _rotate(k, c, s)
 
 
+class _RoPEInPlace(torch.autograd.Function):
+    """Rotates, in place, the q heads and k heads that live in one tensor ``x``: either a
+    fused ``[B, S, (Hq + 2·Hk)·D]`` projection output (q, k, v side by side; one launch
+    for both) or a single ``[B, S, H, D]`` tensor. One output, so autograd accepts the
+    in-place change of a view."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, position_ids, heads):
+        from ..triton_kernels.rope import rope_
+
+        q, k = _views(x, heads)
+        rope_(q, k, cos, sin, position_ids)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.heads = heads
+        return x
+
+    @staticmethod
+    def backward(ctx, dx):
+        from ..triton_kernels.rope import rope_
+
+        cos, sin, position_ids = ctx.saved_tensors
+        dx = dx.clone()  # autograd may share the incoming gradient buffer
+        dq, dk = _views(dx, ctx.heads)
+        rope_(dq, dk, cos, sin, position_ids, backward=True)
+        return dx, None, None, None, None
+
+
+def _views(x: torch.Tensor, heads: tuple[int, int, int]):
+    """q and k views of ``x``: heads = (Hq, Hk, D); Hk = 0 means x is [B, S, H, D] alone."""
+    hq, hk, d = heads
+    if hk == 0:
+        return x, x[:, :, :0]
+    B, S = x.shape[:2]
+    return (x[..., : hq * d].unflatten(-1, (hq, d)), x[..., hq * d:(hq + hk) * d].unflatten(-1, (hk, d)))
+
+
+def apply_rope_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                   sin: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Rotate the q and k parts of a fused ``[B, S, (Hq + 2·Hk)·D]`` projection output in
+    one launch (in place on the Triton path); returns the tensor."""
+    if use_triton(qkv) and qkv.stride(-1) == 1:
+        return _RoPEInPlace.apply(qkv, cos.contiguous(), sin.contiguous(), position_ids,
+                                  (num_heads, num_kv_heads, head_dim))
+    q, k = _views(qkv, (num_heads, num_kv_heads, head_dim))
+    q, k = apply_rope_reference(q, k, cos, sin, position_ids)
+    v = qkv[..., (num_heads + num_kv_heads) * head_dim:]
+    return torch.cat([q.flatten(-2), k.flatten(-2), v], dim=-1)
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` by the angles of ``position_ids`` ``[B, S]``."""
+    """Rotate q ``[B, S, Hq, D]`` and k ``[B, S, Hk, D]`` by the angles of ``position_ids`` ``[B, S]``.
+    The Triton path works in place on q and k and returns them."""
+    if q.shape[-1] % 2 or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k need one even head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if cos.shape[-1] * 2 != q.shape[-1]:
+        raise ValueError(f"rope tables have {cos.shape[-1]} frequencies for head_dim {q.shape[-1]}")
+    if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == k.dtype:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        q = _RoPEInPlace.apply(q, cos, sin, position_ids, (q.shape[2], 0, q.shape[3]))
+        k = _RoPEInPlace.apply(k, cos, sin, position_ids, (k.shape[2], 0, k.shape[3]))
+        return q, k
     return apply_rope_reference(q, k, cos, sin, position_ids)

@@ -1,0 +1,82 @@
+"""RoPE kernel (in place, q and k in one launch) against the reference and transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+
+from fastqlora.ops import backend
+from fastqlora.ops.rope import apply_rope, apply_rope_qkv, apply_rope_reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _tables(P, half, device):
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+    ang = torch.arange(P, dtype=torch.float32)[:, None] * inv[None]
+    return ang.cos().to(device), ang.sin().to(device)
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize("B,S,Hq,Hk,D", [(1, 1, 3, 1, 16), (2, 13, 6, 2, 24), (1, 37, 4, 4, 64)], ids=str)
+def test_kernel_matches_reference_on_views_of_a_fused_projection(kernel_device, B, S, Hq, Hk, D):
+    for dtype in _dtypes(kernel_device):
+        g = torch.Generator().manual_seed(S)
+        qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, generator=g).to(kernel_device, dtype).requires_grad_(True)
+        pos = torch.randint(0, 50, (B, S), generator=g).to(kernel_device)  # restarts, repeats, any order
+        cos, sin = _tables(64, D // 2, kernel_device)
+        dq = torch.randn(B, S, Hq, D, generator=g).to(kernel_device, dtype)
+        dk = torch.randn(B, S, Hk, D, generator=g).to(kernel_device, dtype)
+
+        def split(t):
+            t = t * 1  # an intermediate, as a projection output is
+            return t[..., : Hq * D].view(B, S, Hq, D), t[..., Hq * D: (Hq + Hk) * D].view(B, S, Hk, D)
+
+        with backend("triton"):
+            q, k = apply_rope(*split(qkv), cos, sin, pos)  # two tensors: one launch each
+            fused = apply_rope_qkv(qkv * 1, Hq, Hk, D, cos, sin, pos)  # one tensor: one launch
+        assert S == 1 or not q.is_contiguous()  # strided views, rotated in place
+        fq, fk = split(fused)
+        assert torch.equal(fq, q) and torch.equal(fk, k)
+        assert torch.equal(fused[..., (Hq + Hk) * D:], qkv[..., (Hq + Hk) * D:])  # v untouched
+        ((q * dq).sum() + (k * dk).sum() + (fq * dq).sum() + (fk * dk).sum()).backward()
+        ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+        qkv2 = qkv.detach().to(ref_dtype).requires_grad_(True)
+        q2, k2 = apply_rope_reference(*split(qkv2), cos.double() if ref_dtype == torch.float64 else cos,
+                                      sin.double() if ref_dtype == torch.float64 else sin, pos)
+        (2 * (q2 * dq.to(ref_dtype)).sum() + 2 * (k2 * dk.to(ref_dtype)).sum()).backward()
+        tol = TOL[dtype]
+        assert rel_err(q, q2) < tol and rel_err(k, k2) < tol
+        assert rel_err(qkv.grad, qkv2.grad) < tol
+
+
+def test_matches_transformers_apply_rotary_pos_emb(kernel_device):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, S, H, D = 2, 9, 4, 32
+    q = torch.randn(B, S, H, D, device=kernel_device)
+    k = torch.randn(B, S, 2, D, device=kernel_device)
+    cos, sin = _tables(16, D // 2, kernel_device)
+    pos = torch.arange(S, device=kernel_device).expand(B, S)
+    c = torch.cat([cos[pos], cos[pos]], -1)
+    s = torch.cat([sin[pos], sin[pos]], -1)
+    qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), c, s)
+    with backend("triton"):
+        q2, k2 = apply_rope(q.clone(), k.clone(), cos, sin, pos)
+    assert rel_err(q2, qr.transpose(1, 2)) < 1e-6 and rel_err(k2, kr.transpose(1, 2)) < 1e-6
+
+
+@pytest.mark.gpu
+def test_llama8b_shape_bf16():
+    B, S, D = 1, 777, 128
+    q = torch.randn(B, S, 32, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, S, 8, D, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(2048, D // 2, "cuda")
+    pos = torch.arange(S, device="cuda")[None]
+    q2, k2 = apply_rope_reference(q, k, cos, sin, pos)
+    with backend("triton"):
+        q1, k1 = apply_rope(q.clone(), k.clone(), cos, sin, pos)
+    assert rel_err(q1, q2) < 1e-2 and rel_err(k1, k2) < 1e-2
