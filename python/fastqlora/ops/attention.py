@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import use_triton
+
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Sequence index of each of ``total`` flattened tokens."""
@@ -134,6 +136,43 @@ def attention_torch(
     return out.transpose(1, 2)
 
 
+class _FlashAttention(torch.autograd.Function):
+    """The Triton flash-attention kernels (fastqlora.triton_kernels.flash_attention) over
+    the flattened ``B·S`` tokens; saves q, k, v, the output and the row LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap):
+        from ..triton_kernels.flash_attention import flash_attn_forward
+
+        B, S, Hq, D = q.shape
+        q3, k3, v3 = _tokens(q), _tokens(k), _tokens(v)
+        o3, lse = flash_attn_forward(q3, k3, v3, cu_seqlens, max_seqlen, scale, causal, window, softcap)
+        ctx.save_for_backward(q3, k3, v3, o3, lse, cu_seqlens)
+        ctx.args = (max_seqlen, scale, causal, window, softcap, q.shape, k.shape)
+        return o3.view(B, S, Hq, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..triton_kernels.flash_attention import flash_attn_backward
+
+        q3, k3, v3, o3, lse, cu_seqlens = ctx.saved_tensors
+        max_seqlen, scale, causal, window, softcap, q_shape, k_shape = ctx.args
+        dq, dk, dv = flash_attn_backward(_tokens(do), q3, k3, v3, o3, lse, cu_seqlens, max_seqlen, scale, causal,
+                                         window, softcap)
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None, None, None, None, None
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, H, D]`` as ``[B·S, H, D]`` without a copy when the strides allow it."""
+    B, S, H, D = x.shape
+    if x.stride(-1) != 1 or (B > 1 and x.stride(0) != S * x.stride(1)):
+        x = x.contiguous()
+    return x.as_strided((B * S, H, D), (x.stride(1), x.stride(2), 1))
+
+
+FLASH_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -144,8 +183,26 @@ def attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q ``[B, S, Hq, D]`` over k, v ``[B, S, Hk, D]``; returns ``[B, S, Hq, D]``."""
+    """Attention of q ``[B, S, Hq, D]`` over k, v ``[B, S, Hk, D]``; returns ``[B, S, Hq, D]``.
+    Flash attention in Triton on CUDA (head dims 16–256, powers of two); torch elsewhere."""
+    B, S, Hq, D = q.shape
+    if k.shape[:2] != (B, S) or v.shape != k.shape or k.shape[-1] != D:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+    if Hq % k.shape[2]:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[2]})")
+    scale = D**-0.5 if scale is None else scale
+    if (use_triton(q) and D in FLASH_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.dtype == k.dtype == v.dtype):
+        if cu_seqlens is None:
+            cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
+            max_seqlen = S
+        else:
+            cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            if max_seqlen is None:
+                max_seqlen = int((cu[1:] - cu[:-1]).max())
+        return _FlashAttention.apply(q, k, v, cu, max_seqlen, scale, causal, sliding_window, softcap)
     return attention_torch(
         q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, cu_seqlens=cu_seqlens
     )
