@@ -157,7 +157,8 @@ class CausalLM(nn.Module):
         B, S = h.shape[:2]
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
         cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
-        h = self._run_layers(h, Context(cos, sin, position_ids, cu))
+        max_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else None
+        h = self._run_layers(h, Context(cos, sin, position_ids, cu, max_len))
         return self.model.norm(h)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,

@@ -28,6 +28,7 @@ class Context:
     sin: torch.Tensor
     position_ids: torch.Tensor  # [B, S]
     cu_seqlens: torch.Tensor | None  # over the flattened B·S tokens; None: each row one sequence
+    max_seqlen: int | None = None  # longest sequence in cu_seqlens (spares the kernels a sync)
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +65,8 @@ class Attention(nn.Module):
         c = self.cfg
         q, k, v = self._qkv(x, ctx.cos, ctx.sin, ctx.position_ids)
         o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=c.sliding_window,
-                          softcap=c.attn_softcap, cu_seqlens=ctx.cu_seqlens)
+                          softcap=c.attn_softcap, cu_seqlens=ctx.cu_seqlens,
+                          max_seqlen=ctx.max_seqlen)
         return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
 
     def forward_cached(self, x: torch.Tensor, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:

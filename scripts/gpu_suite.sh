@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One batched session on the lent GPU: build, GPU tests, kernel benchmarks. Logs and JSON go
+# to $OUT (default ./out). Usage: bash scripts/gpu_suite.sh [tests] [kernels] [e2e] [offload]
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+. scripts/gpu_build.sh || exit 1
+cd /tmp
+for stage in "$@"; do
+  case $stage in
+    tests)
+      python3 -m pytest -q -x -p no:cacheprovider "$FQ_SRC/tests/test_nf4.py" "$FQ_SRC/tests/test_rms_norm.py" \
+        "$FQ_SRC/tests/test_activation.py" "$FQ_SRC/tests/test_rope.py" "$FQ_SRC/tests/test_cross_entropy.py" \
+        "$FQ_SRC/tests/test_flash_attention.py" "$FQ_SRC/tests/test_model_kernels.py" 2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    tests-more)
+      python3 -m pytest -q -p no:cacheprovider -m gpu "$FQ_SRC/tests" 2>&1 | tail -30 | tee "$OUT/tests_more.log" ;;
+    nf4) python3 "$FQ_SRC/benchmarks/bench_nf4_dequant.py" --out "$OUT/nf4_dequant.json" 2>&1 | tail -12 ;;
+    kernels) python3 "$FQ_SRC/benchmarks/bench_kernels.py" --out "$OUT/kernels.json" 2>&1 | tail -16 ;;
+    flash) python3 "$FQ_SRC/benchmarks/bench_flash_attention.py" --out "$OUT/flash.json" 2>&1 | tail -10 ;;
+    e2e) python3 "$FQ_SRC/benchmarks/bench_e2e.py" --out "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tail -30 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
