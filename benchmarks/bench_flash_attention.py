@@ -46,9 +46,15 @@ def ours(q, k, v, **kw):
 
 
 def sdpa(q, k, v, **kw):
-    # SDPA takes [B, H, S, D]; GQA through enable_gqa (no repeated K/V in memory)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          enable_gqa=True, **kw).transpose(1, 2)
+    # SDPA takes [B, H, S, D]; GQA through enable_gqa where the backend takes it, else
+    # through K/V repeated to the query heads (the way transformers feeds it)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    try:
+        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True, **kw).transpose(1, 2)
+    except RuntimeError:
+        rep = q.shape[2] // k.shape[2]
+        return F.scaled_dot_product_attention(qt, kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1),
+                                              **kw).transpose(1, 2)
 
 
 def timed(fn, q, k, v, **kw):
@@ -62,11 +68,56 @@ def timed(fn, q, k, v, **kw):
     return fwd, ms(both)
 
 
+FWD_SWEEP = [dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=2), dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3),
+             dict(fwd_m=128, fwd_n=128, fwd_warps=8, fwd_stages=2), dict(fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3),
+             dict(fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3)]
+BWD_SWEEP = [dict(bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, bwd_warps=8, bwd_stages=2),
+             dict(bwd_m=32, bwd_n=128, dq_m=128, dq_n=32, bwd_warps=8, bwd_stages=2),
+             dict(bwd_m=64, bwd_n=64, dq_m=64, dq_n=64, bwd_warps=4, bwd_stages=3),
+             dict(bwd_m=32, bwd_n=64, dq_m=64, dq_n=32, bwd_warps=4, bwd_stages=2),
+             dict(bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, bwd_warps=8, bwd_stages=3)]
+
+
+def sweep(S: int = 8192) -> dict:
+    """Forward configs by forward time, then backward configs with the best forward."""
+    import os
+
+    q, k, v = inputs(1, S)
+    flops = 4 * S * S * HQ * D / 2
+    out = {"fwd": [], "bwd": []}
+    for cfg in FWD_SWEEP:
+        os.environ["FQ_FLASH_CFG"] = json.dumps(cfg)
+        try:
+            f = ms(lambda: ours(q, k, v))
+            out["fwd"].append({**cfg, "tflops": flops / f / 1e9})
+        except Exception as exc:
+            out["fwd"].append({**cfg, "error": str(exc)[:100]})
+    best_fwd = max((c for c in out["fwd"] if "tflops" in c), key=lambda c: c["tflops"])
+    for cfg in BWD_SWEEP:
+        os.environ["FQ_FLASH_CFG"] = json.dumps({**{k_: v_ for k_, v_ in best_fwd.items() if k_ != "tflops"}, **cfg})
+        try:
+            _, fb = timed(ours, q, k, v)
+            out["bwd"].append({**cfg, "fwdbwd_tflops": 3.5 * flops / fb / 1e9})
+        except Exception as exc:
+            out["bwd"].append({**cfg, "error": str(exc)[:100]})
+    del os.environ["FQ_FLASH_CFG"]
+    for part in ("fwd", "bwd"):
+        for c in out[part]:
+            print(part, c)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true", help="only try block configs at S=8192")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flash.json"))
     p.add_argument("--seqs", default="2048,8192,32768")
     args = p.parse_args()
+    if args.sweep:
+        res = sweep()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return
     rows = []
     for S in (int(s) for s in args.seqs.split(",")):
         q, k, v = inputs(1, S)

@@ -1,7 +1,6 @@
 // NF4 and 8-bit blockwise quantization on CUDA, bit for bit with bitsandbytes' CUDA
-// kernels, and a dequantize that runs near memory bandwidth: each thread turns 16
-// bytes of codes (32 values, always inside one absmax block) into four or eight
-// 16-byte stores, with the double-quantized absmax decoded in the same pass.
+// kernels, and a dequantize that runs near memory bandwidth: coalesced 4-byte code
+// loads and 16-byte stores, with the double-quantized absmax decoded in the same pass.
 // Built with --fmad=false: every multiply and add rounds on its own, as bitsandbytes'
 // separate kernels do.
 #include <cuda_bf16.h>
@@ -156,9 +155,12 @@ struct alignas(16) Pack8 {  // eight outputs: 16 bytes for 16-bit types, 32 for 
   T v[8];
 };
 
-// Each thread: 16 packed bytes = 32 values. Requires blocksize % 32 == 0 so the 32 values
-// share one absmax; the tail (n % 32) is done by one thread element by element.
-template <typename T>
+// Each thread turns 4 bytes of codes (8 values) into one 8-value store, so a warp reads
+// 128 contiguous bytes and writes 512 (fp32: 1024) contiguous bytes: both fully
+// coalesced. Eight consecutive threads share one absmax (blocksize 64), a broadcast
+// from L1. UNROLL groups per thread keep several loads in flight. Requires
+// blocksize % 8 == 0; the n % 8 tail is done element by element by one thread.
+template <typename T, int UNROLL>
 __global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restrict__ packed,
                                                         const float* __restrict__ absmax,
                                                         const uint8_t* __restrict__ qabsmax,
@@ -169,31 +171,43 @@ __global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restric
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = c_nf4[threadIdx.x];
   __syncthreads();
-  const int64_t chunks = n / 32;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += stride) {
-    const uint4 raw = reinterpret_cast<const uint4*>(packed)[c];
-    const float am = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, (c * 32) / blocksize);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-    Pack8<T>* dst = reinterpret_cast<Pack8<T>*>(out + c * 32);
+  const int64_t groups = n / 8;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
+  Pack8<T>* dst = reinterpret_cast<Pack8<T>*>(out);
+  for (int64_t base = tid; base < groups; base += threads * UNROLL) {
+    uint32_t w[UNROLL];
+    float am[UNROLL];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      Pack8<T> p;
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const uint32_t byte = (words[w] >> (8 * b)) & 0xffu;
-        p.v[2 * b] = from_f32<T>(table[byte >> 4] * am);
-        p.v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am);
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t g = base + u * threads;
+      if (g < groups) {
+        w[u] = words[g];
+        am[u] = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, (g * 8) / blocksize);
       }
-      dst[w] = p;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t g = base + u * threads;
+      if (g < groups) {
+        Pack8<T> p;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t byte = (w[u] >> (8 * b)) & 0xffu;
+          p.v[2 * b] = from_f32<T>(table[byte >> 4] * am[u]);
+          p.v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am[u]);
+        }
+        dst[g] = p;
+      }
     }
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    for (int64_t i = chunks * 32; i < n; ++i) {
+  if (tid == 0) {
+    for (int64_t i = groups * 8; i < n; ++i) {
       const uint8_t byte = packed[i >> 1];
       const uint8_t q = (i & 1) ? (byte & 0xf) : (byte >> 4);
-      const float am = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, i / blocksize);
-      out[i] = from_f32<T>(table[q] * am);
+      const float a = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, i / blocksize);
+      out[i] = from_f32<T>(table[q] * a);
     }
   }
 }
@@ -242,10 +256,10 @@ void launch_dequantize(const uint8_t* packed, const float* absmax, const uint8_t
                        const float* absmax2, float offset, int64_t blocksize2, int64_t n, int64_t blocksize,
                        void* out, cudaStream_t s) {
   T* o = static_cast<T*>(out);
-  const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
-  if (blocksize % 32 == 0 && aligned) {
-    k_nf4_dequantize<T><<<grid_for(n / 32 + 1, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset,
-                                                                 blocksize2, n, blocksize, o);
+  const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  if (blocksize % 8 == 0 && aligned) {
+    k_nf4_dequantize<T, 4><<<grid_for((n / 8 + 3) / 4 + 1, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2,
+                                                                           offset, blocksize2, n, blocksize, o);
   } else {
     k_nf4_dequantize_scalar<T><<<grid_for(n, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset,
                                                               blocksize2, n, blocksize, o);

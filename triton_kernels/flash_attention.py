@@ -22,6 +22,9 @@ group (no atomics); dQ per query block over its key blocks.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -319,15 +322,25 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU, qk_scale, softcap, window, gro
 
 
 def _config(head_dim: int, device: torch.device) -> dict[str, int]:
-    """Block shapes per head dim. Forward: BLOCK_M a multiple of BLOCK_N; backward:
-    BLOCK_N (keys) a multiple of BLOCK_M (queries), as the unmasked ranges assume."""
+    """Block shapes, warps and pipeline stages per head dim. Forward: BLOCK_M a multiple
+    of BLOCK_N; backward: BLOCK_N (keys) a multiple of BLOCK_M (queries), as the unmasked
+    ranges assume. ``FQ_FLASH_CFG`` (JSON) overrides entries, for tuning sweeps."""
     if device.type != "cuda":
-        return dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=32, dq_m=16, dq_n=16, warps=4, stages=1)
-    if head_dim <= 64:
-        return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, warps=4, stages=3)
-    if head_dim <= 128:
-        return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, warps=8, stages=2)
-    return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, dq_m=64, dq_n=32, warps=8, stages=1)
+        cfg = dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=32, dq_m=16, dq_n=16, fwd_warps=4, fwd_stages=1,
+                   bwd_warps=4, bwd_stages=1)
+    elif head_dim <= 64:
+        cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=4, fwd_stages=3,
+                   bwd_warps=4, bwd_stages=2)
+    elif head_dim <= 128:
+        cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=8, fwd_stages=2,
+                   bwd_warps=8, bwd_stages=2)
+    else:
+        cfg = dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, dq_m=64, dq_n=32, fwd_warps=8, fwd_stages=1,
+                   bwd_warps=8, bwd_stages=1)
+    override = os.environ.get("FQ_FLASH_CFG")
+    if override:
+        cfg.update(json.loads(override))
+    return cfg
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -346,7 +359,7 @@ def flash_attn_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, s
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0),
                     o.stride(1), lse.stride(0), CAUSAL=causal, HAS_WINDOW=window is not None,
                     HAS_CAP=softcap is not None, BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], HEAD_DIM=D,
-                    PRECISION=_precision(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+                    PRECISION=_precision(q.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     return o, lse
 
 
@@ -363,7 +376,7 @@ def flash_attn_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, caus
     dk = torch.empty((T, Hk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((T, Hk, D), dtype=v.dtype, device=q.device)
     common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, HAS_CAP=softcap is not None, HEAD_DIM=D,
-                  PRECISION=_precision(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+                  PRECISION=_precision(q.dtype), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     n_seq = cu_seqlens.numel() - 1
     cap, win = float(softcap or 1.0), int(window or 0)
     _attn_bwd_dkdv[(triton.cdiv(max_seqlen, cfg["bwd_n"]), n_seq, Hk)](

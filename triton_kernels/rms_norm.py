@@ -66,11 +66,15 @@ def _rms_norm_bwd(DY, X, W, R, DX, DW, stride_dy, stride_x, stride_dx, n_rows, n
         tl.store(DW + pid * n_cols + cols, dw, mask=cmask)
 
 
-def _launch_shape(n_rows: int, device: torch.device) -> tuple[int, int]:
-    if device.type == "cuda":
-        progs = min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count * 8)
-    else:
+def _launch_shape(n_rows: int, device: torch.device, weight_grad: bool = False) -> tuple[int, int]:
+    """(programs, rows per program). One row a program keeps the most loads in flight;
+    when the weight trains, fewer programs keep the partial dw sums small."""
+    if device.type != "cuda":
         progs = min(n_rows, 4)
+    elif weight_grad:
+        progs = min(n_rows, torch.cuda.get_device_properties(device).multi_processor_count * 4)
+    else:
+        progs = min(n_rows, 1 << 20)
     progs = max(progs, 1)
     return progs, triton.cdiv(n_rows, progs)
 
@@ -97,7 +101,7 @@ def rms_norm_backward(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     n_rows, n_cols = x2d.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
     block = triton.next_power_of_2(n_cols)
-    progs, per = _launch_shape(n_rows, x2d.device)
+    progs, per = _launch_shape(n_rows, x2d.device, weight_grad)
     dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2d.device) if weight_grad else dx
     _rms_norm_bwd[(progs,)](dy, x2d, weight, r, dx, dw_part, dy.stride(0), x2d.stride(0), dx.stride(0), n_rows,
                             n_cols, per, GEMMA=gemma, WEIGHT_GRAD=weight_grad, BLOCK=block, num_warps=_warps(block))
