@@ -46,7 +46,8 @@ def _check(q, k, v, do, dtype, **kw):
 
 
 def _dtypes(device):
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    # each dtype compiles its own kernels: on the GPU bf16 (what training uses) and fp32
+    return [torch.float32, torch.float16] if device == "cpu" else [torch.bfloat16, torch.float32]
 
 
 CASES = {
@@ -91,14 +92,14 @@ def test_lse_matches_reference(kernel_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("S", [1, 17, 777, 2049])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_lengths_and_head_dims(D, S, dtype):
-    q, k, v, do = _inputs(1, S, 8, 2, D, dtype, "cuda", seed=S + D)
-    _check(q, k, v, do, dtype)
-    if S > 17:
-        _check(q, k, v, do, dtype, sliding_window=500, softcap=30.0)
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16),
+                                     (128, torch.float16)], ids=str)
+def test_gpu_lengths_and_head_dims(D, dtype):
+    for S in (1, 17, 777, 2049):
+        q, k, v, do = _inputs(1, S, 8, 2, D, dtype, "cuda", seed=S + D)
+        _check(q, k, v, do, dtype)
+        if S > 17 and D == 128:
+            _check(q, k, v, do, dtype, sliding_window=500, softcap=30.0)
 
 
 @pytest.mark.gpu
