@@ -53,6 +53,14 @@ __device__ __forceinline__ uint8_t nf4_code(float x) {
   return x > -0.8480964004993439f ? 1 : 0;
 }
 
+// bitsandbytes builds with --use_fast_math, so its 1.0f / absmax is the approximate
+// reciprocal; the codes match only if ours is the same instruction.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -77,7 +85,7 @@ __global__ void k_nf4_quantize(const T* __restrict__ src, int64_t n, int64_t blo
     if (k < blocksize && i < n) m = fmaxf(m, fabsf(v[j]));
   }
   m = warp_max(m);
-  const float inv = 1.0f / m;
+  const float inv = rcp_approx(m);
   if (lane == 0) absmax[block] = m;
 #pragma unroll
   for (int j = 0; j < VALS; j += 2) {
@@ -137,7 +145,7 @@ __global__ void k_quantize8(const float* __restrict__ src, int64_t n, const floa
   }
   __syncthreads();
   const float am = red[0];
-  const float inv = 1.0f / am;
+  const float inv = rcp_approx(am);
   if (threadIdx.x == 0) absmax[blockIdx.x] = am;
   for (int64_t k = threadIdx.x; k < blocksize && base + k < n; k += blockDim.x)
     out[base + k] = quantize8(code, src[base + k] * inv);
