@@ -332,8 +332,9 @@ def _config(head_dim: int, device: torch.device) -> dict[str, int]:
         cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=4, fwd_stages=3,
                    bwd_warps=4, bwd_stages=2)
     elif head_dim <= 128:
-        cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=8, fwd_stages=2,
-                   bwd_warps=8, bwd_stages=2)
+        # from benchmarks/bench_flash_attention.py --sweep on an H100 (results/flash_sweep.json)
+        cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=8, fwd_stages=3,
+                   bwd_warps=8, bwd_stages=3)
     else:
         cfg = dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, dq_m=64, dq_n=32, fwd_warps=8, fwd_stages=1,
                    bwd_warps=8, bwd_stages=1)
