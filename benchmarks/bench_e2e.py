@@ -91,6 +91,7 @@ def run_ours(ckpt: str, batch: int, seq: int, warmup: int, steps: int, checkpoin
 def _train(model, opt, batch: int, seq: int, warmup: int, steps: int, load_s: float) -> dict:
     import torch
 
+    model.train()  # as Trainer does: transformers checkpoints layers only in training mode
     vocab = model.config.vocab_size
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=g)
