@@ -23,6 +23,8 @@ for stage in "$@"; do
     kernels) python3 "$FQ_SRC/benchmarks/bench_kernels.py" --out "$OUT/kernels.json" 2>&1 | tail -16 ;;
     flash) python3 "$FQ_SRC/benchmarks/bench_flash_attention.py" --out "$OUT/flash.json" 2>&1 | tail -10 ;;
     flash-sweep) python3 "$FQ_SRC/benchmarks/bench_flash_attention.py" --sweep --out "$OUT/flash_sweep.json" 2>&1 | grep -v Warn | tail -12 ;;
+    load) python3 "$FQ_SRC/benchmarks/bench_load.py" --shape llama-3-8b --tmp /tmp/fq-ckpts --ckpt /tmp/fq-ckpts/llama-3-8b \
+            --out "$OUT/load.json" 2>&1 | tail -12 ;;
     e2e) python3 "$FQ_SRC/benchmarks/bench_e2e.py" --out "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tail -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
