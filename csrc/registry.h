@@ -6,4 +6,5 @@
 
 namespace fq {
 void register_device(pybind11::module_& m);
+void register_offload(pybind11::module_& m);
 }  // namespace fq
