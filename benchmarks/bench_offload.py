@@ -262,8 +262,9 @@ def load(ckpt: str, mode: str, max_seq: int):
         from fastqlora import FastLanguageModel
 
         model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=max_seq, load_in_4bit=True)
+        gc = {"checkpoint": True, "off": False}.get(mode, mode)  # the public values: True, False, "offload"
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
-                                                 target_modules=PROJ, use_gradient_checkpointing=mode)
+                                                 target_modules=PROJ, use_gradient_checkpointing=gc)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, opt
 

@@ -65,7 +65,7 @@ def test_dropout_really_drops():
     assert not torch.equal(torch.stack(l1), torch.stack(l2))
 
 
-def test_two_models_two_arenas_interleaved():
+def test_two_live_graphs_take_two_arenas():
     torch.manual_seed(0)
     base_a, base_b = ToyModel(layers=4, dropout=0.2), ToyModel(layers=6, hidden=16, dropout=0.2)
     ref = {}
@@ -78,8 +78,7 @@ def test_two_models_two_arenas_interleaved():
         ref[name] = [p.grad.clone() for p in m.parameters() if p.requires_grad]
     caches = OffloadArenaCache(token_quantum=1), OffloadArenaCache(token_quantum=1)
     ma, mb = clone_with(base_a, "offload", caches[0]), clone_with(base_b, "offload", caches[1])
-    # the same RNG sequence per model as above needs separate generators: run a, then b, per step,
-    # with forwards of both before either backward
+    # per model: both micro-batches forward before either backward (two live graphs at once)
     got = {"a": ma, "b": mb}
     for name, m in got.items():
         torch.manual_seed(5)
@@ -95,16 +94,17 @@ def test_two_models_two_arenas_interleaved():
     assert len(caches[0].arenas) == 2 and not any(a.leased for a in caches[0].arenas)
 
 
-def test_interleaved_models_match_separate_runs():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_interleaved_models_match_separate_runs(device):
     torch.manual_seed(1)
     base_a, base_b = ToyModel(layers=3), ToyModel(layers=4, hidden=20)
-    batch = micro_batch(3, [[4, 7]])
+    batch = micro_batch(3, [[4, 7]], device=device)
     refs = []
     for base in (base_a, base_b):
-        m = clone_with(base, "off")
+        m = clone_with(base, "off").to(device)
         m(*batch).backward()
         refs.append([p.grad for p in m.parameters() if p.requires_grad])
-    ma, mb = clone_with(base_a, "offload"), clone_with(base_b, "offload")  # default caches
+    ma, mb = clone_with(base_a, "offload").to(device), clone_with(base_b, "offload").to(device)  # default caches
     la, lb = ma(*batch), mb(*batch)
     lb.backward()
     la.backward()
@@ -149,6 +149,24 @@ def test_no_grad_and_frozen_layers_take_no_arena():
             p.requires_grad_(False)
     m(*micro_batch(0, [[8]])).backward()
     assert cache.arenas[0].native.offloads == 0 and not cache.arenas[0].leased
+
+
+def test_layer_error_releases_the_arena_and_odd_inputs_stay_on_device():
+    torch.manual_seed(5)
+    cache = OffloadArenaCache()
+    layers = ToyModel(layers=4).layers
+    ctx = micro_batch(0, [[9]])[1]
+    wide = torch.randn(1, 9, 30)
+    x = wide[..., :24]  # not contiguous: its checkpoint stays on the device, the rest go to the host
+    params = [p for p in layers.parameters() if p.requires_grad]
+    want = torch.autograd.grad(run_layers(layers, x, ctx, "off").sum(), params)
+    got = torch.autograd.grad(run_layers(layers, x, ctx, "offload", cache).sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert cache.arenas[0].native.offloads == 2 and not cache.arenas[0].leased
+    layers[2].forward = lambda hidden, ctx: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_layers(layers, x.contiguous(), ctx, "offload", cache)
+    assert len(cache.arenas) == 1 and not cache.arenas[0].leased
 
 
 def test_resolve_mode():
@@ -227,6 +245,27 @@ def test_tiled_apply_replays_dropout():
     assert torch.equal(y, y_ref)
     for a, b in zip(g, g_ref):
         assert _rel(a, b) < 1e-5
+
+
+def test_tiled_apply_per_token_loss_with_labels():
+    torch.manual_seed(0)
+    head = nn.Linear(12, 33, bias=False)  # frozen lm_head; x gets the gradient
+    head.weight.requires_grad_(False)
+    x = torch.randn(2, 29, 12, requires_grad=True)
+    labels = torch.randint(0, 33, (2, 29))
+    labels[0, :5] = -100
+
+    def token_loss(h, lab):
+        return nn.functional.cross_entropy(head(h).float(), lab, reduction="none")
+
+    ref = nn.functional.cross_entropy(head(x).flatten(0, 1), labels.flatten(), reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, [x])
+    per_token = tiled_apply(token_loss, x, 8, aux=[labels])
+    assert per_token.shape == (2, 29)
+    (g,) = torch.autograd.grad(per_token.sum(), [x])
+    assert _rel(per_token.sum(), ref) < 1e-6 and _rel(g, g_ref) < 1e-6
+    with pytest.raises(ValueError, match="token"):
+        tiled_apply(token_loss, x, 8, aux=[labels[:, :5]])
 
 
 def test_tiled_apply_paths_and_heuristic():
