@@ -36,6 +36,7 @@ def test_plan_sizes_and_offsets(layers, tokens, hidden, dtype_bytes, ring):
     assert plan.device_bytes == (ring + 1) * slot and not plan.short_of_host
     assert plan.fits(layers, tokens, hidden, dtype_bytes) and plan.fits(layers, 1, hidden, dtype_bytes)
     assert not plan.fits(layers, tokens + 1, hidden, dtype_bytes)
+    assert f"{layers - 1} checkpoints" in plan.describe()
 
 
 def test_plan_budget_keeps_top_layers_on_gpu():
@@ -55,6 +56,7 @@ def test_plan_rejects_bad_arguments(kwargs):
 
 
 def test_host_budget_reading(monkeypatch):
+    monkeypatch.delenv(offload_plan.ENV_HOST_BYTES, raising=False)
     available, total = offload_plan.host_memory()
     assert 0 < available <= total
     monkeypatch.setattr(offload_plan, "host_memory", lambda: (40 * GiB, 100 * GiB))
@@ -91,6 +93,17 @@ def test_cache_grows_reuses_and_never_shrinks():
     assert caps == sorted(caps) and caps[-1] >= 5 * 40 * 32 * 4
 
 
+def test_prepare_plans_before_the_first_step():
+    torch.manual_seed(0)
+    cache = OffloadArenaCache(token_quantum=1, host_budget=1 << 30)
+    plan = cache.prepare(5, 2 * 40, 24, torch.float32, "cpu")  # batch 2 x 40 tokens
+    assert plan.tokens == 80 and plan.host_layers == 4 and cache.arenas[0].allocations == 1
+    model = ToyModel(mode="offload", arena_cache=cache)
+    for lengths in ([[30, 10], [40]], [[17]], [[40, 40]]):
+        model(*micro_batch(0, lengths)).backward()
+    assert len(cache.arenas) == 1 and cache.arenas[0].allocations == 1
+
+
 def test_training_allocates_only_on_first_step_of_a_shape():
     torch.manual_seed(0)
     cache = OffloadArenaCache(token_quantum=1, host_budget=1 << 30)
@@ -105,6 +118,7 @@ def test_training_allocates_only_on_first_step_of_a_shape():
 
 
 def test_host_memory_short_keeps_some_layers_on_gpu(monkeypatch):
+    monkeypatch.delenv(offload_plan.ENV_HOST_BYTES, raising=False)
     torch.manual_seed(0)
     base = ToyModel(layers=6, dropout=0.2)
     steps = [[[[10]], [[4, 4]]], [[[7]]]]

@@ -67,19 +67,33 @@ class OffloadArenaCache:
         """Lease an arena whose plan holds ``num_layers`` checkpoints shaped like ``hidden``."""
         width = int(hidden.shape[-1])
         tokens = hidden.numel() // max(width, 1)
-        dtype_bytes = hidden.element_size()
+        return self._acquire(num_layers, max(tokens, 1), width, hidden.element_size(), hidden.device)
+
+    def prepare(self, num_layers: int, tokens: int, hidden: int, dtype: torch.dtype,
+                device: torch.device | str) -> OffloadPlan:
+        """Plan (and pin) the slab before the first step, for batches of up to ``tokens``
+        tokens (batch x sequence), so that training never grows it. Returns the plan."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        arena = self._acquire(num_layers, tokens, hidden, itemsize, torch.device(device))
+        self.release(arena)
+        return arena.plan
+
+    def _acquire(self, num_layers: int, tokens: int, width: int, dtype_bytes: int,
+                 device: torch.device) -> Arena:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         with self._lock:
-            free = [a for a in self.arenas if not a.leased and a.device == hidden.device]
+            free = [a for a in self.arenas if not a.leased and a.device == device]
             # Prefer an arena that fits without growing, then the biggest (the cheapest to grow).
             free.sort(key=lambda a: (not (a.plan and a.plan.fits(num_layers, tokens, width, dtype_bytes)),
                                      -a.native.capacity))
             arena = free[0] if free else None
             if arena is None:
-                arena = Arena(hidden.device)
+                arena = Arena(device)
                 self.arenas.append(arena)
             arena.leased = True
         try:
-            self._fit(arena, num_layers, max(tokens, 1), width, dtype_bytes)
+            self._fit(arena, num_layers, tokens, width, dtype_bytes)
         except BaseException:
             self.release(arena)
             raise
@@ -114,15 +128,15 @@ class OffloadArenaCache:
             want = plan.wanted_host_layers * plan.slot_stride
             self._warn(
                 f"fastqlora offload: the checkpoints of {plan.wanted_host_layers} layers need "
-                f"{offload_plan._fmt(want)} of pinned host memory but only "
-                f"{offload_plan._fmt(max(budget, 0))} can be spared; the checkpoints of layers "
+                f"{offload_plan.fmt_bytes(want)} of pinned host memory but only "
+                f"{offload_plan.fmt_bytes(max(budget, 0))} can be spared; the checkpoints of layers "
                 f"{plan.host_layers}..{num_layers - 2} stay on the GPU "
-                f"(+{offload_plan._fmt((plan.wanted_host_layers - plan.host_layers) * plan.slot_bytes)} "
+                f"(+{offload_plan.fmt_bytes((plan.wanted_host_layers - plan.host_layers) * plan.slot_bytes)} "
                 f"of GPU memory). Set {offload_plan.ENV_HOST_BYTES} to change the budget.")
 
     def _warn(self, message: str) -> None:
         if self.warnings == 0:  # say it once per model, not once per step
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)  # points at run_layers' caller
         self.warnings += 1
 
 

@@ -67,8 +67,8 @@ class OffloadPlan:
     def describe(self) -> str:
         return (
             f"{self.num_layers} layers x {self.tokens} tokens x {self.hidden} x {self.dtype_bytes} B: "
-            f"{self.host_layers} checkpoints of {_fmt(self.slot_bytes)} in a {_fmt(self.slab_bytes)} "
-            f"host slab, {len(self.gpu_layers)} on the GPU ({_fmt(self.device_bytes)} with the ring of {self.ring})"
+            f"{self.host_layers} checkpoints of {fmt_bytes(self.slot_bytes)} in a {fmt_bytes(self.slab_bytes)} "
+            f"host slab, {len(self.gpu_layers)} on the GPU ({fmt_bytes(self.device_bytes)} with the ring of {self.ring})"
         )
 
 
@@ -76,7 +76,7 @@ def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _fmt(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
