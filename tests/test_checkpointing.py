@@ -127,6 +127,18 @@ def test_backward_through_autograd_grad_and_input_grad():
         assert all(torch.equal(a, b) for a, b in zip(grads, want))
 
 
+def test_backward_that_stops_early_still_returns_the_arena():
+    torch.manual_seed(3)
+    cache = OffloadArenaCache()
+    m = ToyModel(layers=4, mode="offload", arena_cache=cache)
+    loss = m(*micro_batch(0, [[8]]))
+    top = [p for p in m.layers[-1].parameters() if p.requires_grad]
+    torch.autograd.grad(loss, top)  # backward runs the top layer only; it fetched layer 2 ahead
+    assert cache.arenas[0].leased and cache.arenas[0].native.prefetches == 1
+    del loss
+    assert not cache.arenas[0].leased  # the graph died: the arena is back, the fetched input dropped
+
+
 def test_retain_graph_twice_offload_raises_clearly():
     torch.manual_seed(3)
     m = ToyModel(layers=3, mode="offload", arena_cache=OffloadArenaCache())

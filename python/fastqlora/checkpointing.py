@@ -56,6 +56,16 @@ def _stream(t: torch.Tensor) -> int:
     return int(torch.cuda.current_stream(t.device).cuda_stream) if t.is_cuda else 0
 
 
+def _end_pass(cache: OffloadArenaCache, arena: Arena, prefetched: dict[int, torch.Tensor]) -> None:
+    """Return the arena to its cache. Fetched inputs that no backward used are dropped only
+    after the compute stream waits for their copy: the side stream may still be writing them,
+    and the allocator would otherwise hand their memory to the next kernel."""
+    for slot, buf in prefetched.items():
+        arena.native.wait_ready(slot, _stream(buf))
+    prefetched.clear()
+    cache.release(arena)
+
+
 class _Pass:
     """One forward through the stack and its backward: the layers, the context, and in offload
     mode the leased arena with the ring of device buffers whose copies may be in flight."""
@@ -71,8 +81,12 @@ class _Pass:
         self.meta: dict[int, tuple[torch.Size, torch.dtype, torch.device, int]] = {}
         self.prefetched: dict[int, torch.Tensor] = {}
         self.released = arena is None
-        # Give the arena back if the graph dies without a backward (or before it reaches layer 0).
-        self._finalizer = weakref.finalize(self, cache.release, arena) if arena is not None else None
+        # Give the arena back when backward reaches the lowest layer, or else when the graph
+        # dies (no backward, or one that stopped above the lowest layer).
+        self._finalizer = (weakref.finalize(self, _end_pass, cache, arena, self.prefetched)
+                           if arena is not None else None)
+        if self._finalizer is not None:
+            self._finalizer.atexit = False  # nothing to give back at interpreter exit
 
     # forward ---------------------------------------------------------------------------
     def offload(self, i: int, x: torch.Tensor) -> bool:
@@ -130,10 +144,9 @@ class _Pass:
 
     def finish(self) -> None:
         self.ring.clear()
-        self.prefetched.clear()
         self.released = True
         if self._finalizer is not None:
-            self._finalizer()
+            self._finalizer()  # runs _end_pass once
 
 
 class _CheckpointedLayer(torch.autograd.Function):
