@@ -352,13 +352,49 @@ def model_part(args) -> None:
                           "bytes_per_token": per_token, "target_vs_checkpoint": 1.03})
 
 
+def search(fits, start: int, maximum: int, step: int, bisect: int) -> tuple[int, int | None]:
+    """(longest length that fits, shortest that failed or None): double from ``start`` while
+    it fits (halve if the start fails), then bisect ``bisect`` times to ``step`` tokens."""
+    lo, hi, n = 0, None, start
+    while n <= maximum:
+        if fits(n):
+            lo, n = n, n * 2
+        else:
+            hi = n
+            break
+    while lo == 0 and hi is not None and hi > step:
+        n = max(hi // 2 // step * step, step)
+        if fits(n):
+            lo = n
+        else:
+            hi = n
+    for _ in range(bisect):
+        if hi is None or lo == 0 or hi - lo <= step:
+            break
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+class _OutOfTime(Exception):
+    pass
+
+
 def longest_part(args) -> None:
+    started = time.perf_counter()
     ckpt = ensure_checkpoint(args.ckpt, args.shape)
     results = {}
     for mode in args.modes:
         trials = []
 
         def fits(seq: int) -> bool:
+            if time.perf_counter() - started > args.budget_s:
+                raise _OutOfTime
             t = time.perf_counter()
             rc, lines, err = _child(["_trial", "--ckpt", ckpt, "--mode", mode, "--seq", str(seq)], args.trial_timeout)
             res = next((json.loads(s[7:]) for s in lines if s.startswith("RESULT ")), {})
@@ -368,29 +404,17 @@ def longest_part(args) -> None:
             print(f"{mode} seq {seq}: {why} ({time.perf_counter() - t:.0f} s)", flush=True)
             return ok
 
-        lo, hi, n = 0, None, args.start
-        while n <= args.max:  # double while it fits
-            if fits(n):
-                lo, n = n, n * 2
-            else:
-                hi = n
-                break
-        while lo == 0 and hi is not None and hi > args.step:  # the start failed: halve
-            n = hi // 2 // args.step * args.step
-            if fits(n):
-                lo = n
-            else:
-                hi = n
-        for _ in range(args.bisect):  # then bisect to args.step tokens
-            if hi is None or hi - lo <= args.step or lo == 0:
-                break
-            mid = (lo + hi) // 2 // args.step * args.step
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
+        complete = True
+        try:
+            lo, hi = search(fits, args.start, args.max, args.step, args.bisect)
+        except _OutOfTime:  # report what the trials so far show
+            complete = False
+            lo = max((t["seq"] for t in trials if t["ok"]), default=0)
+            hi = min((t["seq"] for t in trials if not t["ok"] and t["seq"] > lo), default=None)
+            print(f"{mode}: out of time (--budget-s {args.budget_s:.0f}); the search is incomplete")
         pts = [(t["seq"], t["peak_bytes"]) for t in trials if t["ok"] and "peak_bytes" in t]
-        results[mode] = {"longest": lo, "first_failure": hi, "trials": trials, "bytes_per_token": slope(pts)}
+        results[mode] = {"longest": lo, "first_failure": hi, "complete": complete, "trials": trials,
+                         "bytes_per_token": slope(pts)}
     print(f"\n{'mode':>11} {'trains':>9} {'fails at':>9} {'GPU B/token':>12}")
     for mode, r in results.items():
         bpt = r["bytes_per_token"]
@@ -433,6 +457,8 @@ def main() -> None:
             m.add_argument("--bisect", type=int, default=3)
             m.add_argument("--step", type=int, default=8192, help="resolution of the bisection, tokens")
             m.add_argument("--trial-timeout", type=float, default=420)
+            m.add_argument("--budget-s", type=float, default=float("inf"),
+                           help="start no trial after this many seconds (the search is then incomplete)")
     w = sub.add_parser("_steps")
     w.add_argument("--ckpt"), w.add_argument("--mode"), w.add_argument("--iters", type=int)
     w.add_argument("--seqs", type=int, nargs="+")
