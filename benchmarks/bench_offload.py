@@ -24,10 +24,15 @@ a recompute + backward layer's: offload can hide entirely (floor: 1.00x of check
 ~25 GB/s (gen4, or a VM) it is still ~60% of a forward layer. The host slab holds
 (layers - 1) x 8 KiB a token: 248 KiB a token for 32 layers, ~95 GiB at 393,216 tokens.
 
-Commands (GPU):
-    python benchmarks/bench_offload.py synthetic --out benchmarks/results/offload_synthetic.json
-    python benchmarks/bench_offload.py model --out benchmarks/results/offload_model.json
-    python benchmarks/bench_offload.py longest --modes offload checkpoint --out benchmarks/results/offload_longest.json
+Commands (GPU; each fits one 10-minute call; ``model`` and ``longest`` write the random
+checkpoint first when --ckpt holds none, ~1 min):
+    python benchmarks/bench_offload.py synthetic --out $OUT/offload_synthetic.json      # ~1-2 min
+    python benchmarks/bench_offload.py model --out $OUT/offload_model.json              # ~4-5 min
+    # the target alone: one trial at 393,216 tokens, ~6-8 min of attention-bound compute
+    python benchmarks/bench_offload.py longest --modes offload --start 393216 --max 393216 \
+        --bisect 0 --trial-timeout 540 --out $OUT/offload_longest.json
+    # a search (doubling from 16k, then bisection), stopped cleanly after --budget-s
+    python benchmarks/bench_offload.py longest --modes checkpoint --budget-s 480 --out $OUT/ckpt_longest.json
 """
 from __future__ import annotations
 
