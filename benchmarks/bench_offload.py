@@ -429,7 +429,7 @@ def longest_part(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = p.add_subparsers(dest="part", required=True)
     s = sub.add_parser("synthetic", help="big matmul layers: do the copies hide behind compute?")
     s.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
