@@ -7,4 +7,5 @@
 namespace fq {
 void register_device(pybind11::module_& m);
 void register_nf4(pybind11::module_& m);
+void register_offload(pybind11::module_& m);
 }  // namespace fq

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpointing import normalize_mode
+from .checkpointing import resolve_mode
 from .export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, save_merged
 from .loading import load_model, resolve_model_path
 from .lora import LINEAR_TARGETS, attach_lora, load_adapter_state_dict, validate_targets
@@ -126,7 +126,7 @@ class FastLanguageModel:
             raise ValueError(f"bias={bias!r} is not supported; use bias='none'")
         if getattr(model, "peft_config", None) is not None:
             raise ValueError("this model already has LoRA adapters")
-        mode = normalize_mode(use_gradient_checkpointing)
+        mode = resolve_mode(use_gradient_checkpointing)
         targets = validate_targets(target_modules if target_modules is not None else list(LINEAR_TARGETS))
         for p in model.parameters():
             p.requires_grad_(False)

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import ops
 from ..checkpointing import run_layers
+from ..offload import OffloadArenaCache
 from ..generation import KVCache, generate
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
@@ -67,7 +68,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else FrozenLinear(
             cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         self.rope = RotaryTables(cfg)
-        self.gradient_checkpointing: bool | str = False
+        self.gradient_checkpointing: str = "off"  # "off", "checkpoint" or "offload"
         self.return_logits_with_loss = False
 
     # -- properties transformers' tooling reads ---------------------------------------
@@ -103,15 +104,15 @@ class CausalLM(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
         """transformers' switch (Trainer calls it); keeps "offload" if that was chosen."""
-        if not self.gradient_checkpointing:
-            self.gradient_checkpointing = True
+        if self.gradient_checkpointing == "off":
+            self.gradient_checkpointing = "checkpoint"
 
     def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = "off"
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(self.gradient_checkpointing)
+        return self.gradient_checkpointing != "off"
 
     def enable_input_require_grads(self) -> None:
         """Not needed: checkpointing here does not rely on inputs requiring grad."""
@@ -147,8 +148,10 @@ class CausalLM(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
     def _run_layers(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        mode = self.gradient_checkpointing if (self.training and torch.is_grad_enabled()) else False
-        return run_layers(self.model.layers, h, ctx, mode)
+        mode = self.gradient_checkpointing if (self.training and torch.is_grad_enabled()) else "off"
+        if mode == "offload" and getattr(self, "_offload_cache", None) is None:
+            object.__setattr__(self, "_offload_cache", OffloadArenaCache())  # one per model, not a submodule
+        return run_layers(self.model.layers, h, ctx, mode, arena_cache=getattr(self, "_offload_cache", None))
 
     def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         if (input_ids is None) == (inputs_embeds is None):
