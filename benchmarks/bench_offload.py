@@ -263,6 +263,7 @@ def load(ckpt: str, mode: str, max_seq: int):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ,
                                                  task_type="CAUSAL_LM"))
+        model.train()  # transformers checkpoints layers only in training mode
     else:
         from fastqlora import FastLanguageModel
 

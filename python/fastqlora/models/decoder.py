@@ -15,9 +15,14 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..generation import KVCache, cached_attention
+from ..tiling import tiled_apply
 from .config import ModelConfig
 from .linear import FrozenLinear
 from .rope import RotaryTables
+
+
+MLP_TILE_ABOVE = 16384  # tokens in a batch past which the MLP runs in tiles
+MLP_TILE_BYTES = 1 << 30  # intermediates one MLP tile may hold
 
 
 @dataclass
@@ -99,9 +104,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
         self.mlp = MLP(cfg, dtype, device)
 
+    def _mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(h))
+
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        tokens = h.numel() // h.shape[-1]
+        if torch.is_grad_enabled() and tokens > MLP_TILE_ABOVE:
+            # long sequences: the MLP's intermediates (gate, up, product and their
+            # gradients, ~8 × intermediate bytes a token) live for one tile at a time
+            params = [p for m in (self.mlp, self.post_attention_layernorm) for p in m.parameters() if p.requires_grad]
+            per_token = 8 * self.mlp.gate_proj.out_features * h.element_size()
+            return h + tiled_apply(self._mlp_block, h, params=params, bytes_per_token=per_token,
+                                  budget_bytes=MLP_TILE_BYTES)
+        return h + self._mlp_block(h)
 
     def forward_cached(self, h, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:
         h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, position_ids, cache, layer)
