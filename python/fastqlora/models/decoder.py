@@ -18,7 +18,6 @@ from ..generation import KVCache, cached_attention
 from ..tiling import tiled_apply
 from .config import ModelConfig
 from .linear import FrozenLinear
-from .rope import RotaryTables
 
 
 MLP_TILE_ABOVE = 16384  # tokens in a batch past which the MLP runs in tiles
