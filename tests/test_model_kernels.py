@@ -47,3 +47,27 @@ def test_kernels_match_reference_ops(tmp_path, family, overrides, checkpointing)
     assert abs(l_k - l_ref) < 1e-2 * abs(l_ref)
     worst = max(rel_err(g_k[n], g_ref[n]) for n in g_ref)
     assert worst < 3e-2, worst
+
+
+def test_fused_nf4_projections_match_the_plain_path(tmp_path, monkeypatch):
+    write_hf_model(tmp_path, "llama", max_position_embeddings=512, hidden_size=256, intermediate_size=688,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1003)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.bfloat16,
+                                                 device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    ids = torch.randint(0, 1003, (2, 333), generator=torch.Generator().manual_seed(0)).cuda()
+    results = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("FASTQLORA_NF4_FUSED", fused)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[fused] = (loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                        if p.requires_grad})
+    (l0, g0), (l1, g1) = results["0"], results["1"]
+    assert abs(l1 - l0) < 1e-2 * abs(l0)
+    assert max(rel_err(g1[n], g0[n]) for n in g0) < 3e-2

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.dispatch import fused_nf4_enabled
 from ..generation import KVCache, cached_attention
 from ..tiling import tiled_apply
 from .config import ModelConfig
@@ -58,9 +59,16 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, cos, sin, position_ids):
         B, S, _ = x.shape
         c = self.cfg
-        q = self.q_proj(x).view(B, S, c.num_heads, c.head_dim)
-        k = self.k_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(B, S, c.num_kv_heads, c.head_dim)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if fused_nf4_enabled(x) and all(p.adapter is None or hasattr(p.adapter, "lora_A") for p in projs):
+            from ..ops.lora_fused import lora_projections  # one read of x, one thin LoRA product
+
+            q, k, v = lora_projections(x, [p.proj() for p in projs])
+        else:
+            q, k, v = (p(x) for p in projs)
+        q = q.view(B, S, c.num_heads, c.head_dim)
+        k = k.view(B, S, c.num_kv_heads, c.head_dim)
+        v = v.view(B, S, c.num_kv_heads, c.head_dim)
         q, k = ops.apply_rope(q, k, cos, sin, position_ids)
         return q, k, v
 
@@ -92,6 +100,11 @@ class MLP(nn.Module):
         self.down_proj = FrozenLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projs = (self.gate_proj, self.up_proj, self.down_proj)
+        if fused_nf4_enabled(x) and all(p.adapter is None or hasattr(p.adapter, "lora_A") for p in projs):
+            from ..ops.lora_mlp import lora_mlp  # one autograd Function, gate/up recomputed in backward
+
+            return lora_mlp(x, *(p.proj() for p in projs), act=self.act)
         return self.down_proj(ops.act_mul(self.gate_proj(x), self.up_proj(x), self.act))
 
 

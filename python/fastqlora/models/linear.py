@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.dispatch import fused_nf4_enabled
 from ..ops.lora_linear import lora_linear
 from ..quant import NF4Tensor
 
@@ -75,7 +76,21 @@ class FrozenLinear(nn.Module):
         self._nf4_meta = None
 
     # -- forward -----------------------------------------------------------------------
+    def proj(self):
+        """This projection as the fused ops' ``LoraProj`` (dropout only in training)."""
+        from ..ops.lora_fused import LoraProj
+
+        a = self.adapter
+        base = self.nf4() if self._nf4_meta is not None else self.weight
+        if a is None:
+            return LoraProj(base, self.bias)
+        return LoraProj(base, self.bias, a.lora_A, a.lora_B, a.scale, a.dropout_p if self.training else 0.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_nf4_enabled(x) and (self.adapter is None or hasattr(self.adapter, "lora_A")):
+            from ..ops.lora_fused import lora_projections
+
+            return lora_projections(x, [self.proj()])[0]
         base = self.nf4() if self._nf4_meta is not None else self.weight
         a = self.adapter
         if a is None:

@@ -63,3 +63,10 @@ def use_triton(x: torch.Tensor) -> bool:
             )
         return True
     return x.is_cuda and triton_available()
+
+
+def fused_nf4_enabled(x: torch.Tensor) -> bool:
+    """Whether the model's projections take the fused NF4 LoRA ops (ops/lora_fused.py,
+    ops/lora_mlp.py) instead of the plain dequantize + matmul op: on CUDA tensors when
+    ``FASTQLORA_NF4_FUSED=1`` (off by default until their end-to-end benchmark says on)."""
+    return x.is_cuda and _mode != "reference" and os.environ.get("FASTQLORA_NF4_FUSED", "0") == "1"

@@ -1,0 +1,134 @@
+"""Choosing, per shape and GPU, between the fused NF4 kernel and "dequantize + cuBLAS".
+
+For each key (direction, GPU, dtype, M rounded up to a power of two, the weights' shapes,
+LoRA rank) the first call times the kernel configurations of
+``fastqlora.triton_kernels.nf4_configs`` and the plain path (the weight dequantized into
+a reused buffer, then cuBLAS), and keeps the fastest; so no shape is slower than the
+plain path. The choice is cached for the process. ``FASTQLORA_NF4_TUNE=0`` skips the
+timing and uses :data:`DEFAULT_PATH` (what bench_nf4_matmul.py showed on an H100), and the
+interpreter always uses the first configuration. :func:`choices` lists what was picked.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Union
+
+import torch
+
+from ..triton_kernels import nf4_configs
+from ..triton_kernels.nf4_configs import GemvConfig, MatmulConfig
+
+CUBLAS = "dequant+cublas"
+Choice = Union[MatmulConfig, GemvConfig, str]
+
+# When timing is off: the fused kernel where reading the weight dominates (decode), the
+# plain path where the product dominates (its dequantization is ≤ 10% there).
+DEFAULT_PATH = {"decode": "fused", "prefill": CUBLAS}
+
+_cache: dict[tuple, Choice] = {}
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def force(path: str | None) -> Iterator[None]:
+    """Benchmarks: restrict the choice to "fused" (best timed config) or "dequant+cublas"."""
+    global _forced
+    if path not in (None, "fused", CUBLAS):
+        raise ValueError(f"force() takes None, 'fused' or {CUBLAS!r}, got {path!r}")
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("FASTQLORA_NF4_TUNE", "1") != "0"
+
+
+def choices() -> dict[tuple, str]:
+    """What was picked so far (key: direction, device, capability, dtype, M bucket, output
+    widths, K, LoRA rank, forced path) -> "dequant+cublas" or the kernel config's name."""
+    return {k: (v if isinstance(v, str) else v.short()) for k, v in _cache.items()}
+
+
+def clear() -> None:
+    _cache.clear()
+
+
+def _m_bucket(M: int) -> int:
+    return 1 << max(0, (M - 1).bit_length())
+
+
+def _time_ms(fn: Callable[[], object], reps: int = 7) -> float:
+    """Median time of ``fn`` on the current stream, after a warm-up that also compiles."""
+    fn()
+    fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2]
+
+
+def choose(
+    kind: str,
+    x: torch.Tensor,
+    n_list: list[int],
+    K: int,
+    rank: int,
+    run_fused: Callable[[MatmulConfig | GemvConfig], object],
+    run_plain: Callable[[], object],
+) -> Choice:
+    """The path for a ``kind`` ("fwd" or "t") product of ``x`` [M, ·] with weights [n_i, K].
+
+    ``run_fused(cfg)`` and ``run_plain()`` compute the product (their results are dropped
+    while timing).
+    """
+    M = x.shape[0]
+    from .dispatch import interpreting
+
+    if interpreting() or not x.is_cuda:
+        if kind == "t":
+            return nf4_configs.INTERPRET_T
+        return nf4_configs.INTERPRET_GEMV if M <= nf4_configs.GEMV_MAX_M else nf4_configs.INTERPRET_FWD
+    dev = x.device
+    props = torch.cuda.get_device_properties(dev)
+    cap = (props.major, props.minor)
+    if _forced == CUBLAS:
+        return CUBLAS
+    key = (kind, str(dev), cap, x.dtype, _m_bucket(M), tuple(n_list), K, rank, _forced)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    if kind == "fwd":
+        sms = props.multi_processor_count
+        cands: list[Choice] = list(nf4_configs.gemv_candidates(sms, M, max(n_list), K))
+        cands += nf4_configs.forward_candidates(cap, sms, M, sum(n_list), K)
+    else:
+        cands = list(nf4_configs.transposed_candidates(cap, M, K))
+    cls = "decode" if M <= nf4_configs.DECODE_MAX_M else "prefill"
+    default = CUBLAS if (DEFAULT_PATH[cls] == CUBLAS or not cands) else cands[0]
+    if _forced == "fused" and cands and (not tuning_enabled() or torch.cuda.is_current_stream_capturing()):
+        return cands[0]
+    if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
+        _cache[key] = default
+        return default
+    best, best_t = CUBLAS, float("inf") if _forced == "fused" else _time_ms(run_plain)
+    for cfg in cands:
+        try:
+            t = _time_ms(lambda: run_fused(cfg))
+        except Exception:  # a config that does not fit this GPU (shared memory, registers)
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best == CUBLAS and _forced == "fused":  # no config ran: nothing to force
+        best = cands[0] if cands else CUBLAS
+    _cache[key] = best
+    return best

@@ -1,0 +1,208 @@
+"""The fused NF4 matmul kernels against bitsandbytes-exact dequantization + float64 matmul.
+
+On CPU the kernels run under TRITON_INTERPRET=1 in fp32 (ieee dots) on scaled-down
+shapes; on the GPU every configuration of the tuning tables runs in bf16 on Llama-3-8B's
+projection shapes, since the tuner would silently skip a broken one.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _nf4_helpers as nf4h
+
+from fastqlora.ops import nf4_dispatch
+from fastqlora.ops.nf4_linear import frozen_matmul, frozen_matmul_t
+from fastqlora.quant import dequantize_nf4_reference
+
+MatmulConfig = pytest.importorskip("fastqlora.triton_kernels.nf4_configs").MatmulConfig
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in result"
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _case(M, N, K, r, device, dtype, seed=0, bias=True, n_extra=()):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    ws = [nf4h.quantize((rnd(n, K) * 0.05).to(device)) for n in (N, *n_extra)]
+    x = rnd(M, K).to(device, dtype)
+    a = [rnd(r, K).to(device, dtype) * 0.1 for _ in ws]
+    b = [rnd(w.shape[0], r).to(device, dtype) * 0.1 for w in ws]
+    bs = [rnd(w.shape[0]).to(device, dtype) if bias else None for w in ws]
+    return ws, x, a, b, bs
+
+
+# ---------------------------------------------------------------- CPU: the oracle itself
+def test_dequantize_matches_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(96, 320)
+    packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+    want = bnbf.dequantize_4bit(packed, qs)
+    t = nf4h.from_bnb(packed, qs)
+    assert torch.equal(nf4h.dequantize_oracle(t, torch.float32), want)
+    assert torch.equal(dequantize_nf4_reference(t, torch.float32), want)
+
+
+# ---------------------------------------------------------------- kernels, interpreter or GPU
+FWD_CFGS = [
+    MatmulConfig(32, 64, 64, 4, 1, False, 4, 1),
+    MatmulConfig(32, 64, 64, 4, 1, True, 4, 1),
+    MatmulConfig(16, 64, 64, 1, 3, True, 4, 1),  # split-K with atomics
+]
+
+
+@pytest.mark.parametrize("M,cfg", [(1, FWD_CFGS[2]), (17, FWD_CFGS[1]), (333, FWD_CFGS[0]), (17, FWD_CFGS[2])])
+def test_forward_kernel_fp32(kernel_device, M, cfg):
+    from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
+
+    K, N, r, s = 192, 320, 8, 0.75
+    (w,), x, (a,), (b,), (bias,) = _case(M, N, K, r, kernel_device, torch.float32, seed=M)
+    xa = x @ a.t()
+    (y,) = nf4_matmul_fwd(x, [w], cfg, xa=xa, lora_b=[b], scales=[s], biases=[bias])
+    wd = nf4h.dequantize_oracle(w, torch.float64)
+    ref = x.double() @ wd.t() + s * (xa.double() @ b.double().t()) + bias.double()
+    assert y.dtype == x.dtype and y.shape == (M, N)
+    assert rel(y, ref) < 1e-5
+
+
+def test_forward_kernel_three_weights_fp16(kernel_device):
+    """q, k, v in one launch; N = 320, 64, 100 (the last not a multiple of the tile)."""
+    from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
+
+    M, K, r = 33, 128, 4
+    ws, x, a, b, bs = _case(M, 320, K, r, kernel_device, torch.float16, seed=3, n_extra=(64, 100))
+    xa = torch.cat([x @ ai.t() for ai in a], 1)
+    scales = [0.5, 1.0, 2.0]
+    for cfg in (FWD_CFGS[0], FWD_CFGS[2]):
+        ys = nf4_matmul_fwd(x, ws, cfg, xa=xa, lora_b=b, scales=scales, xa_cols=[0, r, 2 * r], biases=bs)
+        for i, (w, y) in enumerate(zip(ws, ys)):
+            wd = nf4h.dequantize_oracle(w, torch.float64)
+            ref = (x.double() @ wd.t() + scales[i] * (xa[:, i * r:(i + 1) * r].double() @ b[i].double().t())
+                   + bs[i].double())
+            assert rel(y, ref) < 2e-3, (i, cfg)
+
+
+@pytest.mark.parametrize("M,nseg,cfg", [
+    (1, 1, MatmulConfig(16, 64, 64, 4, 1, True, 4, 1)),
+    (17, 2, MatmulConfig(32, 64, 64, 4, 1, False, 4, 1)),
+    (333, 1, MatmulConfig(32, 64, 64, 4, 1, True, 4, 1)),
+])
+def test_transposed_kernel_fp32(kernel_device, M, nseg, cfg):
+    from fastqlora.triton_kernels.nf4_matmul_t import nf4_matmul_t
+
+    K, r = 192, 8
+    ws, _, a, _, _ = _case(M, 320, K, r, kernel_device, torch.float32, seed=M, n_extra=(100,)[: nseg - 1])
+    g = torch.Generator().manual_seed(M + 1)
+    dys = [torch.randn(M, w.shape[0], generator=g).to(kernel_device) for w in ws]
+    p = torch.randn(M, r * nseg, generator=g).to(kernel_device)
+    a_cat = torch.cat(a)
+    dx = nf4_matmul_t(dys, ws, cfg, p=p, a_cat=a_cat)
+    ref = sum(d.double() @ nf4h.dequantize_oracle(w, torch.float64) for d, w in zip(dys, ws))
+    ref = ref + p.double() @ a_cat.double()
+    assert dx.shape == (M, K) and rel(dx, ref) < 1e-5
+
+
+def test_dispatch_interpreter_matches_plain(kernel_device):
+    """frozen_matmul / frozen_matmul_t: fused path (here) equals the plain dequantize path."""
+    from fastqlora.ops import backend
+
+    M, K, r = 9, 128, 4
+    ws, x, a, b, bs = _case(M, 192, K, r, kernel_device, torch.float32, seed=5, n_extra=(64,))
+    xa = torch.cat([x @ ai.t() for ai in a], 1)
+    kw = dict(xa=xa, lora_b=b, scales=[0.5, 2.0], biases=bs, xa_cols=[0, r])
+    with backend("triton"):
+        fused = frozen_matmul(x, ws, **kw)
+        dx_f = frozen_matmul_t(fused, ws, p=xa, a_cat=torch.cat(a))
+    with backend("reference"):
+        plain = frozen_matmul(x, ws, **kw)
+        dx_p = frozen_matmul_t(plain, ws, p=xa, a_cat=torch.cat(a))
+    for yf, yp in zip(fused, plain):
+        assert rel(yf, yp) < 1e-5
+    assert rel(dx_f, dx_p) < 1e-5
+
+
+# ---------------------------------------------------------------- GPU: real shapes, bf16
+LLAMA8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N, K)
+
+
+def _bnb_weight(N, K, seed):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(N, K, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64, quant_storage=torch.uint8)
+    t = nf4h.from_bnb(packed, qs)
+    return t, bnbf.dequantize_4bit(packed, qs).float()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", LLAMA8B)
+def test_gpu_every_config_bf16(N, K):
+    """Every tuning-table config for this GPU (decode and prefill lists) on real shapes."""
+    from fastqlora.triton_kernels import nf4_configs
+    from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
+    from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
+    from fastqlora.triton_kernels.nf4_matmul_t import nf4_matmul_t
+
+    w, wd = _bnb_weight(N, K, seed=N + K)
+    r, s = 16, 2.0
+    props = torch.cuda.get_device_properties(0)
+    sms, cap = props.multi_processor_count, (props.major, props.minor)
+    for M in (1, 17, 333):
+        g = torch.Generator(device="cuda").manual_seed(M)
+        x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+        a = torch.randn(r, K, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+        b = torch.randn(N, r, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+        dy = torch.randn(M, N, device="cuda", generator=g, dtype=torch.bfloat16)
+        xa = x @ a.t()
+        ref = x.float() @ wd.t() + s * (xa.float() @ b.float().t())
+        p = (dy @ b) * s
+        ref_t = dy.float() @ wd + p.float() @ a.float()
+        fwd = set(nf4_configs.forward_candidates(cap, sms, M, N, K))
+        fwd |= set(nf4_configs.forward_candidates(cap, sms, 4096, N, K))  # prefill tiles on odd M too
+        for cfg in sorted(fwd, key=str):
+            (y,) = nf4_matmul_fwd(x, [w], cfg, xa=xa, lora_b=[b], scales=[s])
+            assert rel(y, ref) < 1e-2, (M, cfg)
+        for cfg in nf4_configs.gemv_candidates(sms, M, N, K):
+            y = nf4_gemv(x, w, cfg, xa=xa, lora_b=b, scale=s)
+            assert rel(y, ref) < 1e-2, (M, cfg)
+        tcfg = set(nf4_configs.transposed_candidates(cap, M, K))
+        tcfg |= set(nf4_configs.transposed_candidates(cap, 4096, K))
+        for cfg in sorted(tcfg, key=str):
+            dx = nf4_matmul_t([dy], [w], cfg, p=p, a_cat=a)
+            assert rel(dx, ref_t) < 1e-2, (M, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 17, 333, 4096])
+def test_gpu_dispatch_bf16(M):
+    """Whatever the tuner picks (fused or dequantize + cuBLAS) gives the right answer."""
+    nf4_dispatch.clear()
+    N, K, r = 4096, 4096, 16
+    w, wd = _bnb_weight(N, K, seed=7)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    a = torch.randn(r, K, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    b = torch.randn(N, r, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    xa = x @ a.t()
+    (y,) = frozen_matmul(x, [w], xa=xa, lora_b=[b], scales=[0.5])
+    assert rel(y, x.float() @ wd.t() + 0.5 * (xa.float() @ b.float().t())) < 1e-2
+    dx = frozen_matmul_t([y], [w])
+    assert rel(dx, y.float() @ wd) < 1e-2
+    assert len(nf4_dispatch.choices()) == 2
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv_kernel_fp32(kernel_device, split):
+    """The tensor-core-free one-row kernel, with LoRA, bias and split-K."""
+    from fastqlora.triton_kernels.nf4_configs import GemvConfig
+    from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
+
+    K, N, r, s = 192, 100, 8, 1.5
+    (w,), x, (a,), (b,), (bias,) = _case(1, N, K, r, kernel_device, torch.float32, seed=split + 40)
+    xa = x @ a.t()
+    y = nf4_gemv(x, w, GemvConfig(64, split, 4), xa=xa, lora_b=b, scale=s, bias=bias)
+    wd = nf4h.dequantize_oracle(w, torch.float64)
+    ref = x.double() @ wd.t() + s * (xa.double() @ b.double().t()) + bias.double()
+    assert y.shape == (1, N) and rel(y, ref) < 1e-5

@@ -1,0 +1,183 @@
+"""Tile configurations of the NF4 matmul kernels, per GPU family and shape class.
+
+Each list is the constrained search space of ``fastqlora.ops.nf4_dispatch``: on first use
+of a shape it times these (plus "dequantize + cuBLAS") and keeps the fastest; the first
+entry is used when timing is off or under the interpreter. Why these shapes:
+
+* prefill / training (M > 64) is compute bound. The dequantization of a [BN, BK] weight
+  tile costs the same whatever BM is, so its share of the time falls as 1/BM: the lists
+  favour BM = 256 on Hopper, whose tensor cores outrun the CUDA cores ~15×.
+* decode (M ≤ 64) is bound by reading 0.5 byte per weight: small BM (M padded to 16),
+  K split over programs until about four waves stream the weight at once.
+
+Fields follow the forward kernel: ``bn`` output columns, ``bk`` reduction. For the
+transposed (backward) kernel ``bn`` is the reduction and ``bk`` the output columns; in
+both the dequantized tile is [bn, bk] and ``bk`` is a multiple of 64 that divides K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    bm: int
+    bn: int
+    bk: int
+    group_m: int = 8
+    split_k: int = 1
+    w_as_a: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def short(self) -> str:
+        s = f"{self.bm}x{self.bn}x{self.bk} w{self.num_warps} s{self.num_stages}"
+        if self.w_as_a:
+            s += " WA"
+        if self.split_k > 1:
+            s += f" sk{self.split_k}"
+        return s
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """The tensor-core-free one-row kernel (nf4_gemv.py): bn weight rows per program, one
+    64-weight block per step; split_k 0 means "fill the GPU"."""
+
+    bn: int
+    split_k: int = 0
+    num_warps: int = 4
+    bm: int = 1  # rows handled (always one); lets _split_for treat it like a tile
+    bk: int = 64
+
+    def short(self) -> str:
+        s = f"gemv {self.bn} w{self.num_warps}"
+        if self.split_k > 1:
+            s += f" sk{self.split_k}"
+        return s
+
+
+C = MatmulConfig
+
+# ---- forward, Y = X·Wᵀ: bm, bn (out), bk (reduction)
+# On Hopper only W_AS_A tiles: with the dequantized tile as wgmma's register operand
+# Triton 3.6 compiles them without spills, while the shared-memory form of an
+# interleaved tile fails in its dot-operand pass ("Illegal shared layout"). Per step,
+# issue slots (ptxas SASS counts) vs tensor-core cycles: 256x64: 552 vs 512;
+# 128x128: 730 vs 512; 256x128 (16 warps) 1012 vs 1024 but 680 B of spills.
+_FWD_PREFILL = {
+    "hopper": [
+        C(256, 64, 64, 8, 1, True, 8, 3),
+        C(256, 64, 64, 8, 1, True, 8, 4),
+        C(256, 64, 128, 8, 1, True, 8, 3),
+        C(128, 128, 64, 8, 1, True, 8, 3),
+        C(256, 128, 64, 8, 1, True, 16, 2),
+    ],
+    "ampere": [
+        C(128, 128, 64, 8, 1, False, 8, 3),
+        C(128, 64, 64, 8, 1, False, 4, 3),
+        C(128, 128, 64, 8, 1, True, 8, 3),
+        C(256, 64, 64, 8, 1, True, 8, 3),
+    ],
+}
+# bm is replaced by M rounded up to a power of two in [16, 64]; split_k 0 by _split_for.
+# The unsplit entries need no zeroed fp32 buffer and no cast (two launches fewer).
+_FWD_DECODE = [
+    C(16, 64, 128, 1, 0, True, 4, 3),
+    C(16, 128, 128, 1, 0, True, 4, 3),
+    C(16, 64, 256, 1, 0, True, 4, 2),
+    C(16, 64, 128, 1, 0, False, 4, 3),
+    C(16, 32, 256, 1, 0, False, 4, 3),
+    C(16, 32, 128, 1, 1, False, 4, 4),
+    C(16, 16, 256, 1, 1, False, 2, 4),
+]
+
+# One row only (see nf4_gemv.py for why not more).
+GEMV_MAX_M = 1
+_GEMV = [GemvConfig(128, 0, 4), GemvConfig(256, 0, 4), GemvConfig(256, 0, 8), GemvConfig(64, 0, 2)]
+
+# ---- transposed, dX = dY·W: bm, bn (reduction), bk (out). Same W_AS_A rule on Hopper;
+# 256x64x128 issues 846 slots per 1024 tensor-core cycles, no spills.
+_T_LARGE = {
+    "hopper": [
+        C(256, 64, 128, 8, 1, True, 8, 3),
+        C(256, 64, 64, 8, 1, True, 8, 3),
+        C(128, 64, 128, 8, 1, True, 8, 3),
+        C(128, 64, 128, 8, 1, True, 4, 4),
+    ],
+    "ampere": [
+        C(128, 64, 128, 8, 1, True, 8, 3),
+        C(256, 64, 64, 8, 1, True, 8, 3),
+        C(64, 64, 128, 8, 1, False, 4, 3),
+    ],
+}
+_T_SMALL = [
+    C(16, 64, 128, 8, 1, False, 4, 3),
+    C(16, 64, 64, 8, 1, True, 4, 3),
+    C(16, 128, 64, 8, 1, False, 4, 3),
+]
+
+# Large enough tiles that the interpreter runs few programs; small enough for tests.
+INTERPRET_FWD = C(32, 64, 64, 4, 1, False, 4, 1)
+INTERPRET_T = C(32, 64, 64, 4, 1, False, 4, 1)
+INTERPRET_GEMV = GemvConfig(64, 1, 4)
+
+DECODE_MAX_M = 64
+
+
+def family(capability: tuple[int, int]) -> str:
+    """"hopper" for sm90+, "ampere" for sm80-89 (and older, which Triton may not run)."""
+    return "hopper" if capability[0] >= 9 else "ampere"
+
+
+def _pow2_at_least(v: int, lo: int, hi: int) -> int:
+    p = lo
+    while p < v and p < hi:
+        p *= 2
+    return p
+
+
+def _split_for(cfg, M: int, n_total: int, K: int, sms: int, waves: int = 4) -> int:
+    """Split K until the programs fill about ``waves`` waves, keeping ≥ 4 steps per program."""
+    tiles = -(-M // cfg.bm) * -(-n_total // cfg.bn)
+    k_tiles = K // cfg.bk
+    split = 1
+    while split * 2 <= k_tiles // 4 and tiles * split * 2 <= waves * sms:
+        split *= 2
+    return split
+
+
+def gemv_candidates(sms: int, M: int, N: int, K: int) -> list[GemvConfig]:
+    """Tensor-core-free configs for one weight [N, K] at M ≤ GEMV_MAX_M rows (else none)."""
+    if M > GEMV_MAX_M:
+        return []
+    return [replace(c, split_k=c.split_k or _split_for(c, M, N, K, sms, waves=8)) for c in _GEMV]
+
+
+def _compiles(c: MatmulConfig, capability: tuple[int, int]) -> bool:
+    """Triton 3.6 on Hopper fails to compile a tile of bm ≥ 64 (wgmma) whose dequantized
+    operand goes through shared memory; mma.sync (bm < 64, or Ampere) is fine."""
+    return c.w_as_a or capability[0] < 9 or c.bm < 64
+
+
+def forward_candidates(capability: tuple[int, int], sms: int, M: int, n_total: int, K: int) -> list[MatmulConfig]:
+    """Configs worth timing for ``Y[M, n_total] = X[M, K]·Wᵀ`` on this GPU."""
+    if M <= DECODE_MAX_M:
+        bm = _pow2_at_least(M, 16, 64)
+        out = []
+        for c in _FWD_DECODE:
+            c = replace(c, bm=bm)
+            out.append(replace(c, split_k=c.split_k or _split_for(c, M, n_total, K, sms)))
+    else:
+        out = list(_FWD_PREFILL[family(capability)])
+    return [c for c in out if K % c.bk == 0 and _compiles(c, capability)]
+
+
+def transposed_candidates(capability: tuple[int, int], M: int, K: int) -> list[MatmulConfig]:
+    """Configs worth timing for ``dX[M, K] = dY·W`` on this GPU."""
+    if M <= DECODE_MAX_M:
+        bm = _pow2_at_least(M, 16, 64)
+        out = [replace(c, bm=bm) for c in _T_SMALL]
+    else:
+        out = list(_T_LARGE[family(capability)])
+    return [c for c in out if K % c.bk == 0 and _compiles(c, capability)]
