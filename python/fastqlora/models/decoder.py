@@ -64,6 +64,8 @@ class Attention(nn.Module):
             from ..ops.lora_fused import lora_projections  # one read of x, one thin LoRA product
 
             q, k, v = lora_projections(x, [p.proj() for p in projs])
+            # views of one output: RoPE rotates in place, which autograd forbids on such views
+            q, k = q.contiguous(), k.contiguous()
         else:
             q, k, v = (p(x) for p in projs)
         q = q.view(B, S, c.num_heads, c.head_dim)
