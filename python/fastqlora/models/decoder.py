@@ -65,7 +65,7 @@ class Attention(nn.Module):
 
             q, k, v = lora_projections(x, [p.proj() for p in projs])
             # views of one output: RoPE rotates in place, which autograd forbids on such views
-            q, k = q.contiguous(), k.contiguous()
+            q, k = q.clone(), k.clone()
         else:
             q, k, v = (p(x) for p in projs)
         q = q.view(B, S, c.num_heads, c.head_dim)
