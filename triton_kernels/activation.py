@@ -40,7 +40,7 @@ def _act_mul_fwd(G, U, H, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _act_mul_bwd(DH, G, U, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_bwd(DH, G, U, n, GELU: tl.constexpr, STORE_H: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
@@ -55,6 +55,8 @@ def _act_mul_bwd(DH, G, U, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
         s = tl.sigmoid(g)
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
+    if STORE_H:  # the LoRA MLP's backward also needs h itself (for the down adapter's dB)
+        tl.store(DH + offs, (a * u).to(DH.dtype.element_ty), mask=mask)
     tl.store(G + offs, (dh * u * da).to(G.dtype.element_ty), mask=mask)
     tl.store(U + offs, (dh * a).to(U.dtype.element_ty), mask=mask)
 
@@ -70,8 +72,10 @@ def act_mul_forward(g: torch.Tensor, u: torch.Tensor, gelu: bool) -> torch.Tenso
     return h
 
 
-def act_mul_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrites g with dg and u with du; returns them."""
+def act_mul_backward_(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, gelu: bool,
+                      store_h: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrites g with dg and u with du (and dh with h = act(g)·u when ``store_h``);
+    returns dg, du. All contiguous, one shape."""
     n = g.numel()
-    _act_mul_bwd[(triton.cdiv(n, BLOCK),)](dh, g, u, n, GELU=gelu, BLOCK=BLOCK, num_warps=4)
+    _act_mul_bwd[(triton.cdiv(n, BLOCK),)](dh, g, u, n, GELU=gelu, STORE_H=store_h, BLOCK=BLOCK, num_warps=4)
     return g, u

@@ -37,9 +37,9 @@ def gated_act_bwd_reference(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, 
 def _gated_act_bwd_(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, act: str) -> None:
     """In place: dh ← h, g ← dg, u ← du."""
     if use_triton(g):
-        from ..triton_kernels.gated_act_bwd import gated_act_bwd_
+        from ..triton_kernels.activation import act_mul_backward_
 
-        gated_act_bwd_(g, u, dh, act)
+        act_mul_backward_(dh, g, u, act == "gelu_tanh", store_h=True)
         return
     h, dg, du = gated_act_bwd_reference(g, u, dh, act)
     dh.copy_(h)
