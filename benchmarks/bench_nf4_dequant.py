@@ -60,7 +60,6 @@ def main() -> None:
     # quantize cost (load time matters): one 14336x4096 bf16 weight
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
     q_ms = bench(lambda: NF4Tensor.quantize(w))
-    res_extra = {}
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "copy_GBps": copy_gbs, "rows": rows, "quantize_14336x4096_ms": q_ms}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

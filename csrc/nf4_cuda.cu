@@ -9,9 +9,7 @@
 #include <cfloat>
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
-#include <string>
 
 #include "cuda_check.h"
 #include "nf4.h"
@@ -269,18 +267,10 @@ void launch_dequantize(const uint8_t* packed, const float* absmax, const uint8_t
   T* o = static_cast<T*>(out);
   const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
   if (blocksize % 8 == 0 && aligned) {
-    // FQ_DEQUANT_GRID=capped: a grid-stride loop over at most 16 blocks per SM; otherwise
-    // (default) one block per 256·UNROLL groups, so every thread has exactly UNROLL loads
-    // in flight. Kept switchable for benchmarks/bench_nf4_dequant.py.
-    static const bool capped = [] {
-      const char* v = std::getenv("FQ_DEQUANT_GRID");
-      return v != nullptr && std::string(v) == "capped";
-    }();
-    const int64_t groups = n / 8;
-    const int64_t want = std::max<int64_t>(1, (groups + 256 * 4 - 1) / (256 * 4));
-    const int grid = capped ? grid_for(groups / 4 + 1, 256) : static_cast<int>(std::min<int64_t>(want, INT32_MAX));
-    k_nf4_dequantize<T, 4><<<grid, 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n,
-                                               blocksize, o);
+    // a grid-stride loop over at most 16 blocks per SM: the launch that
+    // benchmarks/bench_nf4_dequant.py measured (results/nf4_dequant.json)
+    k_nf4_dequantize<T, 4><<<grid_for((n / 8 + 3) / 4 + 1, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2,
+                                                                           offset, blocksize2, n, blocksize, o);
   } else {
     k_nf4_dequantize_scalar<T><<<grid_for(n, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset,
                                                               blocksize2, n, blocksize, o);

@@ -267,12 +267,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype, blocksize: int = 64,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize plain (fp32-absmax) NF4 codes to ``dtype`` with shape ``shape``."""
-    return NF4Tensor(packed, absmax, torch.Size(shape), dtype, blocksize).dequantize(dtype, out)
-
-
 def dequantize_nf4_reference(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pure torch, any device: the oracle for the extension and the fused kernels."""
     n = t.numel

@@ -2,7 +2,7 @@
 oracle) plus, on CUDA tensors, a Triton kernel wrapped in an autograd Function with
 a hand-written backward. :func:`backend` forces one side for a block of code."""
 from .activation import act_mul
-from .attention import attention, segments_from_attention_mask
+from .attention import attention
 from .cross_entropy import linear_cross_entropy
 from .dispatch import backend, current_backend, use_triton
 from .rms_norm import rms_norm
@@ -16,6 +16,5 @@ __all__ = [
     "current_backend",
     "linear_cross_entropy",
     "rms_norm",
-    "segments_from_attention_mask",
     "use_triton",
 ]

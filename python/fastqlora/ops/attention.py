@@ -5,8 +5,8 @@ reads KV head ``h // (Hq/Hk)``), a sliding window (a query at ``i`` sees keys
 ``j`` with ``0 <= i - j < window``), logit soft-capping ``c·tanh(s/c)`` applied after
 the scale, and packed rows: ``cu_seqlens`` (int32, ``[n+1]``) splits the flattened
 ``batch·seq`` tokens into sequences that never attend to each other. A padding mask
-whose ones are contiguous in each row is expressed the same way (see
-:func:`segments_from_attention_mask`).
+whose ones are contiguous in each row is expressed the same way (the model's
+``sequence_layout`` builds cu_seqlens from masks and restarting position ids).
 """
 from __future__ import annotations
 
@@ -206,16 +206,3 @@ def attention(
     return attention_torch(
         q, k, v, scale=scale, causal=causal, sliding_window=sliding_window, softcap=softcap, cu_seqlens=cu_seqlens
     )
-
-
-def segments_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """cu_seqlens over the flattened ``[B, S]`` tokens for a 0/1 padding mask whose ones
-    are contiguous in each row (left or right padding): each run of real tokens is one
-    sequence and each run of padding another, so real tokens never see padding."""
-    B, S = attention_mask.shape
-    m = attention_mask.to(torch.int64)
-    change = torch.ones(B, S, dtype=torch.bool, device=m.device)
-    change[:, 1:] = m[:, 1:] != m[:, :-1]
-    starts = torch.nonzero(change.reshape(-1)).flatten()
-    end = torch.tensor([B * S], device=m.device)
-    return torch.cat([starts, end]).to(torch.int32)
