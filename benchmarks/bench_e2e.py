@@ -8,6 +8,11 @@ same random tokens; each (system, shape, batch) runs in its own process so peak
 memory is its own. Reported: load time, step time, tokens/s, peak GPU memory, and the
 ratios ours/baseline.
 
+Systems (--systems, comma list): ``baseline``; ``ours`` (the default: Triton kernels,
+dequantize + cuBLAS projections); ``ours-ref`` (our model with the plain-torch
+reference ops: the "before kernels" row); ``ours-fused`` (the opt-in fused NF4 LoRA
+ops, FASTQLORA_NF4_FUSED=1). Each runs in its own process with its environment set.
+
     python benchmarks/bench_e2e.py --shapes llama-3-8b:2x2048,llama-3-8b:1x2048 \
         --shapes llama-3.2-1b:2x2048,llama-3.2-1b:8x2048 --out results/e2e.json
 
@@ -27,6 +32,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# the environment each of our variants runs under (its own process)
+OURS_ENV = {"ours": {}, "ours-ref": {"FASTQLORA_BACKEND": "reference"}, "ours-fused": {"FASTQLORA_NF4_FUSED": "1"}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -124,7 +131,10 @@ def spawn(system: str, ckpt: str, batch: int, seq: int, args: argparse.Namespace
            "--seq", str(seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--checkpointing", args.checkpointing]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if system != "baseline" and system not in OURS_ENV:
+        raise SystemExit(f"unknown system {system!r}: choose from baseline, {', '.join(OURS_ENV)}")
+    env = {**os.environ, **OURS_ENV.get(system, {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[7:])
@@ -202,6 +212,12 @@ def print_table(results: dict) -> None:
         print(f"{r['shape']:14} {r['batch']}x{r['seq']:<6} | {f(b, 'tokens_per_s', '10,.0f'):>10} "
               f"{f(b, 'peak_alloc_gib', '8.1f'):>8} | {f(o, 'tokens_per_s', '10,.0f'):>10} "
               f"{f(o, 'peak_alloc_gib', '8.1f'):>8} | {speed:>6} {mem:>6}")
+        for name in [k for k in OURS_ENV if k != "ours" and k in r]:
+            v = r[name]
+            ratio = (f"{v['tokens_per_s'] / b['tokens_per_s']:.2f}x vs baseline" if "tokens_per_s" in v
+                     and "tokens_per_s" in b else "")
+            print(f"{'':14} {name:>8} | {f(v, 'tokens_per_s', '10,.0f'):>10} tok/s "
+                  f"{f(v, 'peak_alloc_gib', '8.1f'):>8} GiB {ratio}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ def bench_rms(T, copy_gbs, rows):
     w = torch.randn(H, device="cuda", dtype=BF16) * 0.1 + 1
     dy = torch.randn_like(x)
     y, r = rms_norm_forward(x, w, 1e-5, False)
+    n = x.numel()
+    # the floor for this many bytes: a copy that reads and writes 10n bytes in all
+    a = torch.empty(5 * n, device="cuda", dtype=torch.uint8)
+    b = torch.empty_like(a)
+    same = ms(lambda: b.copy_(a))
+    del a, b
+    sweep = {}
+    for nw in (4, 8, 16):  # warps per row: the default picks 8 for H = 4096
+        sweep[nw] = (ms(lambda: rms_norm_forward(x, w, 1e-5, False, num_warps=nw)),
+                     ms(lambda: rms_norm_backward(dy, x, w, r, False, False, num_warps=nw)))
     t_f = ms(lambda: rms_norm_forward(x, w, 1e-5, False))
     t_b = ms(lambda: rms_norm_backward(dy, x, w, r, False, False))
     ref = lambda x_: rms_norm_reference(x_, w, 1e-5)  # noqa: E731
@@ -70,10 +80,11 @@ def bench_rms(T, copy_gbs, rows):
         ours = ms(fwd_bwd(lambda x_: rms_norm(x_, w, 1e-5), x, grad=dy))
     eager = ms(fwd_bwd(ref, x, grad=dy))
     comp = ms(fwd_bwd(compiled(ref), x, grad=dy))
-    n = x.numel()
     rows.append(dict(op="rms_norm", tokens=T, fwd_GBps=4 * n / t_f / 1e6, bwd_GBps=6 * n / t_b / 1e6,
-                     pct_copy=100 * (10 * n / (t_f + t_b) / 1e6) / copy_gbs, ours_ms=ours, eager_ms=eager,
-                     compile_ms=comp))
+                     pct_copy=100 * (10 * n / (t_f + t_b) / 1e6) / copy_gbs,
+                     pct_same_size_copy=100 * same / (t_f + t_b), ours_ms=ours, eager_ms=eager,
+                     compile_ms=comp, warps_sweep={k: [v[0], v[1], 100 * 10 * n / (v[0] + v[1]) / 1e6 / copy_gbs]
+                                                   for k, v in sweep.items()}))
 
 
 def bench_rope(T, copy_gbs, rows):
@@ -181,6 +192,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['op']:22} {r['tokens']:6} {r.get('fwd_GBps', 0):9.0f} {r.get('bwd_GBps', 0):9.0f} "
               f"{r.get('pct_copy', 0):6.1f} {r['ours_ms']:8.3f} {r['eager_ms']:8.3f} {r['compile_ms']:8.3f}")
+        if "warps_sweep" in r:
+            print(f"{'':22} % of a same-size copy {r['pct_same_size_copy']:.1f}; warps -> % copy: "
+                  + ", ".join(f"{k}: {v[2]:.1f}" for k, v in r["warps_sweep"].items()))
         if r["op"] == "linear_cross_entropy":
             print(f"{'':22} lm_head matmul {r['lm_head_matmul_ms']:.3f} ms; peak GiB ours {r['ours_peak_gib']:.2f} "
                   f"eager {r['eager_peak_gib']:.2f} compile {r['compile_peak_gib']:.2f}")

@@ -29,8 +29,10 @@ checkpoint first when --ckpt holds none, ~1 min):
     python benchmarks/bench_offload.py synthetic --out $OUT/offload_synthetic.json      # ~1-2 min
     python benchmarks/bench_offload.py model --out $OUT/offload_model.json              # ~4-5 min
     # the target alone: one trial at 393,216 tokens, ~6-8 min of attention-bound compute
-    python benchmarks/bench_offload.py longest --modes offload --start 393216 --max 393216 \
-        --bisect 0 --trial-timeout 540 --out $OUT/offload_longest.json
+    python benchmarks/bench_offload.py --gpu-gib 79 longest --modes offload --start 393216 --max 393216 \
+        --bisect 0 --trial-timeout 1500 --out $OUT/offload_longest.json
+    (one step there takes longer than a 10-minute device call: scripts/long_context.sh starts it
+    detached and polls it over two calls)
     # a search (doubling from 16k, then bisection), stopped cleanly after --budget-s
     python benchmarks/bench_offload.py longest --modes checkpoint --budget-s 480 --out $OUT/ckpt_longest.json
 """
@@ -283,6 +285,7 @@ def train_step(model, opt, ids: torch.Tensor) -> None:
 
 def steps_worker(args) -> None:
     """In a subprocess: one mode, each length: step time and peak memory, one JSON line each."""
+    cap_gpu_memory()
     model, opt = load(args.ckpt, args.mode, max(args.seqs))
     vocab = model.config.vocab_size
     torch.cuda.synchronize()
@@ -303,8 +306,18 @@ def steps_worker(args) -> None:
         print("ROW " + json.dumps(row), flush=True)
 
 
+def cap_gpu_memory() -> None:
+    """Honour FQ_BENCH_GPU_GIB (set by --gpu-gib): a GPU larger than the target (an H200 standing
+    in for an 80 GB H100) allocates no more than that many GiB in this process."""
+    gib = float(os.environ.get("FQ_BENCH_GPU_GIB", "0") or 0)
+    if gib > 0:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GiB / total))
+
+
 def trial_worker(args) -> None:
     """In a subprocess: does one training step at this length fit? Exit 0, or OOM_EXIT."""
+    cap_gpu_memory()
     model, opt = load(args.ckpt, args.mode, args.seq)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -316,7 +329,9 @@ def trial_worker(args) -> None:
         print("RESULT " + json.dumps({"ok": False, "error": "OOM"}), flush=True)
         sys.exit(OOM_EXIT)
     print("RESULT " + json.dumps({"ok": True, "step_s": time.perf_counter() - t,
-                                  "peak_bytes": torch.cuda.max_memory_allocated()}), flush=True)
+                                  "peak_bytes": torch.cuda.max_memory_allocated(),
+                                  "gpu_cap_gib": float(os.environ.get("FQ_BENCH_GPU_GIB", "0") or 0),
+                                  "device": torch.cuda.get_device_name(0)}), flush=True)
 
 
 def _child(argv: list[str], timeout: float) -> tuple[int | None, list[str], str]:
@@ -470,7 +485,11 @@ def main() -> None:
     w.add_argument("--seqs", type=int, nargs="+")
     t = sub.add_parser("_trial")
     t.add_argument("--ckpt"), t.add_argument("--mode"), t.add_argument("--seq", type=int)
+    p.add_argument("--gpu-gib", type=float, default=0,
+                   help="cap each worker's GPU memory at this many GiB (79 stands in for an 80 GB H100)")
     args = p.parse_args()
+    if args.gpu_gib:
+        os.environ["FQ_BENCH_GPU_GIB"] = str(args.gpu_gib)
     if getattr(args, "device", "cuda") == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_offload.py needs a CUDA GPU (the synthetic part takes --device cpu for a smoke run)")
     {"synthetic": synthetic, "model": model_part, "longest": longest_part,

@@ -1,6 +1,7 @@
 // Python bindings of the NF4 functions: addresses, sizes, dtype codes and streams as
 // integers. Validation of shapes and dtypes lives in fastqlora/quant.py.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 
@@ -53,6 +54,9 @@ void register_nf4(py::module_& m) {
     quantize_blockwise8_cuda(as_ptr<const float>(src), n, as_ptr<const float>(code), blocksize, as_ptr<uint8_t>(out),
                              as_ptr<float>(absmax), stream);
   });
+  m.def("nf4_dequantize_config", &nf4_dequantize_config, py::arg("bytes"), py::arg("unroll"),
+        py::arg("blocks_per_sm"));
+  m.def("nf4_dequantize_get_config", &nf4_dequantize_get_config);
 #endif
 }
 

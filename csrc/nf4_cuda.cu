@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
 
 #include "cuda_check.h"
 #include "nf4.h"
@@ -164,12 +165,20 @@ struct alignas(16) Pack8 {  // eight outputs: 16 bytes for 16-bit types, 32 for 
   T v[8];
 };
 
-// Each thread turns 4 bytes of codes (8 values) into one 8-value store, so a warp reads
-// 128 contiguous bytes and writes 512 (fp32: 1024) contiguous bytes: both fully
-// coalesced. Eight consecutive threads share one absmax (blocksize 64), a broadcast
-// from L1. UNROLL groups per thread keep several loads in flight. Requires
-// blocksize % 8 == 0; the n % 8 tail is done element by element by one thread.
-template <typename T, int UNROLL>
+template <int BYTES>
+struct alignas(BYTES) Codes {  // BYTES bytes of packed codes: 2·BYTES values
+  uint32_t w[BYTES / 4];
+};
+
+// Each thread loads BYTES bytes of codes in one vector load (2·BYTES values, all in one
+// absmax block because blocksize % (2·BYTES) == 0) and writes them as BYTES/4 16-byte
+// stores (fp32: 32-byte). UNROLL chunks per thread keep several loads in flight; the
+// grid is either capped at a few blocks per SM (grid-stride loop) or covers the tensor
+// once. Which of these runs fastest is measured by benchmarks/bench_nf4_dequant.py
+// (--sweep); see DequantConfig below for the default. The double-quant table (256
+// floats) is staged in shared memory so the absmax decode is one byte load, one shared
+// load, one cached float load. The n % (2·BYTES) tail is done element by element.
+template <typename T, int BYTES, int UNROLL>
 __global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restrict__ packed,
                                                         const float* __restrict__ absmax,
                                                         const uint8_t* __restrict__ qabsmax,
@@ -178,41 +187,49 @@ __global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restric
                                                         int64_t blocksize2, int64_t n, int64_t blocksize,
                                                         T* __restrict__ out) {
   __shared__ float table[16];
+  __shared__ float code2_s[256];
   if (threadIdx.x < 16) table[threadIdx.x] = c_nf4[threadIdx.x];
+  if (qabsmax != nullptr) code2_s[threadIdx.x] = code2[threadIdx.x];  // blockDim.x == 256
   __syncthreads();
-  const int64_t groups = n / 8;
+  constexpr int VALS = 2 * BYTES;
+  const int64_t chunks = n / VALS;
   const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
+  const Codes<BYTES>* src = reinterpret_cast<const Codes<BYTES>*>(packed);
   Pack8<T>* dst = reinterpret_cast<Pack8<T>*>(out);
-  for (int64_t base = tid; base < groups; base += threads * UNROLL) {
-    uint32_t w[UNROLL];
+  for (int64_t base = tid; base < chunks; base += threads * UNROLL) {
+    Codes<BYTES> c[UNROLL];
     float am[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int64_t g = base + u * threads;
-      if (g < groups) {
-        w[u] = words[g];
-        am[u] = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, (g * 8) / blocksize);
+      if (g < chunks) {
+        c[u] = src[g];
+        const int64_t b = (g * VALS) / blocksize;
+        // two roundings, as bitsandbytes' separate kernels (--fmad=false)
+        am[u] = qabsmax == nullptr ? absmax[b] : code2_s[qabsmax[b]] * absmax2[b / blocksize2] + offset;
       }
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int64_t g = base + u * threads;
-      if (g < groups) {
-        Pack8<T> p;
+      if (g < chunks) {
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const uint32_t byte = (w[u] >> (8 * b)) & 0xffu;
-          p.v[2 * b] = from_f32<T>(table[byte >> 4] * am[u]);
-          p.v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am[u]);
+        for (int i = 0; i < BYTES / 4; ++i) {
+          Pack8<T> p;
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const uint32_t byte = (c[u].w[i] >> (8 * b)) & 0xffu;
+            p.v[2 * b] = from_f32<T>(table[byte >> 4] * am[u]);
+            p.v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am[u]);
+          }
+          dst[g * (BYTES / 4) + i] = p;
         }
-        dst[g] = p;
       }
     }
   }
   if (tid == 0) {
-    for (int64_t i = groups * 8; i < n; ++i) {
+    for (int64_t i = chunks * VALS; i < n; ++i) {
       const uint8_t byte = packed[i >> 1];
       const uint8_t q = (i & 1) ? (byte & 0xf) : (byte >> 4);
       const float a = block_absmax(absmax, qabsmax, code2, absmax2, offset, blocksize2, i / blocksize);
@@ -260,17 +277,56 @@ void launch_quantize(const void* src, int64_t n, int64_t blocksize, uint8_t* pac
   FQ_CUDA_CHECK_LAUNCH("nf4_quantize");
 }
 
+// The dequantize launch: code bytes per thread, chunks per thread, blocks per SM (0: a
+// grid that covers the tensor once). Set from Python only by the benchmark's sweep.
+struct DequantConfig {
+  int bytes = 4, unroll = 4, blocks_per_sm = 16;
+};
+DequantConfig g_dequant;
+
+template <typename T, int BYTES, int UNROLL>
+void launch_dequantize_vec(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* code2,
+                           const float* absmax2, float offset, int64_t blocksize2, int64_t n, int64_t blocksize,
+                           T* out, cudaStream_t s) {
+  const int64_t want = std::max<int64_t>(1, (n / (2 * BYTES) + 256 * UNROLL - 1) / (256 * UNROLL));
+  int64_t grid = want;
+  if (g_dequant.blocks_per_sm > 0) {
+    int dev = 0, sms = 0;
+    FQ_CUDA_CHECK(cudaGetDevice(&dev));
+    FQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    grid = std::min<int64_t>(want, static_cast<int64_t>(sms) * g_dequant.blocks_per_sm);
+  }
+  grid = std::min<int64_t>(grid, 0x7fffffff);
+  k_nf4_dequantize<T, BYTES, UNROLL><<<static_cast<unsigned>(grid), 256, 0, s>>>(
+      packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out);
+}
+
+template <typename T, int BYTES>
+void launch_dequantize_bytes(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* code2,
+                             const float* absmax2, float offset, int64_t blocksize2, int64_t n, int64_t blocksize,
+                             T* out, cudaStream_t s, int unroll) {
+  switch (unroll) {
+    case 1: return launch_dequantize_vec<T, BYTES, 1>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
+    case 2: return launch_dequantize_vec<T, BYTES, 2>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
+    default: return launch_dequantize_vec<T, BYTES, 4>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
+  }
+}
+
 template <typename T>
 void launch_dequantize(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* code2,
                        const float* absmax2, float offset, int64_t blocksize2, int64_t n, int64_t blocksize,
                        void* out, cudaStream_t s) {
   T* o = static_cast<T*>(out);
-  const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
-  if (blocksize % 8 == 0 && aligned) {
-    // a grid-stride loop over at most 16 blocks per SM: the launch that
-    // benchmarks/bench_nf4_dequant.py measured (results/nf4_dequant.json)
-    k_nf4_dequantize<T, 4><<<grid_for((n / 8 + 3) / 4 + 1, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2,
-                                                                           offset, blocksize2, n, blocksize, o);
+  const auto addr_p = reinterpret_cast<uintptr_t>(packed);
+  const bool out_ok = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  // the widest code load the config allows and the block size and alignment permit
+  int bytes = g_dequant.bytes;
+  while (bytes > 4 && (blocksize % (2 * bytes) != 0 || addr_p % bytes != 0)) bytes /= 2;
+  if (blocksize % 8 == 0 && addr_p % 4 == 0 && out_ok) {
+    const int u = g_dequant.unroll;
+    if (bytes == 16) launch_dequantize_bytes<T, 16>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, o, s, u);
+    else if (bytes == 8) launch_dequantize_bytes<T, 8>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, o, s, u);
+    else launch_dequantize_bytes<T, 4>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, o, s, u);
   } else {
     k_nf4_dequantize_scalar<T><<<grid_for(n, 256), 256, 0, s>>>(packed, absmax, qabsmax, code2, absmax2, offset,
                                                               blocksize2, n, blocksize, o);
@@ -302,6 +358,17 @@ void nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, const uint8
     case kBF16: return launch_dequantize<__nv_bfloat16>(packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out, s);
   }
   throw std::invalid_argument("NF4: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+}
+
+void nf4_dequantize_config(int bytes, int unroll, int blocks_per_sm) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) throw std::invalid_argument("NF4 dequantize: bytes must be 4, 8 or 16");
+  if (unroll != 1 && unroll != 2 && unroll != 4) throw std::invalid_argument("NF4 dequantize: unroll must be 1, 2 or 4");
+  if (blocks_per_sm < 0) throw std::invalid_argument("NF4 dequantize: blocks_per_sm must be >= 0");
+  g_dequant = DequantConfig{bytes, unroll, blocks_per_sm};
+}
+
+std::tuple<int, int, int> nf4_dequantize_get_config() {
+  return {g_dequant.bytes, g_dequant.unroll, g_dequant.blocks_per_sm};
 }
 
 void quantize_blockwise8_cuda(const float* src, int64_t n, const float* code, int64_t blocksize, uint8_t* out,

@@ -17,10 +17,13 @@ for stage in "$@"; do
           > "$OUT/$f.log" 2>&1; echo "rc=$?"
         grep -E "^FAILED|passed|failed|s call" "$OUT/$f.log" | head -12
       done ;;
+    quick)  # the GPU tests of the NF4 and RMSNorm code (minutes, not the whole suite)
+      timeout ${TEST_CAP:-300} python3 -m pytest -q -rf -p no:cacheprovider "$FQ_SRC/tests/test_nf4.py" \
+        "$FQ_SRC/tests/test_rms_norm.py" 2>&1 | tail -5 | tee "$OUT/quick.log" ;;
     tests-more)
       python3 -m pytest -q -p no:cacheprovider -m gpu "$FQ_SRC/tests" 2>&1 | tail -30 | tee "$OUT/tests_more.log" ;;
-    nf4) python3 "$FQ_SRC/benchmarks/bench_nf4_dequant.py" --out "$OUT/nf4_dequant.json" 2>&1 | tail -12 ;;
-    kernels) python3 "$FQ_SRC/benchmarks/bench_kernels.py" --out "$OUT/kernels.json" 2>&1 | tail -16 ;;
+    nf4) python3 "$FQ_SRC/benchmarks/bench_nf4_dequant.py" --out "$OUT/nf4_dequant.json" ${NF4_ARGS:-} 2>&1 | tail -50 ;;
+    kernels) python3 "$FQ_SRC/benchmarks/bench_kernels.py" --out "$OUT/kernels.json" 2>&1 | tail -20 ;;
     flash) python3 "$FQ_SRC/benchmarks/bench_flash_attention.py" --out "$OUT/flash.json" 2>&1 | tail -10 ;;
     flash-sweep) python3 "$FQ_SRC/benchmarks/bench_flash_attention.py" --sweep --out "$OUT/flash_sweep.json" 2>&1 | grep -v Warn | tail -12 ;;
     load) python3 "$FQ_SRC/benchmarks/bench_load.py" --shape llama-3-8b --tmp /tmp/fq-ckpts --ckpt /tmp/fq-ckpts/llama-3-8b \

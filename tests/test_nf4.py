@@ -141,3 +141,26 @@ def test_cuda_dequantize_on_a_side_stream():
         out = t.dequantize()
     s.synchronize()
     assert torch.equal(out, dequantize_nf4_reference(t))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
+def test_cuda_every_dequantize_launch_shape_gives_the_same_bits(dtype, nested):
+    """The benchmark sweeps the launch (bytes per thread, unroll, grid); each must equal bnb."""
+    import fastqlora._C as C
+
+    before = C.nf4_dequantize_get_config()
+    x = _random((64 * 1021 + 37,), dtype, 11, zero_block=True).cuda()
+    q_ref, st = bnb_f.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    ref = _bits(bnb_f.dequantize_4bit(q_ref, st).reshape(-1))
+    t = NF4Tensor.quantize(x, blocksize=64, compress_statistics=nested)
+    try:
+        for nbytes in (4, 8, 16):
+            for unroll in (1, 2, 4):
+                for per_sm in (0, 1, 16):
+                    C.nf4_dequantize_config(nbytes, unroll, per_sm)
+                    got = _bits(t.dequantize().reshape(-1))
+                    assert torch.equal(got, ref), (nbytes, unroll, per_sm)
+    finally:
+        C.nf4_dequantize_config(*before)

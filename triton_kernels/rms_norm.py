@@ -83,20 +83,22 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool):
-    """x2d [rows, H] (unit stride on H) -> (y [rows, H] in x's dtype, r [rows] fp32)."""
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+                     num_warps: int | None = None):
+    """x2d [rows, H] (unit stride on H) -> (y [rows, H] in x's dtype, r [rows] fp32).
+    num_warps: None picks by the row length (the benchmark sweeps it)."""
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
     r = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     block = triton.next_power_of_2(n_cols)
     progs, per = _launch_shape(n_rows, x2d.device)
     _rms_norm_fwd[(progs,)](x2d, y, weight, r, x2d.stride(0), y.stride(0), n_rows, n_cols, eps, per,
-                            GEMMA=gemma, BLOCK=block, num_warps=_warps(block))
+                            GEMMA=gemma, BLOCK=block, num_warps=num_warps or _warps(block))
     return y, r
 
 
 def rms_norm_backward(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, gemma: bool,
-                      weight_grad: bool):
+                      weight_grad: bool, num_warps: int | None = None):
     """-> (dx [rows, H] in x's dtype, dw [H] fp32 or None)."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
@@ -104,5 +106,6 @@ def rms_norm_backward(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     progs, per = _launch_shape(n_rows, x2d.device, weight_grad)
     dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2d.device) if weight_grad else dx
     _rms_norm_bwd[(progs,)](dy, x2d, weight, r, dx, dw_part, dy.stride(0), x2d.stride(0), dx.stride(0), n_rows,
-                            n_cols, per, GEMMA=gemma, WEIGHT_GRAD=weight_grad, BLOCK=block, num_warps=_warps(block))
+                            n_cols, per, GEMMA=gemma, WEIGHT_GRAD=weight_grad, BLOCK=block,
+                            num_warps=num_warps or _warps(block))
     return dx, (dw_part.sum(0) if weight_grad else None)
