@@ -70,9 +70,9 @@ def bench_rms(T, copy_gbs, rows):
     same = ms(lambda: b.copy_(a))
     del a, b
     sweep = {}
-    for nw in (4, 8, 16):  # warps per row: the default picks 8 for H = 4096
-        sweep[nw] = (ms(lambda: rms_norm_forward(x, w, 1e-5, False, num_warps=nw)),
-                     ms(lambda: rms_norm_backward(dy, x, w, r, False, False, num_warps=nw)))
+    for tile in ((1, 4), (1, 8), (2, 8), (2, 16), (4, 8), (4, 16)):  # (rows per tile, warps)
+        sweep[f"{tile[0]}x{tile[1]}"] = (ms(lambda: rms_norm_forward(x, w, 1e-5, False, tile=tile)),
+                                         ms(lambda: rms_norm_backward(dy, x, w, r, False, False, tile=tile)))
     t_f = ms(lambda: rms_norm_forward(x, w, 1e-5, False))
     t_b = ms(lambda: rms_norm_backward(dy, x, w, r, False, False))
     ref = lambda x_: rms_norm_reference(x_, w, 1e-5)  # noqa: E731
@@ -94,9 +94,15 @@ def bench_rope(T, copy_gbs, rows):
         torch.arange(D // 2, device="cuda") / (D // 2)))[None]
     cos, sin = ang.cos(), ang.sin()
     pos = torch.arange(T, device="cuda")[None]
+    n = q.numel() + k.numel()
+    a = torch.empty(4 * n, device="cuda", dtype=torch.uint8)  # same-size copy: 8n bytes moved
+    b = torch.empty_like(a)
+    same = ms(lambda: b.copy_(a))
+    del a, b
+    sweep = {nw: (ms(lambda: rope_(q, k, cos, sin, pos, num_warps=nw)),
+                  ms(lambda: rope_(q, k, cos, sin, pos, backward=True, num_warps=nw))) for nw in (2, 4, 8)}
     t_f = ms(lambda: rope_(q, k, cos, sin, pos))
     t_b = ms(lambda: rope_(q, k, cos, sin, pos, backward=True))
-    n = q.numel() + k.numel()
     dq, dk = torch.randn_like(q), torch.randn_like(k)
 
     def run(impl):
@@ -112,7 +118,10 @@ def bench_rope(T, copy_gbs, rows):
     eager = ms(run(apply_rope_reference))
     comp = ms(run(compiled(apply_rope_reference)))
     rows.append(dict(op="rope", tokens=T, fwd_GBps=4 * n / t_f / 1e6, bwd_GBps=4 * n / t_b / 1e6,
-                     pct_copy=100 * (8 * n / (t_f + t_b) / 1e6) / copy_gbs, ours_ms=ours, eager_ms=eager,
+                     pct_copy=100 * (8 * n / (t_f + t_b) / 1e6) / copy_gbs,
+                     pct_same_size_copy=100 * same / (t_f + t_b),
+                     warps_sweep={k_: [v[0], v[1], 100 * 8 * n / (v[0] + v[1]) / 1e6 / copy_gbs]
+                                  for k_, v in sweep.items()}, ours_ms=ours, eager_ms=eager,
                      compile_ms=comp))
 
 

@@ -11,7 +11,7 @@ Bytes moved per weight of n elements (double-quantized, bf16 out):
 Each shape is also set beside a copy of the same number of bytes (half read, half
 written), since a 42 MB kernel pays launch and ramp costs that a 2 GB copy hides.
 --sweep times every launch shape of the kernel (code bytes per thread, chunks per
-thread, blocks per SM) and keeps the table for each; the default launch in
+thread, blocks per SM, evict-first stores) and keeps the table for each; the default launch in
 csrc/nf4_cuda.cu is the one this sweep found fastest.
 """
 from __future__ import annotations
@@ -52,8 +52,8 @@ def main() -> None:
     default_cfg = C.nf4_dequantize_get_config()
     configs = [default_cfg]
     if args.sweep:
-        configs += [(b, u, s) for b in (4, 8, 16) for u in (1, 2, 4) for s in (0, 4, 8, 16)
-                    if (b, u, s) != tuple(default_cfg)]
+        configs += [(b, u, s, st) for b in (4, 8, 16) for u in (1, 2) for s in (0, 8, 16) for st in (0, 1)
+                    if (b, u, s, st) != tuple(default_cfg)]
     rows, sweep = [], []
     for name, shape in SHAPES.items():
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -64,6 +64,7 @@ def main() -> None:
         b = torch.empty_like(a)
         same_ms = bench(lambda: b.copy_(a))
         del a, b
+        fill_ms = bench(lambda: out.zero_())  # the writes alone: 2n of the ~2.52n bytes
         for cfg in configs:
             C.nf4_dequantize_config(*cfg)
             ms_c = bench(lambda: t.dequantize(out=out))
@@ -73,7 +74,7 @@ def main() -> None:
         C.nf4_dequantize_config(*default_cfg)
         ms = bench(lambda: t.dequantize(out=out))
         row = {"shape": name, "bytes": nbytes, "ours_us": ms * 1e3, "ours_GBps": nbytes / ms / 1e6,
-               "same_size_copy_us": same_ms * 1e3}
+               "same_size_copy_us": same_ms * 1e3, "write_only_us": fill_ms * 1e3}
         row["pct_of_copy"] = 100 * row["ours_GBps"] / copy_gbs
         row["pct_of_same_size_copy"] = 100 * same_ms / ms
         if bnb_f is not None:
@@ -92,14 +93,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"{res['device']}: copy {copy_gbs:,.0f} GB/s; quantize 14336x4096 bf16 in {q_ms:.2f} ms")
     if args.sweep:
-        print("launch (bytes, unroll, blocks/SM; 0 = one pass): total µs over the shapes, worst % of copy")
+        print("launch (bytes, unroll, blocks/SM with 0 = one pass, evict-first stores): total µs over the shapes, worst % of copy")
         by_cfg: dict[tuple, list] = {}
         for s_ in sweep:
             by_cfg.setdefault(tuple(s_["config"]), []).append(s_)
         for cfg, got in sorted(by_cfg.items(), key=lambda kv: sum(g["us"] for g in kv[1])):
             print(f"  {cfg}: {sum(g['us'] for g in got):8.1f} µs, worst {min(g['pct_of_copy'] for g in got):5.1f}%")
     print(f"launch {tuple(default_cfg)}")
-    print(f"{'shape':22} {'ours µs':>9} {'GB/s':>7} {'% copy':>7} {'% same-size copy':>17} {'bnb µs':>9} {'vs bnb':>7}")
+    print(f"{'shape':22} {'ours µs':>9} {'GB/s':>7} {'% copy':>7} {'% same-size copy':>17} {'zero-fill µs':>12} "
+          f"{'bnb µs':>9} {'vs bnb':>7}")
     for r in rows:
         print(f"{r['shape']:22} {r['ours_us']:9.1f} {r['ours_GBps']:7.0f} {r['pct_of_copy']:6.1f}% "
               f"{r['pct_of_same_size_copy']:16.1f}% "

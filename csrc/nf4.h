@@ -42,9 +42,10 @@ void nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, const uint8
 void quantize_blockwise8_cuda(const float* src, int64_t n, const float* code, int64_t blocksize,
                               uint8_t* out, float* absmax, int64_t stream);
 // The dequantize launch shape (code bytes per thread 4/8/16, chunks per thread 1/2/4,
-// blocks per SM, 0 = one pass): for the benchmark's sweep; every shape gives equal bits.
-void nf4_dequantize_config(int bytes, int unroll, int blocks_per_sm);
-std::tuple<int, int, int> nf4_dequantize_get_config();
+// blocks per SM with 0 = one pass, evict-first stores 0/1): for the benchmark's sweep;
+// every shape gives equal bits.
+void nf4_dequantize_config(int bytes, int unroll, int blocks_per_sm, int streaming);
+std::tuple<int, int, int, int> nf4_dequantize_get_config();
 #endif
 
 }  // namespace fq

@@ -55,7 +55,7 @@ void register_nf4(py::module_& m) {
                              as_ptr<float>(absmax), stream);
   });
   m.def("nf4_dequantize_config", &nf4_dequantize_config, py::arg("bytes"), py::arg("unroll"),
-        py::arg("blocks_per_sm"));
+        py::arg("blocks_per_sm"), py::arg("streaming"));
   m.def("nf4_dequantize_get_config", &nf4_dequantize_get_config);
 #endif
 }

@@ -165,6 +165,19 @@ struct alignas(16) Pack8 {  // eight outputs: 16 bytes for 16-bit types, 32 for 
   T v[8];
 };
 
+// A 16- or 32-byte pack to global memory; STREAM marks it evict-first (st.global.cs): the
+// output is read by the next kernel at the earliest, so it need not displace the L2's lines.
+template <bool STREAM, typename T>
+__device__ __forceinline__ void store_pack(Pack8<T>* dst, const Pack8<T>& p) {
+  static_assert(sizeof(Pack8<T>) % 16 == 0, "packs are whole 16-byte vectors");
+  const uint4* src = reinterpret_cast<const uint4*>(&p);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Pack8<T>) / 16); ++i) {
+    if constexpr (STREAM) __stcs(d + i, src[i]); else d[i] = src[i];
+  }
+}
+
 template <int BYTES>
 struct alignas(BYTES) Codes {  // BYTES bytes of packed codes: 2·BYTES values
   uint32_t w[BYTES / 4];
@@ -178,7 +191,7 @@ struct alignas(BYTES) Codes {  // BYTES bytes of packed codes: 2·BYTES values
 // (--sweep); see DequantConfig below for the default. The double-quant table (256
 // floats) is staged in shared memory so the absmax decode is one byte load, one shared
 // load, one cached float load. The n % (2·BYTES) tail is done element by element.
-template <typename T, int BYTES, int UNROLL>
+template <typename T, int BYTES, int UNROLL, bool STREAM>
 __global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restrict__ packed,
                                                         const float* __restrict__ absmax,
                                                         const uint8_t* __restrict__ qabsmax,
@@ -223,7 +236,7 @@ __global__ void __launch_bounds__(256) k_nf4_dequantize(const uint8_t* __restric
             p.v[2 * b] = from_f32<T>(table[byte >> 4] * am[u]);
             p.v[2 * b + 1] = from_f32<T>(table[byte & 0xf] * am[u]);
           }
-          dst[g * (BYTES / 4) + i] = p;
+          store_pack<STREAM>(dst + g * (BYTES / 4) + i, p);
         }
       }
     }
@@ -280,7 +293,9 @@ void launch_quantize(const void* src, int64_t n, int64_t blocksize, uint8_t* pac
 // The dequantize launch: code bytes per thread, chunks per thread, blocks per SM (0: a
 // grid that covers the tensor once). Set from Python only by the benchmark's sweep.
 struct DequantConfig {
-  int bytes = 4, unroll = 4, blocks_per_sm = 16;
+  // fastest overall in bench_nf4_dequant.py --sweep on an H200 (2026-12-01): 4-byte code
+  // loads, one chunk a thread, 8 blocks per SM
+  int bytes = 4, unroll = 1, blocks_per_sm = 8, streaming = 0;
 };
 DequantConfig g_dequant;
 
@@ -297,8 +312,12 @@ void launch_dequantize_vec(const uint8_t* packed, const float* absmax, const uin
     grid = std::min<int64_t>(want, static_cast<int64_t>(sms) * g_dequant.blocks_per_sm);
   }
   grid = std::min<int64_t>(grid, 0x7fffffff);
-  k_nf4_dequantize<T, BYTES, UNROLL><<<static_cast<unsigned>(grid), 256, 0, s>>>(
-      packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out);
+  if (g_dequant.streaming)
+    k_nf4_dequantize<T, BYTES, UNROLL, true><<<static_cast<unsigned>(grid), 256, 0, s>>>(
+        packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out);
+  else
+    k_nf4_dequantize<T, BYTES, UNROLL, false><<<static_cast<unsigned>(grid), 256, 0, s>>>(
+        packed, absmax, qabsmax, code2, absmax2, offset, blocksize2, n, blocksize, out);
 }
 
 template <typename T, int BYTES>
@@ -360,15 +379,15 @@ void nf4_dequantize_cuda(const uint8_t* packed, const float* absmax, const uint8
   throw std::invalid_argument("NF4: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
 }
 
-void nf4_dequantize_config(int bytes, int unroll, int blocks_per_sm) {
+void nf4_dequantize_config(int bytes, int unroll, int blocks_per_sm, int streaming) {
   if (bytes != 4 && bytes != 8 && bytes != 16) throw std::invalid_argument("NF4 dequantize: bytes must be 4, 8 or 16");
   if (unroll != 1 && unroll != 2 && unroll != 4) throw std::invalid_argument("NF4 dequantize: unroll must be 1, 2 or 4");
   if (blocks_per_sm < 0) throw std::invalid_argument("NF4 dequantize: blocks_per_sm must be >= 0");
-  g_dequant = DequantConfig{bytes, unroll, blocks_per_sm};
+  g_dequant = DequantConfig{bytes, unroll, blocks_per_sm, streaming ? 1 : 0};
 }
 
-std::tuple<int, int, int> nf4_dequantize_get_config() {
-  return {g_dequant.bytes, g_dequant.unroll, g_dequant.blocks_per_sm};
+std::tuple<int, int, int, int> nf4_dequantize_get_config() {
+  return {g_dequant.bytes, g_dequant.unroll, g_dequant.blocks_per_sm, g_dequant.streaming};
 }
 
 void quantize_blockwise8_cuda(const float* src, int64_t n, const float* code, int64_t blocksize, uint8_t* out,

@@ -159,8 +159,9 @@ def test_cuda_every_dequantize_launch_shape_gives_the_same_bits(dtype, nested):
         for nbytes in (4, 8, 16):
             for unroll in (1, 2, 4):
                 for per_sm in (0, 1, 16):
-                    C.nf4_dequantize_config(nbytes, unroll, per_sm)
-                    got = _bits(t.dequantize().reshape(-1))
-                    assert torch.equal(got, ref), (nbytes, unroll, per_sm)
+                    for streaming in (0, 1):
+                        C.nf4_dequantize_config(nbytes, unroll, per_sm, streaming)
+                        got = _bits(t.dequantize().reshape(-1))
+                        assert torch.equal(got, ref), (nbytes, unroll, per_sm, streaming)
     finally:
         C.nf4_dequantize_config(*before)

@@ -53,7 +53,7 @@ def _rope_kernel(Q, K, COS, SIN, POS, seq_len, q_sb, q_ss, q_sh, k_sb, k_ss, k_s
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
-          backward: bool = False) -> None:
+          backward: bool = False, num_warps: int | None = None) -> None:
     """Rotate q [B,S,Hq,D] and k [B,S,Hk,D] in place (unit stride on D; any other strides).
     cos/sin: fp32 [P, D/2] contiguous; position_ids [B, S]."""
     B, S, Hq, D = q.shape
@@ -64,4 +64,4 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     _rope_kernel[(B * S,)](q, k, cos, sin, pos, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                            k.stride(2), Hq, Hk, half, BLOCK_HQ=triton.next_power_of_2(Hq),
                            BLOCK_HK=max(1, triton.next_power_of_2(Hk)), BLOCK_D=block_d, BACKWARD=backward,
-                           num_warps=4 if Hq * half <= 4096 else 8)
+                           num_warps=num_warps or (4 if Hq * half <= 4096 else 8))
