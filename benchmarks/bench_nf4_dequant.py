@@ -104,7 +104,7 @@ def main() -> None:
           f"{'bnb µs':>9} {'vs bnb':>7}")
     for r in rows:
         print(f"{r['shape']:22} {r['ours_us']:9.1f} {r['ours_GBps']:7.0f} {r['pct_of_copy']:6.1f}% "
-              f"{r['pct_of_same_size_copy']:16.1f}% "
+              f"{r['pct_of_same_size_copy']:16.1f}% {r['write_only_us']:12.1f} "
               f"{r.get('bnb_us', float('nan')):9.1f} {r.get('speedup_vs_bnb', float('nan')):6.2f}x")
 
 

@@ -83,11 +83,11 @@ def _launch_shape(n_rows: int, device: torch.device, weight_grad: bool = False, 
     return progs, triton.cdiv(triton.cdiv(n_rows, progs), rows) * rows
 
 
-# (rows per tile, warps) by the row length; the benchmark's sweep (bench_kernels.py) chose them
+# (rows per tile, warps) by the row length. The sweep in bench_kernels.py (H200, H = 4096,
+# 2026-12-01) found one row a program with 8 warps fastest at 4096 and 16384 tokens (2 or 4
+# rows a tile: 1-7 points slower), so several rows a tile is only an option.
 def _tile(block: int) -> tuple[int, int]:
-    if block <= 1024:
-        return 4, 4
-    return (2, 8) if block <= 4096 else (1, 16)
+    return 1, (4 if block <= 1024 else 8 if block <= 4096 else 16)
 
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
