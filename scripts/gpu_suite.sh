@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the lent GPU: build, GPU tests, kernel benchmarks. Logs and JSON go
-# to $OUT (default ./out). Usage: bash scripts/gpu_suite.sh [tests] [kernels] [e2e] [offload]
+# to $OUT (default ./out). Usage: bash scripts/gpu_suite.sh STAGE... with stages tests, quick,
+# tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...)
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
