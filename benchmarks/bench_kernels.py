@@ -69,10 +69,8 @@ def bench_rms(T, copy_gbs, rows):
     b = torch.empty_like(a)
     same = ms(lambda: b.copy_(a))
     del a, b
-    sweep = {}
-    for tile in ((1, 4), (1, 8), (2, 8), (2, 16), (4, 8), (4, 16)):  # (rows per tile, warps)
-        sweep[f"{tile[0]}x{tile[1]}"] = (ms(lambda: rms_norm_forward(x, w, 1e-5, False, tile=tile)),
-                                         ms(lambda: rms_norm_backward(dy, x, w, r, False, False, tile=tile)))
+    sweep = {nw: (ms(lambda: rms_norm_forward(x, w, 1e-5, False, num_warps=nw)),
+                  ms(lambda: rms_norm_backward(dy, x, w, r, False, False, num_warps=nw))) for nw in (4, 8, 16)}
     t_f = ms(lambda: rms_norm_forward(x, w, 1e-5, False))
     t_b = ms(lambda: rms_norm_backward(dy, x, w, r, False, False))
     ref = lambda x_: rms_norm_reference(x_, w, 1e-5)  # noqa: E731

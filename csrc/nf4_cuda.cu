@@ -264,12 +264,16 @@ __global__ void k_nf4_dequantize_scalar(const uint8_t* packed, const float* absm
   }
 }
 
-int grid_for(int64_t work, int threads) {
+int sm_count() {
   int dev = 0, sms = 0;
   FQ_CUDA_CHECK(cudaGetDevice(&dev));
   FQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+int grid_for(int64_t work, int threads) {
   const int64_t want = (work + threads - 1) / threads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(sms) * 16)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(sm_count()) * 16)));
 }
 
 template <typename T>
@@ -305,12 +309,7 @@ void launch_dequantize_vec(const uint8_t* packed, const float* absmax, const uin
                            T* out, cudaStream_t s) {
   const int64_t want = std::max<int64_t>(1, (n / (2 * BYTES) + 256 * UNROLL - 1) / (256 * UNROLL));
   int64_t grid = want;
-  if (g_dequant.blocks_per_sm > 0) {
-    int dev = 0, sms = 0;
-    FQ_CUDA_CHECK(cudaGetDevice(&dev));
-    FQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    grid = std::min<int64_t>(want, static_cast<int64_t>(sms) * g_dequant.blocks_per_sm);
-  }
+  if (g_dequant.blocks_per_sm > 0) grid = std::min<int64_t>(want, static_cast<int64_t>(sm_count()) * g_dequant.blocks_per_sm);
   grid = std::min<int64_t>(grid, 0x7fffffff);
   if (g_dequant.streaming)
     k_nf4_dequantize<T, BYTES, UNROLL, true><<<static_cast<unsigned>(grid), 256, 0, s>>>(
