@@ -67,15 +67,21 @@ def make_weight(N, K, gen):
     return ours, packed, qs, bnbf.dequantize_4bit(packed, qs)
 
 
-def best_fused(run, cands):
+SWEEP: dict | None = None  # --sweep: every candidate's time, keyed by its name
+
+
+def best_fused(run, cands, label=""):
     """(ms, config) of the fastest candidate that runs."""
     best = (float("inf"), None)
     for cfg in cands:
         try:
             t = bench(lambda: run(cfg))
         except Exception as exc:  # noqa: BLE001 - a config that does not fit this GPU
-            print(f"  skip {cfg.short()}: {type(exc).__name__}", file=sys.stderr)
+            print(f"  skip {cfg.short()}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             continue
+        if SWEEP is not None:
+            SWEEP.setdefault(label, {})[cfg.short()] = t
+            print(f"    {label:28s} {cfg.short():34s} {t * 1e3:9.1f} us", flush=True)
         best = min(best, (t, cfg), key=lambda p: p[0])
     return best
 
@@ -93,6 +99,8 @@ def projections(args, rows, gen):
     props = torch.cuda.get_device_properties(0)
     cap, sms = (props.major, props.minor), props.multi_processor_count
     for name, N, K in SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
         w, packed, qs, wd = make_weight(N, K, gen)
         a = torch.randn(RANK, K, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
         b = torch.randn(N, RANK, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
@@ -111,7 +119,7 @@ def projections(args, rows, gen):
                 return nf4_matmul_fwd(x, [w], c, xa=xa_, lora_b=[b_], scales=[2.0])
 
             cands = nf4_configs.gemv_candidates(sms, M, N, K) + nf4_configs.forward_candidates(cap, sms, M, N, K)
-            t, cfg = best_fused(fwd, cands)
+            t, cfg = best_fused(fwd, cands, f"fwd {name} M={M}")
             r["fused"], r["fused_cfg"] = t, cfg.short() if cfg else None
             if cfg is not None:
                 r["fused+lora"] = bench(lambda: fwd(cfg, lora=True))
@@ -120,7 +128,8 @@ def projections(args, rows, gen):
             if M > 1:
                 r["t_cublas"] = bench(lambda: dy @ wd)
                 r["t_deq+cublas"] = bench(lambda: dy @ dense(w, torch.bfloat16))
-                t, cfg = best_fused(lambda c: nf4_matmul_t([dy], [w], c), nf4_configs.transposed_candidates(cap, M, K))
+                t, cfg = best_fused(lambda c: nf4_matmul_t([dy], [w], c), nf4_configs.transposed_candidates(cap, M, K),
+                                    f"t {name} M={M}")
                 r["t_fused"], r["t_fused_cfg"] = t, cfg.short() if cfg else None
             del x, dy, xa
             rows.append(r)
@@ -214,7 +223,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_matmul.json"))
     ap.add_argument("--m", type=int, nargs="+", default=MS)
     ap.add_argument("--mlp-m", type=int, nargs="*", default=[4096, 16384])
+    ap.add_argument("--shapes", nargs="*", default=None, help="subset of q/o k/v gate/up down")
+    ap.add_argument("--sweep", action="store_true", help="print and keep every candidate config's time")
     args = ap.parse_args()
+    global SWEEP
+    if args.sweep:
+        SWEEP = {}
     if not torch.cuda.is_available():
         raise SystemExit("bench_nf4_matmul.py needs a CUDA GPU")
     import bitsandbytes
@@ -251,6 +265,7 @@ def main() -> None:
         "rows": rows,
         "dispatch": table,
         "faster_path_by_m": suggestion,
+        "sweep": SWEEP,
         "seconds": time.time() - t0,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -45,6 +45,58 @@ def test_dequantize_matches_bitsandbytes():
     assert torch.equal(dequantize_nf4_reference(t, torch.float32), want)
 
 
+# ---------------------------------------------------------------- the in-kernel tile decode
+try:
+    import triton
+    import triton.language as tl
+
+    from fastqlora.triton_kernels.nf4_tile import nf4_tile
+
+    @triton.jit
+    def _decode_kernel(w_ptr, am_ptr, nam_ptr, ncode_ptr, code_ptr, off, out_ptr, K,
+                       BR: tl.constexpr, BC: tl.constexpr, DQ: tl.constexpr, ASM: tl.constexpr):
+        """Writes nf4_tile's [BR, BC] tiles out, so the decode itself can be compared."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        c0 = tl.program_id(1) * BC
+        w_ptrs = w_ptr + r[:, None] * (K // 2) + (c0 // 2 + tl.arange(0, BC // 2))[None, :]
+        blk = r[:, None] * (K // 64) + (c0 // 64 + tl.arange(0, BC // 64))[None, :]
+        t = nf4_tile(w_ptrs, blk, am_ptr, nam_ptr, ncode_ptr, code_ptr, off, BR, BC, DQ, 256,
+                     out_ptr.dtype.element_ty, ASM)
+        tl.store(out_ptr + r[:, None] * K + (c0 + tl.arange(0, BC))[None, :], t)
+except ImportError:  # no Triton: the kernel tests skip through kernel_device
+    _decode_kernel = None
+
+
+def _decode(t, dtype, BR, BC, asm):
+    N, K = t.shape
+    out = torch.empty(N, K, device=t.packed.device, dtype=dtype)
+    nested = t.nested_absmax if t.nested_absmax is not None else t.absmax
+    ncode = t.nested_code if t.nested_code is not None else t.code
+    _decode_kernel[(N // BR, K // BC)](t.packed, t.absmax, nested, ncode, t.code, float(t.nested_offset or 0.0),
+                                       out, K, BR=BR, BC=BC, DQ=t.absmax.dtype == torch.uint8, ASM=asm)
+    return out
+
+
+@pytest.mark.parametrize("BC", [64, 128])
+def test_tile_decode_portable_exact(kernel_device, BC):
+    """The portable decode (interpreter / fp32) equals the oracle bit for bit."""
+    g = torch.Generator().manual_seed(BC)
+    t = nf4h.quantize((torch.randn(96, 3 * BC, generator=g) * 0.05).to(kernel_device))
+    assert torch.equal(_decode(t, torch.float32, 32, BC, kernel_device == "cuda"), nf4h.dequantize_oracle(t, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("BR,BC", [(32, 64), (64, 128), (16, 256)])
+def test_gpu_tile_decode_ptx_bit_exact(dtype, BR, BC):
+    """The inline-PTX decode writes exactly what bitsandbytes' dequantize writes."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    g = torch.Generator(device="cuda").manual_seed(BR + BC)
+    w = torch.randn(192, 5 * BC, device="cuda", generator=g, dtype=dtype) * 0.03
+    packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+    assert torch.equal(_decode(nf4h.from_bnb(packed, qs), dtype, BR, BC, True), bnbf.dequantize_4bit(packed, qs))
+
+
 # ---------------------------------------------------------------- kernels, interpreter or GPU
 FWD_CFGS = [
     MatmulConfig(32, 64, 64, 4, 1, False, 4, 1),

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .nf4_configs import MatmulConfig
-from .nf4_tile import nf4_tile
+from .nf4_tile import nf4_tile, use_asm
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _nf4_fwd_kernel(
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, W_AS_A: tl.constexpr, PREC: tl.constexpr,
-    N_DIV16: tl.constexpr,
+    N_DIV16: tl.constexpr, ASM: tl.constexpr = False,
 ):
     # ---- which output tile: grouped ordering over (m tiles, column tiles of all segments)
     pid = tl.program_id(0)
@@ -140,7 +140,7 @@ def _nf4_fwd_kernel(
     for _ in range(0, k_count):
         x = tl.load(x_ptrs)
         w = nf4_tile(w_ptrs, blk, am_ptr, nam_ptr, ncode_ptr, code_ptr, off,
-                     BN, BK, DOUBLE_QUANT, NESTED_BLOCK, x.dtype)
+                     BN, BK, DOUBLE_QUANT, NESTED_BLOCK, x.dtype, ASM)
         if W_AS_A:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
         else:
@@ -262,8 +262,8 @@ def nf4_matmul_fwd(
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, BR=max(16, _next_pow2(rmax)),
         GROUP_M=cfg.group_m, SPLIT_K=split, W_AS_A=cfg.w_as_a,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        N_DIV16=all(s.n % 16 == 0 for s in segs),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        N_DIV16=all(s.n % 16 == 0 for s in segs), ASM=use_asm(x),
+        **cfg.launch_options(),
     )
     if split > 1:
         outs = [o.to(x.dtype) for o in outs]

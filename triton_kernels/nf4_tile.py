@@ -6,11 +6,97 @@ block never crosses a row and W[n, k] uses absmax[n·K/64 + k/64]. With double
 quantization the absmax is one byte: ``absmax = nested_code[a8]·nested_absmax[b/256] +
 offset``. A tile covers rows ``n`` and 64-aligned columns ``k0 .. k0+BC``; the matmul
 kernels call this once per step of their loop, so no 16-bit copy of W is ever written.
+
+Every value is ``code[q]·absmax`` in fp32, rounded once to the output dtype: the same
+numbers bitsandbytes' dequantize writes. Two ways to get there:
+
+* ``ASM`` (bf16/fp16 on a GPU): one inline-PTX block per 4 packed bytes (8 weights)
+  extracts each nibble with a byte permute, forms the table address with one wide
+  multiply-add, reads the fp32 code with a non-coherent load (the 64-byte table stays
+  in L1), multiplies by the absmax and packs pairs with one convert: about 4.5
+  instructions a weight. Plain ``tl.load`` lookups cost ~12: Triton forms 64-bit
+  addresses with two instructions each, and its pipeliner stages the dependent table
+  loads through shared memory with asynchronous copies, one per weight.
+* the portable form (the interpreter, fp32): the same lookups as ``tl.load``.
+
+The high-nibble and low-nibble values come out as two [BR, BC/2] tensors that
+``tl.join`` + reshape interleave in registers (pairs held by one thread: no shuffle).
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+
+def use_asm(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t`` may use inline PTX: a CUDA tensor, not under the
+    interpreter (which cannot run PTX)."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+# Outputs: $0-$1 the four high-nibble values (bf16x2 each), $2-$3 the four low-nibble
+# values; inputs: $4 four packed bytes, $5-$8 their absmax, $9-$12 the table address.
+# In a bf16x2 register the lower half is the element at the lower index.
+_DECODE_PTX = """
+{
+.reg .b32 h, l, i<8>;
+.reg .b64 a<8>;
+.reg .f32 v<8>;
+shr.b32 h, $4, 4;
+and.b32 h, h, 0x0F0F0F0F;
+and.b32 l, $4, 0x0F0F0F0F;
+prmt.b32 i0, h, 0, 0x4440;
+prmt.b32 i1, h, 0, 0x4441;
+prmt.b32 i2, h, 0, 0x4442;
+prmt.b32 i3, h, 0, 0x4443;
+prmt.b32 i4, l, 0, 0x4440;
+prmt.b32 i5, l, 0, 0x4441;
+prmt.b32 i6, l, 0, 0x4442;
+prmt.b32 i7, l, 0, 0x4443;
+mad.wide.u32 a0, i0, 4, $9;
+mad.wide.u32 a1, i1, 4, $9;
+mad.wide.u32 a2, i2, 4, $9;
+mad.wide.u32 a3, i3, 4, $9;
+mad.wide.u32 a4, i4, 4, $9;
+mad.wide.u32 a5, i5, 4, $9;
+mad.wide.u32 a6, i6, 4, $9;
+mad.wide.u32 a7, i7, 4, $9;
+ld.global.nc.f32 v0, [a0];
+ld.global.nc.f32 v1, [a1];
+ld.global.nc.f32 v2, [a2];
+ld.global.nc.f32 v3, [a3];
+ld.global.nc.f32 v4, [a4];
+ld.global.nc.f32 v5, [a5];
+ld.global.nc.f32 v6, [a6];
+ld.global.nc.f32 v7, [a7];
+mul.f32 v0, v0, $5;
+mul.f32 v1, v1, $6;
+mul.f32 v2, v2, $7;
+mul.f32 v3, v3, $8;
+mul.f32 v4, v4, $5;
+mul.f32 v5, v5, $6;
+mul.f32 v6, v6, $7;
+mul.f32 v7, v7, $8;
+cvt.rn.CVT.f32 $0, v1, v0;
+cvt.rn.CVT.f32 $1, v3, v2;
+cvt.rn.CVT.f32 $2, v5, v4;
+cvt.rn.CVT.f32 $3, v7, v6;
+}
+"""
+_DECODE_BF16: tl.constexpr = tl.constexpr(_DECODE_PTX.replace("CVT", "bf16x2"))
+_DECODE_F16: tl.constexpr = tl.constexpr(_DECODE_PTX.replace("CVT", "f16x2"))
+
+
+@triton.jit
+def _widen(a, BR: tl.constexpr, BH: tl.constexpr):
+    """[BR, BH/32] per-block values -> [BR, BH] (each repeated over its 32 bytes)."""
+    if BH == 32:
+        out = tl.broadcast_to(a, (BR, BH))
+    else:
+        out = tl.reshape(tl.broadcast_to(a[:, :, None], (BR, BH // 32, 32)), (BR, BH))
+    return out
 
 
 @triton.jit
@@ -21,6 +107,31 @@ def _scale(v, amax, BR: tl.constexpr, BH: tl.constexpr):
     else:
         v = tl.reshape(tl.reshape(v, (BR, BH // 32, 32)) * amax[:, :, None], (BR, BH))
     return v
+
+
+@triton.jit
+def nf4_absmax(absmax_ptr, blk, nested_absmax_ptr, nested_code_ptr, nested_offset,
+               DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr, PTX: tl.constexpr = False):
+    """The fp32 absmax of blocks ``blk`` (any shape).
+
+    bitsandbytes rounds the product and then the sum (two torch ops); the compiler would
+    fuse them into one FMA, which differs in the last bit now and then, so on a GPU
+    (``PTX``) they are written as two round-to-nearest instructions it may not fuse.
+    """
+    if DOUBLE_QUANT:
+        a8 = tl.load(absmax_ptr + blk).to(tl.int32)
+        c = tl.load(nested_code_ptr + a8)
+        s = tl.load(nested_absmax_ptr + blk // NESTED_BLOCK)
+        if PTX:
+            amax = tl.inline_asm_elementwise(
+                "mul.rn.f32 $0, $1, $2; add.rn.f32 $0, $0, $3;", "=r,r,r,r",
+                [c, s, tl.full(c.shape, 0, tl.float32) + nested_offset],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            amax = c * s + nested_offset
+    else:
+        amax = tl.load(absmax_ptr + blk)
+    return amax
 
 
 @triton.jit
@@ -37,25 +148,30 @@ def nf4_tile(
     DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCK: tl.constexpr,
     OUT: tl.constexpr,
+    ASM: tl.constexpr = False,
 ):
     """The [BR, BC] tile in dtype ``OUT``, each value ``code[q]·absmax`` computed in fp32.
 
     ``w_ptrs`` [BR, BC/2] points at the packed bytes of the tile; ``blk`` [BR, BC/64]
-    holds the absmax block index of each 64-wide piece of each row.
+    holds the absmax block index of each 64-wide piece of each row. ``ASM``: running on a
+    GPU (not the interpreter), so inline PTX may be used (the decode for bf16/fp16).
     """
-    b = tl.load(w_ptrs).to(tl.int32)
-    if DOUBLE_QUANT:
-        a8 = tl.load(absmax_ptr + blk).to(tl.int32)
-        amax = tl.load(nested_code_ptr + a8) * tl.load(nested_absmax_ptr + blk // NESTED_BLOCK)
-        amax = amax + nested_offset
+    b = tl.load(w_ptrs)
+    amax = nf4_absmax(absmax_ptr, blk, nested_absmax_ptr, nested_code_ptr, nested_offset,
+                      DOUBLE_QUANT, NESTED_BLOCK, ASM)
+    if ASM and OUT != tl.float32:
+        base = tl.full((BR, BC // 2), 0, tl.int64) + code_ptr.to(tl.int64)
+        if OUT == tl.bfloat16:
+            hi, lo = tl.inline_asm_elementwise(
+                _DECODE_BF16, "=r,=r,=r,=r,r,r,r,r,r,l,l,l,l", [b, _widen(amax, BR, BC // 2), base],
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            hi, lo = tl.inline_asm_elementwise(
+                _DECODE_F16, "=r,=r,=r,=r,r,r,r,r,r,l,l,l,l", [b, _widen(amax, BR, BC // 2), base],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        amax = tl.load(absmax_ptr + blk)
-    # Byte j holds weight 2j in its high nibble and 2j+1 in its low one: decode each half
-    # in the bytes' own layout, then interleave the finished values (cheap in registers;
-    # interleaving the codes first made the compiler shuffle 64-bit table addresses).
-    # The table lookups are per-element loads that hit L1; the compiler stages them
-    # through shared memory with the other pipelined loads. Tried and slower by
-    # instruction count: a register table (tl.gather, one shuffle each) and a 15-select tree.
-    hi = _scale(tl.load(code_ptr + (b >> 4)), amax, BR, BC // 2).to(OUT)
-    lo = _scale(tl.load(code_ptr + (b & 15)), amax, BR, BC // 2).to(OUT)
-    return tl.interleave(hi, lo)
+        b = b.to(tl.int32)
+        hi = _scale(tl.load(code_ptr + (b >> 4)), amax, BR, BC // 2).to(OUT)
+        lo = _scale(tl.load(code_ptr + (b & 15)), amax, BR, BC // 2).to(OUT)
+    # Byte j holds weight 2j (high nibble) and 2j+1 (low): pair them in registers.
+    return tl.reshape(tl.join(hi, lo), (BR, BC))
