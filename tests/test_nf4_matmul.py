@@ -54,26 +54,28 @@ try:
 
     @triton.jit
     def _decode_kernel(w_ptr, am_ptr, nam_ptr, ncode_ptr, code_ptr, off, out_ptr, K,
-                       BR: tl.constexpr, BC: tl.constexpr, DQ: tl.constexpr, ASM: tl.constexpr):
+                       BR: tl.constexpr, BC: tl.constexpr, DQ: tl.constexpr, ASM: tl.constexpr,
+                       LUT: tl.constexpr):
         """Writes nf4_tile's [BR, BC] tiles out, so the decode itself can be compared."""
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         c0 = tl.program_id(1) * BC
         w_ptrs = w_ptr + r[:, None] * (K // 2) + (c0 // 2 + tl.arange(0, BC // 2))[None, :]
         blk = r[:, None] * (K // 64) + (c0 // 64 + tl.arange(0, BC // 64))[None, :]
         t = nf4_tile(w_ptrs, blk, am_ptr, nam_ptr, ncode_ptr, code_ptr, off, BR, BC, DQ, 256,
-                     out_ptr.dtype.element_ty, ASM)
+                     out_ptr.dtype.element_ty, ASM, LUT)
         tl.store(out_ptr + r[:, None] * K + (c0 + tl.arange(0, BC))[None, :], t)
 except ImportError:  # no Triton: the kernel tests skip through kernel_device
     _decode_kernel = None
 
 
-def _decode(t, dtype, BR, BC, asm):
+def _decode(t, dtype, BR, BC, asm, lut=0):
     N, K = t.shape
     out = torch.empty(N, K, device=t.packed.device, dtype=dtype)
     nested = t.nested_absmax if t.nested_absmax is not None else t.absmax
     ncode = t.nested_code if t.nested_code is not None else t.code
     _decode_kernel[(N // BR, K // BC)](t.packed, t.absmax, nested, ncode, t.code, float(t.nested_offset or 0.0),
-                                       out, K, BR=BR, BC=BC, DQ=t.absmax.dtype == torch.uint8, ASM=asm)
+                                       out, K, BR=BR, BC=BC, DQ=t.absmax.dtype == torch.uint8, ASM=asm,
+                                       LUT=lut, num_warps=4)
     return out
 
 
@@ -88,13 +90,21 @@ def test_tile_decode_portable_exact(kernel_device, BC):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("BR,BC", [(32, 64), (64, 128), (16, 256)])
-def test_gpu_tile_decode_ptx_bit_exact(dtype, BR, BC):
-    """The inline-PTX decode writes exactly what bitsandbytes' dequantize writes."""
+@pytest.mark.parametrize("table", ["memory", "registers"])
+def test_gpu_tile_decode_ptx_bit_exact(dtype, BR, BC, table):
+    """Both inline-PTX decodes (code table read from memory; per-block table in
+    registers) write exactly what bitsandbytes' dequantize writes; the tiles give a
+    thread 8, 32 and 16 bytes."""
+    from fastqlora.triton_kernels.nf4_tile import lut_pack
+
     bnbf = pytest.importorskip("bitsandbytes.functional")
     g = torch.Generator(device="cuda").manual_seed(BR + BC)
     w = torch.randn(192, 5 * BC, device="cuda", generator=g, dtype=dtype) * 0.03
     packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
-    assert torch.equal(_decode(nf4h.from_bnb(packed, qs), dtype, BR, BC, True), bnbf.dequantize_4bit(packed, qs))
+    lut = lut_pack(BR, BC, 4) if table == "registers" else 0
+    assert table == "memory" or lut == 8
+    got = _decode(nf4h.from_bnb(packed, qs), dtype, BR, BC, True, lut)
+    assert torch.equal(got, bnbf.dequantize_4bit(packed, qs))
 
 
 # ---------------------------------------------------------------- kernels, interpreter or GPU
@@ -258,3 +268,20 @@ def test_gemv_kernel_fp32(kernel_device, split):
     wd = nf4h.dequantize_oracle(w, torch.float64)
     ref = x.double() @ wd.t() + s * (xa.double() @ b.double().t()) + bias.double()
     assert y.shape == (1, N) and rel(y, ref) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_refuses_a_wrong_config():
+    """The tuner checks each fused config's result against dequantize + cuBLAS first."""
+    nf4_dispatch.clear()
+    w, _ = _bnb_weight(256, 512, seed=3)
+    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+    from fastqlora.ops.nf4_linear import dense
+
+    plain = lambda: [x @ dense(w, x.dtype).t()]  # noqa: E731
+    wrong = lambda cfg: [v * 1.5 for v in plain()]  # noqa: E731  (a "kernel" that is 50% off)
+    with pytest.warns(RuntimeWarning, match="relative error"):
+        pick = nf4_dispatch.choose("fwd", x, [256], 512, 0, wrong, plain)
+    assert pick == nf4_dispatch.CUBLAS
+    assert nf4_dispatch.rejected() and all(r[2] > 0.3 for r in nf4_dispatch.rejected()[-3:])
+    nf4_dispatch.clear()

@@ -81,8 +81,8 @@ C = MatmulConfig
 _FWD_PREFILL = {
     "hopper": [
         C(256, 64, 64, 8, 1, False, 8, 3, 128),
-        C(256, 64, 64, 8, 1, False, 8, 2, 128),
         C(128, 128, 64, 8, 1, False, 8, 3, 128),
+        C(256, 64, 64, 8, 1, False, 8, 2, 128),
     ],
     "ampere": [
         C(128, 128, 64, 8, 1, False, 8, 3),
@@ -93,14 +93,15 @@ _FWD_PREFILL = {
 }
 # bm is replaced by M rounded up to a power of two in [16, 64]; split_k 0 by _split_for.
 # The unsplit entries need no zeroed fp32 buffer and no cast (two launches fewer). The
-# fastest of a 51-tile sweep at M = 16 on the H200, per Llama-3-8B shape.
+# fastest of two sweeps at M = 16 on the H200 (51 tiles; then 12 tiles with the register
+# table on and off): every shape's best is an unsplit shared-memory tile with the table.
 _FWD_DECODE = [
-    C(16, 32, 512, 1, 1, False, 4, 3),
     C(16, 32, 256, 1, 1, False, 4, 3),
-    C(16, 16, 256, 1, 1, False, 4, 3),
     C(16, 64, 256, 1, 1, False, 4, 3),
-    C(16, 64, 256, 1, 0, False, 4, 3),
-    C(16, 64, 128, 1, 0, True, 4, 3),
+    C(16, 16, 256, 1, 1, False, 4, 3),
+    C(16, 32, 512, 1, 1, False, 4, 3),
+    C(16, 64, 128, 1, 1, False, 4, 4),
+    C(16, 64, 256, 1, 1, False, 8, 3),
 ]
 
 # One row only (see nf4_gemv.py for why not more).
@@ -111,8 +112,8 @@ _GEMV = [GemvConfig(64, 0, 2), GemvConfig(128, 0, 4), GemvConfig(256, 0, 8)]
 _T_LARGE = {
     "hopper": [
         C(256, 64, 64, 8, 1, False, 8, 3, 128),
-        C(128, 64, 128, 8, 1, True, 4, 4),
         C(256, 64, 64, 8, 1, False, 8, 2, 128),
+        C(128, 64, 128, 8, 1, True, 4, 4),
     ],
     "ampere": [
         C(128, 64, 128, 8, 1, True, 8, 3),

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .nf4_configs import MatmulConfig
-from .nf4_tile import nf4_tile, use_asm
+from .nf4_tile import lut_for, nf4_tile, use_asm
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _nf4_fwd_kernel(
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, W_AS_A: tl.constexpr, PREC: tl.constexpr,
-    N_DIV16: tl.constexpr, ASM: tl.constexpr = False,
+    N_DIV16: tl.constexpr, ASM: tl.constexpr = False, LUT: tl.constexpr = 0,
 ):
     # ---- which output tile: grouped ordering over (m tiles, column tiles of all segments)
     pid = tl.program_id(0)
@@ -140,7 +140,7 @@ def _nf4_fwd_kernel(
     for _ in range(0, k_count):
         x = tl.load(x_ptrs)
         w = nf4_tile(w_ptrs, blk, am_ptr, nam_ptr, ncode_ptr, code_ptr, off,
-                     BN, BK, DOUBLE_QUANT, NESTED_BLOCK, x.dtype, ASM)
+                     BN, BK, DOUBLE_QUANT, NESTED_BLOCK, x.dtype, ASM, LUT)
         if W_AS_A:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
         else:
@@ -263,6 +263,7 @@ def nf4_matmul_fwd(
         GROUP_M=cfg.group_m, SPLIT_K=split, W_AS_A=cfg.w_as_a,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
         N_DIV16=all(s.n % 16 == 0 for s in segs), ASM=use_asm(x),
+        LUT=lut_for(w0, x, cfg.bn, cfg.bk, cfg.num_warps, cfg.w_as_a),
         **cfg.launch_options(),
     )
     if split > 1:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .nf4_configs import MatmulConfig
-from .nf4_tile import nf4_tile, use_asm
+from .nf4_tile import lut_for, nf4_tile, use_asm
 
 
 @triton.jit
@@ -28,6 +28,7 @@ def _accumulate_pair(
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_N: tl.constexpr, W_AS_A: tl.constexpr, PREC: tl.constexpr, ASM: tl.constexpr,
+    LUT: tl.constexpr,
 ):
     """acc += dY[rows, :] · W[:, k0:k0+BK] over all N in steps of BN."""
     offs_n = tl.arange(0, BN)
@@ -46,7 +47,7 @@ def _accumulate_pair(
             blk = rn[:, None] * (K // 64) + cols_a[None, :]
             dy = tl.load(dy_ptrs, mask=(n_start + offs_n < N)[None, :], other=0.0)
         w = nf4_tile(w_ptrs, blk, am_ptr, nam_ptr, ncode_ptr, code_ptr, off,
-                     BN, BK, DOUBLE_QUANT, NESTED_BLOCK, dy.dtype, ASM)
+                     BN, BK, DOUBLE_QUANT, NESTED_BLOCK, dy.dtype, ASM, LUT)
         if W_AS_A:
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc, input_precision=PREC)
         else:
@@ -70,7 +71,7 @@ def _nf4_t_kernel(
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_N: tl.constexpr, W_AS_A: tl.constexpr, PREC: tl.constexpr,
-    ASM: tl.constexpr = False,
+    ASM: tl.constexpr = False, LUT: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BM)
@@ -90,13 +91,13 @@ def _nf4_t_kernel(
     else:
         acc = tl.zeros((BM, BK), dtype=tl.float32)
     acc = _accumulate_pair(acc, dy0, sdy0, rm, w0, am0, nam0, off0, n0, K, k0, code_ptr, ncode_ptr,
-                           DOUBLE_QUANT, NESTED_BLOCK, BM, BN, BK, EVEN_N, W_AS_A, PREC, ASM)
+                           DOUBLE_QUANT, NESTED_BLOCK, BM, BN, BK, EVEN_N, W_AS_A, PREC, ASM, LUT)
     if NUM_SEG > 1:
         acc = _accumulate_pair(acc, dy1, sdy1, rm, w1, am1, nam1, off1, n1, K, k0, code_ptr, ncode_ptr,
-                               DOUBLE_QUANT, NESTED_BLOCK, BM, BN, BK, EVEN_N, W_AS_A, PREC, ASM)
+                               DOUBLE_QUANT, NESTED_BLOCK, BM, BN, BK, EVEN_N, W_AS_A, PREC, ASM, LUT)
     if NUM_SEG > 2:
         acc = _accumulate_pair(acc, dy2, sdy2, rm, w2, am2, nam2, off2, n2, K, k0, code_ptr, ncode_ptr,
-                               DOUBLE_QUANT, NESTED_BLOCK, BM, BN, BK, EVEN_N, W_AS_A, PREC, ASM)
+                               DOUBLE_QUANT, NESTED_BLOCK, BM, BN, BK, EVEN_N, W_AS_A, PREC, ASM, LUT)
     if W_AS_A:
         acc = tl.trans(acc)
 
@@ -157,6 +158,7 @@ def nf4_matmul_t(
         DOUBLE_QUANT=w0.absmax.dtype == torch.uint8, NESTED_BLOCK=int(w0.nested_blocksize or 256),
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, BR=max(16, _next_pow2(max(rt, 1))),
         GROUP_M=cfg.group_m, EVEN_N=even_n, W_AS_A=cfg.w_as_a, ASM=use_asm(dx),
+        LUT=lut_for(w0, dx, cfg.bn, cfg.bk, cfg.num_warps, cfg.w_as_a),
         PREC="ieee" if dx.dtype == torch.float32 else "tf32",
         **cfg.launch_options(),
     )

@@ -25,6 +25,7 @@ The high-nibble and low-nibble values come out as two [BR, BC/2] tensors that
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -33,8 +34,10 @@ import triton.language as tl
 
 def use_asm(t: torch.Tensor) -> bool:
     """Whether kernels on ``t`` may use inline PTX: a CUDA tensor, not under the
-    interpreter (which cannot run PTX)."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    interpreter (which cannot run PTX). ``FASTQLORA_NF4_PTX=0`` forces the portable
+    decode (for A/B timing; on Hopper only the W_AS_A tiles compile that way)."""
+    return (t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and os.environ.get("FASTQLORA_NF4_PTX", "1") != "0")
 
 # Outputs: $0-$1 the four high-nibble values (bf16x2 each), $2-$3 the four low-nibble
 # values; inputs: $4 four packed bytes, $5-$8 their absmax, $9-$12 the table address.
@@ -87,6 +90,105 @@ cvt.rn.CVT.f32 $3, v7, v6;
 """
 _DECODE_BF16: tl.constexpr = tl.constexpr(_DECODE_PTX.replace("CVT", "bf16x2"))
 _DECODE_F16: tl.constexpr = tl.constexpr(_DECODE_PTX.replace("CVT", "f16x2"))
+
+
+# bitsandbytes' NF4 code values (fp32), written into the register-table PTX as immediates.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+def _f32_hex(v: float) -> str:
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def _lut_ptx(words: int, cvt: str) -> str:
+    """Register-table decode of ``words`` 32-bit words (4·words packed bytes of one row
+    and one absmax block) into 16-bit values, no memory reads.
+
+    The 16 values a block can take, ``T[c] = cvt(code[c]·absmax)``, are built once per
+    call (16 multiplies, 8 packing converts) and split into a low-byte plane and a
+    high-byte plane of four registers each. ``prmt`` picks four bytes out of a register
+    pair by four 3-bit selectors, so for four codes at once: one ``prmt`` over entries
+    0-7, one over 8-15, a ``lop3`` that keeps the second where the code's bit 3 is set
+    (the mask itself comes from one ``prmt`` over 0x0000FF00), per plane; two more
+    ``prmt`` put the planes' bytes together as bf16x2 pairs. About 3 instructions a
+    weight plus 32 a call. Operand order: the high-nibble values (words·2 registers),
+    the low-nibble values (words·2), then the words, then one absmax per byte.
+    """
+    n_out = 4 * words
+    w0 = n_out
+    am = n_out + words
+    lines = ["{", ".reg .b32 t<8>, pl<4>, ph<4>, s, sh, k, kh, m, a, b, rl, rh, ff;", ".reg .f32 f<16>;",
+             "mov.b32 ff, 0x0000FF00;"]
+    for c, v in enumerate(NF4_VALUES):
+        lines.append(f"mul.rn.f32 f{c}, ${am}, {_f32_hex(v)};")
+    for i in range(8):
+        lines.append(f"cvt.rn.{cvt}.f32 t{i}, f{2 * i + 1}, f{2 * i};")
+    for i in range(4):  # plane register i holds entries 4i .. 4i+3
+        lines.append(f"prmt.b32 pl{i}, t{2 * i}, t{2 * i + 1}, 0x6420;")
+        lines.append(f"prmt.b32 ph{i}, t{2 * i}, t{2 * i + 1}, 0x7531;")
+    for j in range(words):
+        w = f"${w0 + j}"
+        lines += [f"and.b32 s, {w}, 0x77777777;", "shr.b32 sh, s, 16;",
+                  f"shr.b32 k, {w}, 3;", "and.b32 k, k, 0x11111111;", "shr.b32 kh, k, 16;"]
+        for half, (sel, msel) in enumerate((("s", "k"), ("sh", "kh"))):
+            # nibbles of this half, low first: byte0.lo, byte0.hi, byte1.lo, byte1.hi
+            lines += [f"prmt.b32 m, ff, 0, {msel};",
+                      f"prmt.b32 a, pl0, pl1, {sel};", f"prmt.b32 b, pl2, pl3, {sel};",
+                      "lop3.b32 rl, a, b, m, 0xD8;",
+                      f"prmt.b32 a, ph0, ph1, {sel};", f"prmt.b32 b, ph2, ph3, {sel};",
+                      "lop3.b32 rh, a, b, m, 0xD8;"]
+            reg = 2 * j + half  # output register index within each of the two outputs
+            lines.append(f"prmt.b32 ${reg}, rl, rh, 0x7351;")  # high-nibble values (bytes 2i, 2i+1)
+            lines.append(f"prmt.b32 ${2 * words + reg}, rl, rh, 0x6240;")  # low-nibble values
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_LUT8_BF16: tl.constexpr = tl.constexpr(_lut_ptx(2, "bf16x2"))
+_LUT16_BF16: tl.constexpr = tl.constexpr(_lut_ptx(4, "bf16x2"))
+_LUT8_F16: tl.constexpr = tl.constexpr(_lut_ptx(2, "f16x2"))
+_LUT16_F16: tl.constexpr = tl.constexpr(_lut_ptx(4, "f16x2"))
+_LUT8_CONS: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 2 + ["r"] * 8))
+_LUT16_CONS: tl.constexpr = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4 + ["r"] * 16))
+
+
+def lut_pack(rows: int, cols: int, num_warps: int) -> int:
+    """The register-table decode's group: 8 bytes (16 weights of one row and one absmax
+    block) when each thread of a [rows, cols] weight tile holds at least 8 bytes, else 0
+    (the table-read decode). Triton gives a thread its bytes in aligned runs of 8 or 16
+    (16-byte-aligned rows), so a group of 8 never straddles a row or a block; groups of
+    16 did straddle on the H200 (a [64, 128] tile held runs of 8), so 16 is not used."""
+    per_thread = rows * cols // 2 // (32 * num_warps)
+    return 8 if per_thread >= 8 else 0
+
+
+_standard_code: dict[tuple[int, int], bool] = {}
+
+
+def lut_for(w, t: torch.Tensor, rows: int, cols: int, num_warps: int, w_as_a: bool = False) -> int:
+    """The ``LUT`` argument of nf4_tile for weight ``w`` in a kernel on ``t``'s dtype and
+    device: the register-table group size when PTX may be used, the output is 16-bit, the
+    weight's code is NF4's (checked once per code tensor) and the tile gives each thread
+    at least 8 bytes; else 0 (the table-read decode). ``FASTQLORA_NF4_LUT=0`` turns it off.
+
+    Not for W_AS_A tiles: there Triton lays the bytes out for the dot's register operand,
+    and a group of 8 straddled rows on the H200 (wrong values, caught by the GPU tests).
+    Which registers a group gets is not specified by Triton, so the dispatch also checks
+    each configuration's result against the plain path before it uses it."""
+    if w_as_a or not use_asm(t) or t.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    if os.environ.get("FASTQLORA_NF4_LUT", "1") == "0":
+        return 0
+    key = (w.code.data_ptr(), w.code.numel())
+    if key not in _standard_code:
+        want = torch.tensor(NF4_VALUES, dtype=torch.float32)
+        _standard_code[key] = w.code.numel() == 16 and torch.equal(w.code.detach().float().cpu(), want)
+    return lut_pack(rows, cols, num_warps) if _standard_code[key] else 0
 
 
 @triton.jit
@@ -149,6 +251,7 @@ def nf4_tile(
     NESTED_BLOCK: tl.constexpr,
     OUT: tl.constexpr,
     ASM: tl.constexpr = False,
+    LUT: tl.constexpr = 0,
 ):
     """The [BR, BC] tile in dtype ``OUT``, each value ``code[q]·absmax`` computed in fp32.
 
@@ -159,7 +262,23 @@ def nf4_tile(
     b = tl.load(w_ptrs)
     amax = nf4_absmax(absmax_ptr, blk, nested_absmax_ptr, nested_code_ptr, nested_offset,
                       DOUBLE_QUANT, NESTED_BLOCK, ASM)
-    if ASM and OUT != tl.float32:
+    if ASM and OUT != tl.float32 and LUT != 0:
+        amw = _widen(amax, BR, BC // 2)
+        if OUT == tl.bfloat16:
+            if LUT == 16:
+                hi, lo = tl.inline_asm_elementwise(_LUT16_BF16, _LUT16_CONS, [b, amw],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=16)
+            else:
+                hi, lo = tl.inline_asm_elementwise(_LUT8_BF16, _LUT8_CONS, [b, amw],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=8)
+        else:
+            if LUT == 16:
+                hi, lo = tl.inline_asm_elementwise(_LUT16_F16, _LUT16_CONS, [b, amw],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=16)
+            else:
+                hi, lo = tl.inline_asm_elementwise(_LUT8_F16, _LUT8_CONS, [b, amw],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=8)
+    elif ASM and OUT != tl.float32:
         base = tl.full((BR, BC // 2), 0, tl.int64) + code_ptr.to(tl.int64)
         if OUT == tl.bfloat16:
             hi, lo = tl.inline_asm_elementwise(

@@ -4,7 +4,8 @@ For each key (direction, GPU, dtype, M rounded up to a power of two, the weights
 LoRA rank) the first call times the kernel configurations of
 ``fastqlora.triton_kernels.nf4_configs`` and the plain path (the weight dequantized into
 a reused buffer, then cuBLAS), and keeps the fastest; so no shape is slower than the
-plain path. The choice is cached for the process. ``FASTQLORA_NF4_TUNE=0`` skips the
+plain path; a configuration is used only if its result on that first call agrees with the
+plain path's (:data:`CHECK_TOL`). The choice is cached for the process. ``FASTQLORA_NF4_TUNE=0`` skips the
 timing and uses :data:`DEFAULT_PATH` (what bench_nf4_matmul.py showed on an H100), and the
 interpreter always uses the first configuration. :func:`choices` lists what was picked.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Union
 
@@ -42,6 +44,26 @@ def force(path: str | None) -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+# A fused configuration must agree with "dequantize + cuBLAS" to bf16 rounding (measured
+# ~1e-3 relative) before the tuner may pick it; wrong decodes give ~1e-1.
+CHECK_TOL = 1e-2
+_rejected: list[tuple] = []
+
+
+def _as_list(r) -> list[torch.Tensor]:
+    return list(r) if isinstance(r, (list, tuple)) else [r]
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def rejected() -> list[tuple]:
+    """(key, config, relative error) of every configuration the result check refused."""
+    return list(_rejected)
 
 
 def tuning_enabled() -> bool:
@@ -117,12 +139,27 @@ def choose(
     default = CUBLAS if (DEFAULT_PATH[cls] == CUBLAS or not cands) else cands[0]
     if _forced == "fused" and cands and (not tuning_enabled() or torch.cuda.is_current_stream_capturing()):
         return cands[0]
-    if not tuning_enabled() or torch.cuda.is_current_stream_capturing():
-        _cache[key] = default
+    if torch.cuda.is_current_stream_capturing():
         return default
+    want = _as_list(run_plain())
+
+    def agrees(cfg: Choice) -> bool:
+        err = max(_rel_err(g, w) for g, w in zip(_as_list(run_fused(cfg)), want))
+        if err < CHECK_TOL:
+            return True
+        _rejected.append((key, cfg.short(), err))
+        warnings.warn(f"fastqlora: NF4 kernel config {cfg.short()} gave relative error {err:.2e} against "
+                      f"dequantize + cuBLAS for {key[0]} {tuple(key[4:7])}; not used", RuntimeWarning)
+        return False
+
+    if not tuning_enabled():
+        _cache[key] = default if default == CUBLAS or agrees(default) else CUBLAS
+        return _cache[key]
     best, best_t = CUBLAS, float("inf") if _forced == "fused" else _time_ms(run_plain)
     for cfg in cands:
         try:
+            if not agrees(cfg):
+                continue
             t = _time_ms(lambda: run_fused(cfg))
         except Exception:  # a config that does not fit this GPU (shared memory, registers)
             continue
