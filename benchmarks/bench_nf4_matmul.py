@@ -67,6 +67,36 @@ def make_weight(N, K, gen):
     return ours, packed, qs, bnbf.dequantize_4bit(packed, qs)
 
 
+def graph_us(fn, n: int = 20) -> float:
+    """GPU time of one call in µs: ``n`` calls captured in a CUDA graph, best of 5 replays
+    (no host launch cost; weights stay in L2 between calls, which at M <= 16 flatters
+    every path alike)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                fn()
+    except Exception as exc:  # noqa: BLE001 - a path that cannot be captured
+        print(f"  (not capturable: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+        return None
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    torch.cuda.synchronize()
+    for _ in range(5):
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        best = min(best, e0.elapsed_time(e1) * 1e3 / n)
+    return best
+
+
 SWEEP: dict | None = None  # --sweep: every candidate's time, keyed by its name
 
 
@@ -125,6 +155,17 @@ def projections(args, rows, gen):
                 r["fused+lora"] = bench(lambda: fwd(cfg, lora=True))
             r["dispatch"] = bench(lambda: frozen_matmul(x, [w], xa=x @ a.t(), lora_b=[b], scales=[2.0]))
             r["bnb"] = bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))
+            if M <= 16:  # GPU-only times (CUDA graphs): what a captured decode step pays
+                r["graph_us"] = {
+                    "cublas": graph_us(lambda: x @ wd.t()),
+                    "deq+cublas": graph_us(lambda: x @ dense(w, torch.bfloat16).t()),
+                    "fused": graph_us(lambda: fwd(cfg)) if cfg is not None else None,
+                    "bnb": graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs)),
+                }
+                gu = r["graph_us"]
+                print(f"  graph µs {name} M={M}: " + ", ".join(f"{k} {v:.1f}" for k, v in gu.items() if v)
+                      + (f" | bnb / fused {gu['bnb'] / gu['fused']:.2f}" if gu.get("fused") and gu.get("bnb") else ""),
+                      flush=True)
             if M > 1:
                 r["t_cublas"] = bench(lambda: dy @ wd)
                 r["t_deq+cublas"] = bench(lambda: dy @ dense(w, torch.bfloat16))

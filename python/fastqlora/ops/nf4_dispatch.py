@@ -85,18 +85,26 @@ def _m_bucket(M: int) -> int:
 
 
 def _time_ms(fn: Callable[[], object], reps: int = 7) -> float:
-    """Median time of ``fn`` on the current stream, after a warm-up that also compiles."""
+    """Mean GPU time of ``fn`` in ms, after a warm-up that also compiles.
+
+    A millisecond of ``torch.cuda._sleep`` is queued first, so the GPU is still busy
+    while Python enqueues the timed calls: the events then bracket GPU work only. (Timing
+    one call at a time counts the host's launch cost too, which at decode shapes is as
+    long as the kernel and would pick by Python overhead; in training and in captured
+    decode graphs that cost overlaps other work.)
+    """
     fn()
     fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2]
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(2_000_000)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def choose(
