@@ -10,8 +10,8 @@ each 64-weight block,
 so each weight costs a nibble extract, a table lookup and one FMA, in fp32 with the exact
 fp32 codes. The high and low nibbles of a byte multiply the even and odd entries of x,
 so nothing is interleaved. Triton pipelines only loads that feed a dot, so bytes in
-flight come from many small programs instead: K is split over ``SPLIT_K`` programs that
-add fp32 partial rows atomically (the launcher zeroes and casts), several per SM. (Several rows cost one more FMA each and a 3-D
+flight come from many small programs instead: K is split over ``SPLIT_K`` programs,
+several per SM, whose partial rows the last of them sums (as in nf4_matmul.py). (Several rows cost one more FMA each and a 3-D
 reduction that Triton spreads across lanes, so from two rows on the tensor-core kernel
 in nf4_matmul.py is the better tool.)
 """
@@ -22,11 +22,12 @@ import triton
 import triton.language as tl
 
 from .nf4_configs import GemvConfig
+from .nf4_matmul import split_counters
 
 
 @triton.jit(do_not_specialize=["N", "R"])
 def _nf4_gemv_kernel(
-    x_ptr, xa_ptr,
+    x_ptr, xa_ptr, ws_ptr, cnt_ptr,
     w_ptr, am_ptr, nam_ptr, off, code_ptr, ncode_ptr,
     b_ptr, bias_ptr, scale, y_ptr,
     N, K, R,
@@ -70,24 +71,32 @@ def _nf4_gemv_kernel(
         blk += 1
         x_ptrs += 64
 
+    # Split K: partial rows to the workspace; the tile's last program sums them in split
+    # order and finishes (see nf4_matmul.py).
+    last = True
     if SPLIT_K > 1:
-        scale = tl.where(tl.program_id(1) == 0, scale, 0.0)
-    if HAS_LORA:
-        offs_r = tl.arange(0, BR)
-        r_mask = offs_r < R
-        xa = tl.load(xa_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + rn[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
-        acc += scale * tl.sum(bt.to(tl.float32) * xa[None, :], axis=1)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
-        acc += bias
-    mask = offs_n < N
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, acc, mask=mask)
+        tile_id = tl.program_id(0)
+        ws_tile = ws_ptr + tile_id.to(tl.int64) * BN + tl.arange(0, BN)
+        stride_split = tl.num_programs(0).to(tl.int64) * BN
+        tl.store(ws_tile + tl.program_id(1) * stride_split, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        if last:
+            acc = tl.load(ws_tile, cache_modifier=".cg")
+            for sp in tl.static_range(1, SPLIT_K):
+                acc += tl.load(ws_tile + sp * stride_split, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+    if last:
+        if HAS_LORA:
+            offs_r = tl.arange(0, BR)
+            r_mask = offs_r < R
+            xa = tl.load(xa_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + rn[:, None] * R + offs_r[None, :], mask=r_mask[None, :], other=0.0)
+            acc += scale * tl.sum(bt.to(tl.float32) * xa[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 def nf4_gemv(
@@ -108,12 +117,18 @@ def nf4_gemv(
     if M != 1:
         raise ValueError(f"nf4_gemv computes one row; got x with {M} rows (use nf4_matmul_fwd)")
     split = cfg.split_k
-    y = (torch.zeros if split > 1 else torch.empty)((1, N), device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    y = torch.empty((1, N), device=x.device, dtype=x.dtype)
+    tiles = triton.cdiv(N, cfg.bn)
+    if split > 1:
+        ws = torch.empty(split * tiles * cfg.bn, device=x.device, dtype=torch.float32)
+        cnt = split_counters(x.device, tiles)
+    else:
+        ws, cnt = x, x  # never read
     has_lora = xa is not None and lora_b is not None
     r = int(lora_b.shape[1]) if has_lora else 0
     nested = w.nested_absmax if w.nested_absmax is not None else w.absmax
-    _nf4_gemv_kernel[(triton.cdiv(N, cfg.bn), split)](
-        x, xa if has_lora else x,
+    _nf4_gemv_kernel[(tiles, split)](
+        x, xa if has_lora else x, ws, cnt,
         w.packed, w.absmax, nested, float(w.nested_offset or 0.0), w.code,
         w.nested_code if w.nested_code is not None else w.code,
         lora_b if has_lora else x, bias if bias is not None else x, float(scale), y,
@@ -123,4 +138,4 @@ def nf4_gemv(
         BN=cfg.bn, BR=max(1, 1 << max(0, (r - 1).bit_length())), SPLIT_K=split,
         num_warps=cfg.num_warps, num_stages=1,
     )
-    return y.to(x.dtype) if split > 1 else y
+    return y

@@ -7,9 +7,10 @@ with one more small dot. Up to three weights that read the same X (q, k, v; or g
 up) run in one launch: the grid's column tiles walk W0's outputs, then W1's, then W2's,
 each written to its own output tensor.
 
-Decode shapes (M ≤ 64) are bound by reading the 4-bit weight; they split K over
-``SPLIT_K`` programs that add their fp32 partial tiles atomically into a zeroed fp32
-output (the launcher casts it), so enough programs stream the weight.
+Decode shapes (M ≤ 64) are bound by reading the 4-bit weight and by latency; they may
+split K over ``SPLIT_K`` programs, so more programs stream the weight at once. Each
+leaves an fp32 partial tile in a workspace and the last to finish its tile (a counter
+per tile) sums them in split order and writes the output: one launch, deterministic.
 
 ``W_AS_A`` computes the transposed tile ``Yᵀ = W·Xᵀ`` so the dequantized tile is the
 dot's first operand, which Hopper's wgmma can take straight from registers; the other
@@ -39,7 +40,7 @@ def _pick(cond, a, b):
 
 @triton.jit(do_not_specialize=["n0", "r0", "c0", "n1", "r1", "c1", "n2", "r2", "c2", "M"])
 def _nf4_fwd_kernel(
-    x_ptr, stride_xm, xa_ptr, stride_xam,
+    x_ptr, stride_xm, xa_ptr, stride_xam, ws_ptr, cnt_ptr,
     code_ptr, ncode_ptr,
     w0, am0, nam0, off0, y0, b0, bias0, s0, n0, r0, c0,
     w1, am1, nam1, off1, y1, b1, bias1, s1, n1, r1, c1,
@@ -148,34 +149,55 @@ def _nf4_fwd_kernel(
         x_ptrs += BK
         w_ptrs += BK // 2
         blk += BK // 64
-    # ---- epilogue: LoRA and bias once (by the first split), then store. The LoRA dot
-    # accumulates straight into acc (scale folded into B) so no second tile is live.
-    if SPLIT_K > 1:
-        scale = tl.where(tl.program_id(1) == 0, scale, 0.0)
-    if HAS_LORA:
-        offs_r = tl.arange(0, BR)
-        r_mask = offs_r < r
-        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + (col + offs_r)[None, :],
-                     mask=r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptr + rn[:, None] * r + offs_r[None, :], mask=r_mask[None, :], other=0.0)
-        bt = (bt.to(tl.float32) * scale).to(xa.dtype)
-        if W_AS_A:
-            acc = tl.dot(bt, tl.trans(xa), acc, input_precision=PREC)
-        else:
-            acc = tl.dot(xa, tl.trans(bt), acc, input_precision=PREC)
     if W_AS_A:
         acc = tl.trans(acc)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = tl.where(tl.program_id(1) == 0, bias, 0.0)
-        acc += bias[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT_K == 1:
+    # ---- split K: each program leaves its fp32 partial tile in the workspace; the last of
+    # a tile's programs to arrive (a counter per tile) adds them in split order, so the sum
+    # is deterministic and the output is written once, in its own dtype, by one launch.
+    last = True
+    if SPLIT_K > 1:
+        tile_id = tl.program_id(0)
+        local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        ws_tile = ws_ptr + tile_id.to(tl.int64) * (BM * BN)
+        stride_split = tl.num_programs(0).to(tl.int64) * (BM * BN)
+        tl.store(ws_tile + tl.program_id(1) * stride_split + local, acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        if last:
+            acc = tl.load(ws_tile + local, cache_modifier=".cg")
+            for sp in tl.static_range(1, SPLIT_K):
+                acc += tl.load(ws_tile + sp * stride_split + local, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    if last:
+        # ---- epilogue: LoRA (scale folded into B; the dot accumulates into acc) and bias
+        if HAS_LORA:
+            offs_r = tl.arange(0, BR)
+            r_mask = offs_r < r
+            xa = tl.load(xa_ptr + rm[:, None] * stride_xam + (col + offs_r)[None, :],
+                         mask=r_mask[None, :], other=0.0)
+            bt = tl.load(b_ptr + rn[:, None] * r + offs_r[None, :], mask=r_mask[None, :], other=0.0)
+            bt = (bt.to(tl.float32) * scale).to(xa.dtype)
+            acc = tl.dot(xa, tl.trans(bt), acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 counter per output tile for split-K launches, kept per device; each
+    launch leaves them at zero again. Launches that overlap in time (two streams) must not
+    share them: the library issues its products on one stream."""
+    cnt = _counters.get(device)
+    if cnt is None or cnt.numel() < n:
+        cnt = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _counters[device] = cnt
+    return cnt
 
 
 class Segment:
@@ -234,9 +256,7 @@ def nf4_matmul_fwd(
     biases = [None if b is None else b.to(x.dtype) for b in biases]
     segs = [Segment(w, lora_b[i] if has_lora else None, scales[i], biases[i], xa_cols[i]) for i, w in enumerate(weights)]
     split = cfg.split_k
-    out_dtype = torch.float32 if split > 1 else x.dtype
-    alloc = torch.zeros if split > 1 else torch.empty
-    outs = [alloc((M, s.n), device=x.device, dtype=out_dtype) for s in segs]
+    outs = [torch.empty((M, s.n), device=x.device, dtype=x.dtype) for s in segs]
     for s in segs:
         if has_bias and s.bias is None:
             s.bias = torch.zeros(s.n, device=x.device, dtype=x.dtype)
@@ -252,8 +272,13 @@ def nf4_matmul_fwd(
     w0 = weights[0]
     rmax = max([s.r for s in segs] + [1])
     tiles = triton.cdiv(M, cfg.bm) * sum(triton.cdiv(s.n, cfg.bn) for s in segs)
+    if split > 1:
+        ws = torch.empty(split * tiles * cfg.bm * cfg.bn, device=x.device, dtype=torch.float32)
+        cnt = split_counters(x.device, tiles)
+    else:
+        ws, cnt = x, x  # never read
     _nf4_fwd_kernel[(tiles, split)](
-        x, x.stride(0), xa if has_lora else x, xa.stride(0) if has_lora else 0,
+        x, x.stride(0), xa if has_lora else x, xa.stride(0) if has_lora else 0, ws, cnt,
         w0.code, w0.nested_code if w0.nested_code is not None else w0.code,
         *args,
         M, K,
