@@ -92,21 +92,21 @@ _FWD_PREFILL = {
     ],
 }
 # bm is replaced by M rounded up to a power of two in [16, 64]; split_k 0 by _split_for.
-# The unsplit entries need no zeroed fp32 buffer and no cast (two launches fewer). The
-# fastest of two sweeps at M = 16 on the H200 (51 tiles; then 12 tiles with the register
-# table on and off): every shape's best is an unsplit shared-memory tile with the table.
+# Split-K is one launch (the tile's last program sums the partials), so splitting costs
+# only a small fp32 workspace. The fastest of a CUDA-graph sweep on the H200 (7 tiles x
+# splits 1/2/4/8, M = 16, results/nf4_decode_split_sweep_h200.json), per Llama-3-8B shape.
 _FWD_DECODE = [
-    C(16, 32, 256, 1, 1, False, 4, 3),
-    C(16, 64, 256, 1, 1, False, 4, 3),
-    C(16, 16, 256, 1, 1, False, 4, 3),
+    C(16, 64, 128, 1, 4, False, 4, 3),
+    C(16, 64, 128, 1, 8, False, 4, 3),
+    C(16, 64, 256, 1, 8, False, 4, 3),
+    C(16, 64, 256, 1, 4, False, 4, 3),
+    C(16, 32, 256, 1, 4, False, 4, 3),
     C(16, 32, 512, 1, 1, False, 4, 3),
-    C(16, 64, 128, 1, 1, False, 4, 4),
-    C(16, 64, 256, 1, 1, False, 8, 3),
 ]
 
 # One row only (see nf4_gemv.py for why not more).
 GEMV_MAX_M = 1
-_GEMV = [GemvConfig(64, 0, 2), GemvConfig(128, 0, 4), GemvConfig(256, 0, 8)]
+_GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {
