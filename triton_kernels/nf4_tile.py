@@ -90,6 +90,7 @@ cvt.rn.CVT.f32 $3, v7, v6;
 """
 _DECODE_BF16: tl.constexpr = tl.constexpr(_DECODE_PTX.replace("CVT", "bf16x2"))
 _DECODE_F16: tl.constexpr = tl.constexpr(_DECODE_PTX.replace("CVT", "f16x2"))
+_DECODE_CONS: tl.constexpr = tl.constexpr("=r,=r,=r,=r,r,r,r,r,r,l,l,l,l")
 
 
 # bitsandbytes' NF4 code values (fp32), written into the register-table PTX as immediates.
@@ -150,11 +151,8 @@ def _lut_ptx(words: int, cvt: str) -> str:
 
 
 _LUT8_BF16: tl.constexpr = tl.constexpr(_lut_ptx(2, "bf16x2"))
-_LUT16_BF16: tl.constexpr = tl.constexpr(_lut_ptx(4, "bf16x2"))
 _LUT8_F16: tl.constexpr = tl.constexpr(_lut_ptx(2, "f16x2"))
-_LUT16_F16: tl.constexpr = tl.constexpr(_lut_ptx(4, "f16x2"))
 _LUT8_CONS: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 2 + ["r"] * 8))
-_LUT16_CONS: tl.constexpr = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 4 + ["r"] * 16))
 
 
 def lut_pack(rows: int, cols: int, num_warps: int) -> int:
@@ -264,30 +262,22 @@ def nf4_tile(
                       DOUBLE_QUANT, NESTED_BLOCK, ASM)
     if ASM and OUT != tl.float32 and LUT != 0:
         amw = _widen(amax, BR, BC // 2)
+        tl.static_assert(LUT == 8, "the register-table decode takes groups of 8 bytes")
         if OUT == tl.bfloat16:
-            if LUT == 16:
-                hi, lo = tl.inline_asm_elementwise(_LUT16_BF16, _LUT16_CONS, [b, amw],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=16)
-            else:
-                hi, lo = tl.inline_asm_elementwise(_LUT8_BF16, _LUT8_CONS, [b, amw],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=8)
+            hi, lo = tl.inline_asm_elementwise(_LUT8_BF16, _LUT8_CONS, [b, amw], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=8)
         else:
-            if LUT == 16:
-                hi, lo = tl.inline_asm_elementwise(_LUT16_F16, _LUT16_CONS, [b, amw],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=16)
-            else:
-                hi, lo = tl.inline_asm_elementwise(_LUT8_F16, _LUT8_CONS, [b, amw],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=8)
+            hi, lo = tl.inline_asm_elementwise(_LUT8_F16, _LUT8_CONS, [b, amw], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=8)
     elif ASM and OUT != tl.float32:
         base = tl.full((BR, BC // 2), 0, tl.int64) + code_ptr.to(tl.int64)
+        amw = _widen(amax, BR, BC // 2)
         if OUT == tl.bfloat16:
-            hi, lo = tl.inline_asm_elementwise(
-                _DECODE_BF16, "=r,=r,=r,=r,r,r,r,r,r,l,l,l,l", [b, _widen(amax, BR, BC // 2), base],
-                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            hi, lo = tl.inline_asm_elementwise(_DECODE_BF16, _DECODE_CONS, [b, amw, base],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            hi, lo = tl.inline_asm_elementwise(
-                _DECODE_F16, "=r,=r,=r,=r,r,r,r,r,r,l,l,l,l", [b, _widen(amax, BR, BC // 2), base],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            hi, lo = tl.inline_asm_elementwise(_DECODE_F16, _DECODE_CONS, [b, amw, base],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         b = b.to(tl.int32)
         hi = _scale(tl.load(code_ptr + (b >> 4)), amax, BR, BC // 2).to(OUT)
