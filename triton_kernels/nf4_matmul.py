@@ -192,7 +192,8 @@ _counters: dict[torch.device, torch.Tensor] = {}
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 counter per output tile for split-K launches, kept per device; each
     launch leaves them at zero again. Launches that overlap in time (two streams) must not
-    share them: the library issues its products on one stream."""
+    share them: the library issues its products on one stream. Allocated on first use, which
+    the dispatch's tuning call makes before any CUDA-graph capture."""
     cnt = _counters.get(device)
     if cnt is None or cnt.numel() < n:
         cnt = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
