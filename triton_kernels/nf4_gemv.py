@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .nf4_configs import GemvConfig
-from .nf4_matmul import split_counters
+from .split_k import split_counters, split_k_sum
 
 
 @triton.jit(do_not_specialize=["N", "R"])
@@ -75,18 +75,7 @@ def _nf4_gemv_kernel(
     # order and finishes (see nf4_matmul.py).
     last = True
     if SPLIT_K > 1:
-        tile_id = tl.program_id(0)
-        ws_tile = ws_ptr + tile_id.to(tl.int64) * BN + tl.arange(0, BN)
-        stride_split = tl.num_programs(0).to(tl.int64) * BN
-        tl.store(ws_tile + tl.program_id(1) * stride_split, acc)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        last = arrived == SPLIT_K - 1
-        if last:
-            acc = tl.load(ws_tile, cache_modifier=".cg")
-            for sp in tl.static_range(1, SPLIT_K):
-                acc += tl.load(ws_tile + sp * stride_split, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+        acc, last = split_k_sum(acc, ws_ptr, tl.arange(0, BN), cnt_ptr, BN, SPLIT_K)
     if last:
         if HAS_LORA:
             offs_r = tl.arange(0, BR)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .nf4_configs import MatmulConfig
 from .nf4_tile import lut_for, nf4_tile, use_asm
+from .split_k import split_counters, split_k_sum
 
 
 @triton.jit
@@ -156,19 +157,8 @@ def _nf4_fwd_kernel(
     # is deterministic and the output is written once, in its own dtype, by one launch.
     last = True
     if SPLIT_K > 1:
-        tile_id = tl.program_id(0)
         local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        ws_tile = ws_ptr + tile_id.to(tl.int64) * (BM * BN)
-        stride_split = tl.num_programs(0).to(tl.int64) * (BM * BN)
-        tl.store(ws_tile + tl.program_id(1) * stride_split + local, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        last = arrived == SPLIT_K - 1
-        if last:
-            acc = tl.load(ws_tile + local, cache_modifier=".cg")
-            for sp in tl.static_range(1, SPLIT_K):
-                acc += tl.load(ws_tile + sp * stride_split + local, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        acc, last = split_k_sum(acc, ws_ptr, local, cnt_ptr, BM * BN, SPLIT_K)
     if last:
         # ---- epilogue: LoRA (scale folded into B; the dot accumulates into acc) and bias
         if HAS_LORA:
@@ -184,21 +174,6 @@ def _nf4_fwd_kernel(
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 counter per output tile for split-K launches, kept per device; each
-    launch leaves them at zero again. Launches that overlap in time (two streams) must not
-    share them: the library issues its products on one stream. Allocated on first use, which
-    the dispatch's tuning call makes before any CUDA-graph capture."""
-    cnt = _counters.get(device)
-    if cnt is None or cnt.numel() < n:
-        cnt = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _counters[device] = cnt
-    return cnt
 
 
 class Segment:
