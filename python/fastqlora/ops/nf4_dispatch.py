@@ -4,10 +4,11 @@ For each key (direction, GPU, dtype, M rounded up to a power of two, the weights
 LoRA rank) the first call times the kernel configurations of
 ``fastqlora.triton_kernels.nf4_configs`` and the plain path (the weight dequantized into
 a reused buffer, then cuBLAS), and keeps the fastest; so no shape is slower than the
-plain path; a configuration is used only if its result on that first call agrees with the
-plain path's (:data:`CHECK_TOL`). The choice is cached for the process. ``FASTQLORA_NF4_TUNE=0`` skips the
-timing and uses :data:`DEFAULT_PATH` (what bench_nf4_matmul.py showed on an H100), and the
-interpreter always uses the first configuration. :func:`choices` lists what was picked.
+plain path. A configuration is used only if its result on that first call agrees with the
+plain path's (:data:`CHECK_TOL`). The choice is cached for the process.
+``FASTQLORA_NF4_TUNE=0`` skips the timing and uses :data:`DEFAULT_PATH` (after the same
+check), and the interpreter always uses the first configuration. :func:`choices` lists
+what was picked, :func:`rejected` what the check refused.
 """
 from __future__ import annotations
 
