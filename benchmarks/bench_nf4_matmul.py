@@ -127,7 +127,7 @@ def projections(args, rows, gen):
     from fastqlora.triton_kernels.nf4_matmul_t import nf4_matmul_t
 
     props = torch.cuda.get_device_properties(0)
-    cap, sms = (props.major, props.minor), props.multi_processor_count
+    cap = (props.major, props.minor)
     for name, N, K in SHAPES:
         if args.shapes and name not in args.shapes:
             continue
@@ -148,7 +148,7 @@ def projections(args, rows, gen):
                     return nf4_gemv(x, w, c, xa=xa_, lora_b=b_, scale=2.0)
                 return nf4_matmul_fwd(x, [w], c, xa=xa_, lora_b=[b_], scales=[2.0])
 
-            cands = nf4_configs.gemv_candidates(sms, M, N, K) + nf4_configs.forward_candidates(cap, sms, M, N, K)
+            cands = nf4_configs.gemv_candidates(M, N, K) + nf4_configs.forward_candidates(cap, M, N, K)
             t, cfg = best_fused(fwd, cands, f"fwd {name} M={M}")
             r["fused"], r["fused_cfg"] = t, cfg.short() if cfg else None
             if cfg is not None:

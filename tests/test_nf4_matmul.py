@@ -225,7 +225,7 @@ def test_gpu_every_config_bf16(N, K):
     w, wd = _bnb_weight(N, K, seed=N + K)
     r, s = 16, 2.0
     props = torch.cuda.get_device_properties(0)
-    sms, cap = props.multi_processor_count, (props.major, props.minor)
+    cap = (props.major, props.minor)
     for M in (1, 17, 333):
         g = torch.Generator(device="cuda").manual_seed(M)
         x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -236,12 +236,12 @@ def test_gpu_every_config_bf16(N, K):
         ref = x.float() @ wd.t() + s * (xa.float() @ b.float().t())
         p = (dy @ b) * s
         ref_t = dy.float() @ wd + p.float() @ a.float()
-        fwd = set(nf4_configs.forward_candidates(cap, sms, M, N, K))
-        fwd |= set(nf4_configs.forward_candidates(cap, sms, 4096, N, K))  # prefill tiles on odd M too
+        fwd = set(nf4_configs.forward_candidates(cap, M, N, K))
+        fwd |= set(nf4_configs.forward_candidates(cap, 4096, N, K))  # prefill tiles on odd M too
         for cfg in sorted(fwd, key=str):
             (y,) = nf4_matmul_fwd(x, [w], cfg, xa=xa, lora_b=[b], scales=[s])
             assert rel(y, ref) < 1e-2, (M, cfg)
-        for cfg in nf4_configs.gemv_candidates(sms, M, N, K):
+        for cfg in nf4_configs.gemv_candidates(M, N, K):
             y = nf4_gemv(x, w, cfg, xa=xa, lora_b=b, scale=s)
             assert rel(y, ref) < 1e-2, (M, cfg)
         tcfg = set(nf4_configs.transposed_candidates(cap, M, K))

@@ -51,13 +51,13 @@ class MatmulConfig:
 @dataclass(frozen=True)
 class GemvConfig:
     """The tensor-core-free one-row kernel (nf4_gemv.py): bn weight rows per program, one
-    64-weight block per step; split_k 0 means "fill the GPU"."""
+    64-weight block per step, K split over split_k programs."""
 
     bn: int
-    split_k: int = 0
+    split_k: int = 1
     num_warps: int = 4
-    bm: int = 1  # rows handled (always one); lets _split_for treat it like a tile
-    bk: int = 64
+    bm: int = 1  # rows handled (always one)
+    bk: int = 64  # weights a step
 
     def short(self) -> str:
         s = f"gemv {self.bn} w{self.num_warps}"
@@ -91,10 +91,10 @@ _FWD_PREFILL = {
         C(256, 64, 64, 8, 1, True, 8, 3),
     ],
 }
-# bm is replaced by M rounded up to a power of two in [16, 64]; split_k 0 by _split_for.
+# bm is replaced by M rounded up to a power of two in [16, 64].
 # Split-K is one launch (the tile's last program sums the partials), so splitting costs
 # only a small fp32 workspace. The fastest of a CUDA-graph sweep on the H200 (7 tiles x
-# splits 1/2/4/8, M = 16, results/nf4_decode_split_sweep_h200.json), per Llama-3-8B shape.
+# splits 1/2/4/8, M = 16, benchmarks/sweep_nf4_decode.py), per Llama-3-8B shape.
 _FWD_DECODE = [
     C(16, 64, 128, 1, 4, False, 4, 3),
     C(16, 64, 128, 1, 8, False, 4, 3),
@@ -147,41 +147,22 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
     return p
 
 
-def _split_for(cfg, M: int, n_total: int, K: int, sms: int, waves: int = 4) -> int:
-    """Split K until the programs fill about ``waves`` waves, keeping ≥ 4 steps per program."""
-    tiles = -(-M // cfg.bm) * -(-n_total // cfg.bn)
-    k_tiles = K // cfg.bk
-    split = 1
-    while split * 2 <= k_tiles // 4 and tiles * split * 2 <= waves * sms:
-        split *= 2
-    return split
-
-
-def gemv_candidates(sms: int, M: int, N: int, K: int) -> list[GemvConfig]:
+def gemv_candidates(M: int, N: int, K: int) -> list[GemvConfig]:
     """Tensor-core-free configs for one weight [N, K] at M ≤ GEMV_MAX_M rows (else none)."""
     if M > GEMV_MAX_M:
         return []
-    return [replace(c, split_k=c.split_k or _split_for(c, M, N, K, sms, waves=8)) for c in _GEMV]
+    return [c for c in _GEMV if K % c.bk == 0]
 
 
-def _compiles(c: MatmulConfig, capability: tuple[int, int]) -> bool:
-    """Every listed tile compiles for bf16/fp16 (the inline-PTX decode). The portable
-    decode (fp32) of a shared-memory wgmma tile does not on Hopper, but fp32 products
-    use no wgmma; so nothing is filtered here (a tile that fails is skipped by the tuner)."""
-    return True
-
-
-def forward_candidates(capability: tuple[int, int], sms: int, M: int, n_total: int, K: int) -> list[MatmulConfig]:
-    """Configs worth timing for ``Y[M, n_total] = X[M, K]·Wᵀ`` on this GPU."""
+def forward_candidates(capability: tuple[int, int], M: int, n_total: int, K: int) -> list[MatmulConfig]:
+    """Configs worth timing for ``Y[M, n_total] = X[M, K]·Wᵀ`` on this GPU (n_total: the
+    output widths of one launch together; the tables do not depend on it today)."""
     if M <= DECODE_MAX_M:
         bm = _pow2_at_least(M, 16, 64)
-        out = []
-        for c in _FWD_DECODE:
-            c = replace(c, bm=bm)
-            out.append(replace(c, split_k=c.split_k or _split_for(c, M, n_total, K, sms)))
+        out = [replace(c, bm=bm) for c in _FWD_DECODE]
     else:
         out = list(_FWD_PREFILL[family(capability)])
-    return [c for c in out if K % c.bk == 0 and _compiles(c, capability)]
+    return [c for c in out if K % c.bk == 0]
 
 
 def transposed_candidates(capability: tuple[int, int], M: int, K: int) -> list[MatmulConfig]:
@@ -191,4 +172,4 @@ def transposed_candidates(capability: tuple[int, int], M: int, K: int) -> list[M
         out = [replace(c, bm=bm) for c in _T_SMALL]
     else:
         out = list(_T_LARGE[family(capability)])
-    return [c for c in out if K % c.bk == 0 and _compiles(c, capability)]
+    return [c for c in out if K % c.bk == 0]

@@ -51,7 +51,7 @@ def _nf4_fwd_kernel(
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, W_AS_A: tl.constexpr, PREC: tl.constexpr,
-    N_DIV16: tl.constexpr, ASM: tl.constexpr = False, LUT: tl.constexpr = 0,
+    ASM: tl.constexpr = False, LUT: tl.constexpr = 0,
 ):
     # ---- which output tile: grouped ordering over (m tiles, column tiles of all segments)
     pid = tl.program_id(0)
@@ -263,7 +263,7 @@ def nf4_matmul_fwd(
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, BR=max(16, _next_pow2(rmax)),
         GROUP_M=cfg.group_m, SPLIT_K=split, W_AS_A=cfg.w_as_a,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        N_DIV16=all(s.n % 16 == 0 for s in segs), ASM=use_asm(x),
+        ASM=use_asm(x),
         LUT=lut_for(w0, x, cfg.bn, cfg.bk, cfg.num_warps, cfg.w_as_a),
         **cfg.launch_options(),
     )

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant import NF4_CODE
+
 
 def use_asm(t: torch.Tensor) -> bool:
     """Whether kernels on ``t`` may use inline PTX: a CUDA tensor, not under the
@@ -94,12 +96,7 @@ _DECODE_CONS: tl.constexpr = tl.constexpr("=r,=r,=r,=r,r,r,r,r,r,l,l,l,l")
 
 
 # bitsandbytes' NF4 code values (fp32), written into the register-table PTX as immediates.
-NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
+NF4_VALUES = tuple(NF4_CODE.tolist())
 
 
 def _f32_hex(v: float) -> str:
@@ -184,8 +181,7 @@ def lut_for(w, t: torch.Tensor, rows: int, cols: int, num_warps: int, w_as_a: bo
         return 0
     key = (w.code.data_ptr(), w.code.numel())
     if key not in _standard_code:
-        want = torch.tensor(NF4_VALUES, dtype=torch.float32)
-        _standard_code[key] = w.code.numel() == 16 and torch.equal(w.code.detach().float().cpu(), want)
+        _standard_code[key] = w.code.numel() == 16 and torch.equal(w.code.detach().float().cpu(), NF4_CODE)
     return lut_pack(rows, cols, num_warps) if _standard_code[key] else 0
 
 

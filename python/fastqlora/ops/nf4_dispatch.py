@@ -139,9 +139,8 @@ def choose(
     if hit is not None:
         return hit
     if kind == "fwd":
-        sms = props.multi_processor_count
-        cands: list[Choice] = list(nf4_configs.gemv_candidates(sms, M, max(n_list), K))
-        cands += nf4_configs.forward_candidates(cap, sms, M, sum(n_list), K)
+        cands: list[Choice] = list(nf4_configs.gemv_candidates(M, max(n_list), K))
+        cands += nf4_configs.forward_candidates(cap, M, sum(n_list), K)
     else:
         cands = list(nf4_configs.transposed_candidates(cap, M, K))
     cls = "decode" if M <= nf4_configs.DECODE_MAX_M else "prefill"
@@ -150,6 +149,9 @@ def choose(
         return cands[0]
     if torch.cuda.is_current_stream_capturing():
         return default
+    if not tuning_enabled() and default == CUBLAS:
+        _cache[key] = CUBLAS
+        return CUBLAS
     want = _as_list(run_plain())
 
     def agrees(cfg: Choice) -> bool:
@@ -162,7 +164,7 @@ def choose(
         return False
 
     if not tuning_enabled():
-        _cache[key] = default if default == CUBLAS or agrees(default) else CUBLAS
+        _cache[key] = default if agrees(default) else CUBLAS
         return _cache[key]
     best, best_t = CUBLAS, float("inf") if _forced == "fused" else _time_ms(run_plain)
     for cfg in cands:

@@ -1,0 +1,72 @@
+"""Decode-shape sweep of the fused NF4 product: every tile × split-K, GPU time only.
+
+At M = 1 and 16 the host's launch cost is as long as the kernel, so each candidate is timed
+by replaying N calls captured in a CUDA graph (``bench_nf4_matmul.graph_us``), against
+bitsandbytes' ``matmul_4bit`` timed the same way, on Llama-3-8B's projection shapes. Each
+candidate's result is checked against bitsandbytes' dequantize + an fp32 matmul (rows with
+relative error ≥ 1e-2 are printed as BAD). The decode table in
+``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
+
+    python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_nf4_matmul import SHAPES, graph_us, make_weight  # noqa: E402
+
+TILES = [(16, 256, 4), (32, 256, 4), (64, 256, 4), (32, 512, 4), (64, 128, 4), (32, 128, 4), (64, 256, 8)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_decode_split_sweep.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_nf4_decode.py needs a CUDA GPU")
+    import bitsandbytes as bnb
+
+    from fastqlora.triton_kernels.nf4_configs import GemvConfig as G
+    from fastqlora.triton_kernels.nf4_configs import MatmulConfig as C
+    from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
+    from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
+
+    grid = [C(16, bn, bk, 1, sk, False, w, 3) for bn, bk, w in TILES for sk in (1, 2, 4, 8)]
+    gemv = [G(64, sk, 2) for sk in (4, 8, 16, 32)] + [G(128, sk, 4) for sk in (8, 16)] + [G(256, sk, 8) for sk in (16, 32)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
+    for name, N, K in SHAPES:
+        w, packed, qs, wd = make_weight(N, K, gen)
+        for M in (1, 16):
+            x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+            ref = x.float() @ wd.float().t()
+            t_bnb = graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))
+            rows = []
+            for c in grid + (gemv if M == 1 else []):
+                if K % c.bk or K // c.bk < c.split_k * 2:
+                    continue
+                f = (lambda c=c: nf4_gemv(x, w, c)) if isinstance(c, G) else (lambda c=c: nf4_matmul_fwd(x, [w], c)[0])
+                err = ((f().float() - ref).norm() / ref.norm()).item()
+                t = graph_us(f)
+                if t is not None:
+                    rows.append((t, c.short(), err))
+            rows.sort()
+            bad = [r for r in rows if not r[2] < 1e-2]
+            out[f"{name} M={M}"] = {"bnb_graph_us": t_bnb, "rows": rows}
+            print(f"{name} M={M}: bnb {t_bnb:.1f} µs | " + " | ".join(f"{c} {t:.1f}" for t, c, _ in rows[:6])
+                  + f" | bnb / best {t_bnb / rows[0][0]:.2f} | BAD {bad[:3]}", flush=True)
+        del w, packed, qs, wd
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
