@@ -129,6 +129,17 @@ def test_forward_kernel_fp32(kernel_device, M, cfg):
     assert rel(y, ref) < 1e-5
 
 
+def test_kernels_refuse_a_tile_that_does_not_divide_k(kernel_device):
+    from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
+    from fastqlora.triton_kernels.nf4_matmul_t import nf4_matmul_t
+
+    (w,), x, _, _, _ = _case(3, 64, 192, 4, kernel_device, torch.float32, seed=2, bias=False)
+    with pytest.raises(ValueError, match="bk = 128"):
+        nf4_matmul_fwd(x, [w], MatmulConfig(16, 64, 128, 1, 1, False, 4, 1))
+    with pytest.raises(ValueError, match="bk = 128"):
+        nf4_matmul_t([torch.zeros(3, 64, device=kernel_device)], [w], MatmulConfig(16, 64, 128, 1, 1, False, 4, 1))
+
+
 def test_split_k_repeatable(kernel_device):
     """Split-K launches leave their tile counters at zero: back-to-back launches (and a
     different grid in between) give the same, correct, bit-identical results."""

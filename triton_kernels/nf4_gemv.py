@@ -105,6 +105,9 @@ def nf4_gemv(
     N = int(w.shape[0])
     if M != 1:
         raise ValueError(f"nf4_gemv computes one row; got x with {M} rows (use nf4_matmul_fwd)")
+    if K % 64 or int(w.shape[1]) != K:
+        raise ValueError(f"nf4_gemv: x has K = {K} and the weight {int(w.shape[1])} columns; they must match "
+                         f"and be a multiple of 64")
     split = cfg.split_k
     y = torch.empty((1, N), device=x.device, dtype=x.dtype)
     tiles = triton.cdiv(N, cfg.bn)

@@ -221,6 +221,9 @@ def nf4_matmul_fwd(
         xa = xa.to(x.dtype)
     if not 1 <= nseg <= 3:
         raise ValueError(f"nf4_matmul_fwd takes 1 to 3 weights, got {nseg}")
+    if K % cfg.bk or K % 64 or any(int(w.shape[1]) != K for w in weights):
+        raise ValueError(f"nf4_matmul_fwd: x has K = {K}; every weight must have K columns and K must be a "
+                         f"multiple of 64 and of the tile's bk = {cfg.bk}")
     lora_b = lora_b or [None] * nseg
     scales = scales or [1.0] * nseg
     biases = biases or [None] * nseg

@@ -135,6 +135,9 @@ def nf4_matmul_t(
         raise ValueError(f"nf4_matmul_t takes 1 to 3 (grad, weight) pairs, got {len(grads)} and {nseg}")
     M = grads[0].shape[0]
     K = int(weights[0].shape[1])
+    if K % cfg.bk or K % 64 or any(int(w.shape[1]) != K for w in weights):
+        raise ValueError(f"nf4_matmul_t: the weights must share K = {K}, a multiple of 64 and of the "
+                         f"tile's bk = {cfg.bk}")
     dx = torch.empty((M, K), device=grads[0].device, dtype=grads[0].dtype)
     args = []
     for i in range(3):
