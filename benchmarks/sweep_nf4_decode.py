@@ -22,11 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_nf4_matmul import SHAPES, graph_us, make_weight  # noqa: E402
 
 TILES = [(16, 256, 4), (32, 256, 4), (64, 256, 4), (32, 512, 4), (64, 128, 4), (32, 128, 4), (64, 256, 8)]
+# the weight tile as the MMA's A operand (Yᵀ = W·Xᵀ): the decoded weights feed the tensor
+# cores from registers, with no store to shared memory; N = 64 or 128 weight rows a tile
+WA_TILES = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "nf4_decode_split_sweep.json"))
+    ap.add_argument("--shapes", nargs="*", default=None, help="subset of q/o k/v gate/up down")
+    ap.add_argument("--m", default="1,16", help="rows to sweep")
+    ap.add_argument("--wa-only", action="store_true", help="only the weight-as-A tiles")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_nf4_decode.py needs a CUDA GPU")
@@ -37,13 +43,16 @@ def main() -> None:
     from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
     from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
 
-    grid = [C(16, bn, bk, 1, sk, False, w, 3) for bn, bk, w in TILES for sk in (1, 2, 4, 8)]
+    grid = [] if args.wa_only else [C(16, bn, bk, 1, sk, False, w, 3) for bn, bk, w in TILES for sk in (1, 2, 4, 8)]
+    grid += [C(16, bn, bk, 1, sk, True, w, 3) for bn, bk, w in WA_TILES for sk in (1, 2, 4, 8)]
     gemv = [G(64, sk, 2) for sk in (4, 8, 16, 32)] + [G(128, sk, 4) for sk in (8, 16)] + [G(256, sk, 8) for sk in (16, 32)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
     for name, N, K in SHAPES:
+        if args.shapes and name not in args.shapes:
+            continue
         w, packed, qs, wd = make_weight(N, K, gen)
-        for M in (1, 16):
+        for M in (int(m) for m in args.m.split(",")):
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             ref = x.float() @ wd.float().t()
             t_bnb = graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))

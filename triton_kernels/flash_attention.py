@@ -332,9 +332,14 @@ def _config(head_dim: int, device: torch.device) -> dict[str, int]:
         cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=4, fwd_stages=3,
                    bwd_warps=4, bwd_stages=2)
     elif head_dim <= 128:
-        # from benchmarks/bench_flash_attention.py --sweep on an H100 (results/flash_sweep.json)
+        # from benchmarks/bench_flash_attention.py --sweep on an H100 (results/flash_sweep.json);
+        # on Hopper the dK/dV kernel unpipelined (--sweep-dkdv on an H200, 2026-12-01,
+        # results/flash_dkdv_sweep_h200.json: 327 -> 343 TFLOP/s fwd+bwd at 8192): its
+        # 128 x 128 fp32 dK and dV accumulators leave no registers for a second stage.
         cfg = dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, dq_m=128, dq_n=64, fwd_warps=8, fwd_stages=3,
-                   bwd_warps=8, bwd_stages=3)
+                   bwd_warps=8, bwd_stages=3, dq_warps=8, dq_stages=3)
+        if torch.cuda.get_device_capability(device)[0] >= 9:
+            cfg["bwd_stages"] = 1
     else:
         cfg = dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, dq_m=64, dq_n=32, fwd_warps=8, fwd_stages=1,
                    bwd_warps=8, bwd_stages=1)
@@ -377,16 +382,18 @@ def flash_attn_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, caus
     dk = torch.empty((T, Hk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((T, Hk, D), dtype=v.dtype, device=q.device)
     common = dict(CAUSAL=causal, HAS_WINDOW=window is not None, HAS_CAP=softcap is not None, HEAD_DIM=D,
-                  PRECISION=_precision(q.dtype), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
+                  PRECISION=_precision(q.dtype))
     n_seq = cu_seqlens.numel() - 1
     cap, win = float(softcap or 1.0), int(window or 0)
     _attn_bwd_dkdv[(triton.cdiv(max_seqlen, cfg["bwd_n"]), n_seq, Hk)](
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, scale, cap, win, Hq // Hk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-        BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], SPLIT=causal and window is None, **common)
+        BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], SPLIT=causal and window is None, num_warps=cfg["bwd_warps"],
+        num_stages=cfg["bwd_stages"], **common)
     _attn_bwd_dq[(triton.cdiv(max_seqlen, cfg["dq_m"]), n_seq, Hq)](
         q, k, v, do, dq, lse, delta, cu_seqlens, scale, cap, win, Hq // Hk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), lse.stride(0), BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **common)
+        dq.stride(0), dq.stride(1), lse.stride(0), BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"],
+        num_warps=cfg.get("dq_warps", cfg["bwd_warps"]), num_stages=cfg.get("dq_stages", cfg["bwd_stages"]), **common)
     return dq, dk, dv

@@ -17,22 +17,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_heads(X, base, stride_h, n_heads, cos, sin, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                BACKWARD: tl.constexpr):
+def _head_ptrs(X, base, stride_h, n_heads, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < n_heads) & (d < half)
-    p1 = X + base + h * stride_h + d
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + half, mask=mask, other=0.0).to(tl.float32)
+    return X + base + h * stride_h + d, (h < n_heads) & (d < half)
+
+
+@triton.jit
+def _rotate(x1, x2, cos, sin, BACKWARD: tl.constexpr):
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     if BACKWARD:
-        y1 = x1 * cos + x2 * sin
-        y2 = x2 * cos - x1 * sin
-    else:
-        y1 = x1 * cos - x2 * sin
-        y2 = x2 * cos + x1 * sin
-    tl.store(p1, y1.to(X.dtype.element_ty), mask=mask)
-    tl.store(p1 + half, y2.to(X.dtype.element_ty), mask=mask)
+        return x1 * cos + x2 * sin, x2 * cos - x1 * sin
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
@@ -41,15 +38,26 @@ def _rope_kernel(Q, K, COS, SIN, POS, seq_len, q_sb, q_ss, q_sh, k_sb, k_ss, k_s
     tok = tl.program_id(0)
     b = tok // seq_len
     s = tok % seq_len
+    qp, qm = _head_ptrs(Q, b.to(tl.int64) * q_sb + s.to(tl.int64) * q_ss, q_sh, n_q, half, BLOCK_HQ, BLOCK_D)
+    kp, km = _head_ptrs(K, b.to(tl.int64) * k_sb + s.to(tl.int64) * k_ss, k_sh, n_k, half, BLOCK_HK, BLOCK_D)
+    # Every load of q and k is issued before the position id comes back: the cos/sin
+    # addresses wait on it, and loads behind them in program order would wait too (one
+    # memory latency, not three, before the first store).
+    q1 = tl.load(qp, mask=qm, other=0.0)
+    q2 = tl.load(qp + half, mask=qm, other=0.0)
+    k1 = tl.load(kp, mask=km, other=0.0)
+    k2 = tl.load(kp + half, mask=km, other=0.0)
     p = tl.load(POS + tok).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
     dm = d < half
     cos = tl.load(COS + p * half + d, mask=dm, other=0.0).to(Q.dtype.element_ty).to(tl.float32)
     sin = tl.load(SIN + p * half + d, mask=dm, other=0.0).to(Q.dtype.element_ty).to(tl.float32)
-    qbase = b.to(tl.int64) * q_sb + s.to(tl.int64) * q_ss
-    kbase = b.to(tl.int64) * k_sb + s.to(tl.int64) * k_ss
-    _rope_heads(Q, qbase, q_sh, n_q, cos, sin, half, BLOCK_HQ, BLOCK_D, BACKWARD)
-    _rope_heads(K, kbase, k_sh, n_k, cos, sin, half, BLOCK_HK, BLOCK_D, BACKWARD)
+    y1, y2 = _rotate(q1, q2, cos, sin, BACKWARD)
+    tl.store(qp, y1.to(Q.dtype.element_ty), mask=qm)
+    tl.store(qp + half, y2.to(Q.dtype.element_ty), mask=qm)
+    y1, y2 = _rotate(k1, k2, cos, sin, BACKWARD)
+    tl.store(kp, y1.to(K.dtype.element_ty), mask=km)
+    tl.store(kp + half, y2.to(K.dtype.element_ty), mask=km)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
