@@ -141,7 +141,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sweep", action="store_true", help="only try block configs at S=8192")
     p.add_argument("--profile", action="store_true", help="only the time of each kernel at S=8192")
-    p.add_argument("--sweep-dkdv", action="store_true", help="only the dK/dV kernel's tiles, default forward")
+    p.add_argument("--sweep-dkdv", nargs="?", const="", default=None, metavar="M,N,WARPS,STAGES;...",
+                   help="only the dK/dV kernel's tiles (DKDV_SWEEP, or the ones given), default forward")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flash.json"))
     p.add_argument("--seqs", default="2048,8192,32768")
     args = p.parse_args()
@@ -150,8 +151,15 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         return
-    if args.sweep or args.sweep_dkdv:
-        res = sweep(fwd_list=[{}], bwd_list=DKDV_SWEEP) if args.sweep_dkdv else sweep()
+    if args.sweep_dkdv is not None:
+        given = [dict(zip(("bwd_m", "bwd_n", "bwd_warps", "bwd_stages"), map(int, t.split(","))), dq_warps=8,
+                      dq_stages=3) for t in args.sweep_dkdv.split(";") if t]
+        res = sweep(fwd_list=[{}], bwd_list=given or DKDV_SWEEP)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return
+    if args.sweep:
+        res = sweep()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         return
