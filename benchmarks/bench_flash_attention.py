@@ -146,20 +146,15 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "flash.json"))
     p.add_argument("--seqs", default="2048,8192,32768")
     args = p.parse_args()
-    if args.profile:
-        res = profile()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        return
-    if args.sweep_dkdv is not None:
-        given = [dict(zip(("bwd_m", "bwd_n", "bwd_warps", "bwd_stages"), map(int, t.split(","))), dq_warps=8,
-                      dq_stages=3) for t in args.sweep_dkdv.split(";") if t]
-        res = sweep(fwd_list=[{}], bwd_list=given or DKDV_SWEEP)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1))
-        return
-    if args.sweep:
-        res = sweep()
+    if args.profile or args.sweep or args.sweep_dkdv is not None:
+        if args.profile:
+            res = profile()
+        elif args.sweep_dkdv is not None:
+            given = [dict(zip(("bwd_m", "bwd_n", "bwd_warps", "bwd_stages"), map(int, t.split(","))), dq_warps=8,
+                          dq_stages=3) for t in args.sweep_dkdv.split(";") if t]
+            res = sweep(fwd_list=[{}], bwd_list=given or DKDV_SWEEP)
+        else:
+            res = sweep()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
         return

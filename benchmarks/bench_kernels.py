@@ -211,8 +211,8 @@ def main() -> None:
     copy_gbs = 2 * n / gpu_ms(lambda: dst.copy_(src)) / 1e6
     del src, dst
     rows: list[dict] = []
+    ops = args.ops.split(",")
     for T in (int(t) for t in args.tokens.split(",")):
-        ops = args.ops.split(",")
         if "rms" in ops:
             bench_rms(T, copy_gbs, rows)
         if "rope" in ops:
