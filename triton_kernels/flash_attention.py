@@ -38,18 +38,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _allowed(qi, kj, seqlen, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which (query qi, key kj) pairs attend, qi and kj broadcast against each other: both
-    inside the sequence, the key not after the query (causal), less than ``window`` behind."""
-    ok = (kj < seqlen) & (qi < seqlen)
-    if CAUSAL:
-        ok = ok & (kj <= qi)
-    if HAS_WINDOW:
-        ok = ok & ((qi - kj) < window)
-    return ok
-
-
-@triton.jit
 def _scores(q, k, offs_m, offs_n, seqlen, qk_scale, softcap, window,
             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, MASKED: tl.constexpr,
             PRECISION: tl.constexpr):
@@ -60,7 +48,12 @@ def _scores(q, k, offs_m, offs_n, seqlen, qk_scale, softcap, window,
     else:
         s = s * (qk_scale * 1.4426950408889634)
     if MASKED:
-        s = tl.where(_allowed(offs_m[:, None], offs_n[None, :], seqlen, window, CAUSAL, HAS_WINDOW), s, -float("inf"))
+        ok = (offs_n[None, :] < seqlen) & (offs_m[:, None] < seqlen)
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_WINDOW:
+            ok = ok & ((offs_m[:, None] - offs_n[None, :]) < window)
+        s = tl.where(ok, s, -float("inf"))
     return s
 
 
@@ -175,8 +168,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             t = _tanh(s / softcap)
             s = softcap * t
         p = tl.exp2(s * 1.4426950408889634 - lse[None, :] * 1.4426950408889634)
-        if MASKED:  # transposed: keys down, queries across
-            p = tl.where(_allowed(offs_m[None, :], offs_n[:, None], seqlen, window, CAUSAL, HAS_WINDOW), p, 0.0)
+        if MASKED:
+            ok = (offs_m[None, :] < seqlen) & (offs_n[:, None] < seqlen)
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :])
+            if HAS_WINDOW:
+                ok = ok & ((offs_m[None, :] - offs_n[:, None]) < window)
+            p = tl.where(ok, p, 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds = p * (dp - delta[None, :])
@@ -262,7 +260,12 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
             s = softcap * t
         p = tl.exp2(s * 1.4426950408889634 - lse[:, None] * 1.4426950408889634)
         if MASKED:
-            p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], seqlen, window, CAUSAL, HAS_WINDOW), p, 0.0)
+            ok = (offs_n[None, :] < seqlen) & (offs_m[:, None] < seqlen)
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_WINDOW:
+                ok = ok & ((offs_m[:, None] - offs_n[None, :]) < window)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_CAP:
