@@ -6,7 +6,7 @@ import torch
 from helpers import rel_err
 
 from fastqlora.ops import backend
-from fastqlora.ops.rope import apply_rope, apply_rope_qkv, apply_rope_reference
+from fastqlora.ops.rope import apply_rope, apply_rope_qk, apply_rope_qkv, apply_rope_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -51,6 +51,43 @@ def test_kernel_matches_reference_on_views_of_a_fused_projection(kernel_device, 
         tol = TOL[dtype]
         assert rel_err(q, q2) < tol and rel_err(k, k2) < tol
         assert rel_err(qkv.grad, qkv2.grad) < tol
+
+
+@pytest.mark.parametrize("B,S,Hq,Hk,D", [(1, 1, 3, 1, 16), (2, 13, 6, 2, 24), (1, 37, 4, 4, 64)], ids=str)
+def test_separate_projection_outputs_in_one_launch(kernel_device, monkeypatch, B, S, Hq, Hk, D):
+    """apply_rope_qk (the decoder's path): q [B, S, Hq·D] and k [B, S, Hk·D] rotated together
+    in place, one launch forward and one backward, against the reference on the same values."""
+    import fastqlora.triton_kernels.rope as kernel
+
+    launches = []
+    real = kernel.rope_
+    monkeypatch.setattr(kernel, "rope_", lambda *a, **kw: launches.append(kw.get("backward", False)) or real(*a, **kw))
+    for dtype in _dtypes(kernel_device):
+        launches.clear()
+        g = torch.Generator().manual_seed(S + D)
+        xq = torch.randn(B, S, Hq * D, generator=g).to(kernel_device, dtype).requires_grad_(True)
+        xk = torch.randn(B, S, Hk * D, generator=g).to(kernel_device, dtype).requires_grad_(True)
+        pos = torch.randint(0, 50, (B, S), generator=g).to(kernel_device)
+        cos, sin = _tables(64, D // 2, kernel_device)
+        dq = torch.randn(B, S, Hq, D, generator=g).to(kernel_device, dtype)
+        dk = torch.randn(B, S, Hk, D, generator=g).to(kernel_device, dtype)
+        with backend("triton"):
+            pq, pk = xq * 1, xk * 1  # intermediates, as projection outputs are
+            q, k = apply_rope_qk(pq, pk, Hq, Hk, D, cos, sin, pos)
+        assert q.data_ptr() == pq.data_ptr() and k.data_ptr() == pk.data_ptr()  # in place
+        ((q * dq).sum() + (k * dk).sum()).backward()
+        assert launches == [False, True]
+        ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+        rq, rk = (t.detach().to(ref_dtype).requires_grad_(True) for t in (xq, xk))
+        c, s_ = (cos.double(), sin.double()) if ref_dtype == torch.float64 else (cos, sin)
+        q2, k2 = apply_rope_reference(rq.view(B, S, Hq, D), rk.view(B, S, Hk, D), c, s_, pos)
+        ((q2 * dq.to(ref_dtype)).sum() + (k2 * dk.to(ref_dtype)).sum()).backward()
+        tol = TOL[dtype]
+        assert rel_err(q, q2) < tol and rel_err(k, k2) < tol
+        assert rel_err(xq.grad, rq.grad) < tol and rel_err(xk.grad, rk.grad) < tol
+    with pytest.raises(ValueError, match="expected 3 heads"):
+        apply_rope_qk(torch.zeros(1, 2, 10), torch.zeros(1, 2, 8), 3, 1, 8, *_tables(4, 4, "cpu"),
+                      torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_matches_transformers_apply_rotary_pos_emb(kernel_device):

@@ -68,10 +68,9 @@ class Attention(nn.Module):
             q, k = q.clone(), k.clone()
         else:
             q, k, v = (p(x) for p in projs)
-        q = q.view(B, S, c.num_heads, c.head_dim)
-        k = k.view(B, S, c.num_kv_heads, c.head_dim)
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
-        q, k = ops.apply_rope(q, k, cos, sin, position_ids)
+        # q and k as the projections' own [B, S, H·D] outputs: one RoPE launch for both
+        q, k = ops.apply_rope_qk(q, k, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, position_ids)
         return q, k, v
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -6,11 +6,12 @@ from .attention import attention
 from .cross_entropy import linear_cross_entropy
 from .dispatch import backend, current_backend, use_triton
 from .rms_norm import rms_norm
-from .rope import apply_rope
+from .rope import apply_rope, apply_rope_qk
 
 __all__ = [
     "act_mul",
     "apply_rope",
+    "apply_rope_qk",
     "attention",
     "backend",
     "current_backend",

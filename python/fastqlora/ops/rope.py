@@ -59,6 +59,34 @@ class _RoPEInPlace(torch.autograd.Function):
         return dx, None, None, None, None
 
 
+class _RoPEPairInPlace(torch.autograd.Function):
+    """Rotates q and k, two separate tensors, in place in one launch each way. Inputs are
+    ``[B, S, H·D]`` or ``[B, S, H, D]`` and must not be views: autograd does not let one
+    Function with two outputs change views in place (``heads`` = (Hq, Hk, D))."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids, heads):
+        from ..triton_kernels.rope import rope_
+
+        hq, hk, d = heads
+        rope_(q.view(*q.shape[:2], hq, d), k.view(*k.shape[:2], hk, d), cos, sin, position_ids)
+        ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.heads = heads
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        from ..triton_kernels.rope import rope_
+
+        cos, sin, position_ids = ctx.saved_tensors
+        hq, hk, d = ctx.heads
+        # autograd or the caller may still hold the incoming buffers: rotate copies
+        dq, dk = dq.clone(memory_format=torch.contiguous_format), dk.clone(memory_format=torch.contiguous_format)
+        rope_(dq.view(*dq.shape[:2], hq, d), dk.view(*dk.shape[:2], hk, d), cos, sin, position_ids, backward=True)
+        return dq, dk, None, None, None, None
+
+
 def _views(x: torch.Tensor, heads: tuple[int, int, int]):
     """q and k views of ``x``: heads = (Hq, Hk, D); Hk = 0 means x is [B, S, H, D] alone."""
     hq, hk, d = heads
@@ -81,6 +109,23 @@ def apply_rope_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_di
     return torch.cat([q.flatten(-2), k.flatten(-2), v], dim=-1)
 
 
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                  cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate two projection outputs q ``[B, S, Hq·D]`` and k ``[B, S, Hk·D]`` (one launch each
+    way on the Triton path, in place when they are not views); returns ``[B, S, H, D]`` views."""
+    B, S = q.shape[:2]
+    for name, t, h in (("q", q, num_heads), ("k", k, num_kv_heads)):
+        if t.shape[-1] != h * head_dim:
+            raise ValueError(f"{name} has width {t.shape[-1]}, expected {h} heads x {head_dim} = {h * head_dim}")
+    if (use_triton(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
+            and q.dtype == k.dtype and head_dim % 2 == 0 and cos.shape[-1] * 2 == head_dim):
+        q, k = _RoPEPairInPlace.apply(q, k, cos.contiguous(), sin.contiguous(), position_ids,
+                                      (num_heads, num_kv_heads, head_dim))
+        return q.view(B, S, num_heads, head_dim), k.view(B, S, num_kv_heads, head_dim)
+    return apply_rope(q.view(B, S, num_heads, head_dim), k.view(B, S, num_kv_heads, head_dim), cos, sin,
+                      position_ids)
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +137,10 @@ def apply_rope(
         raise ValueError(f"rope tables have {cos.shape[-1]} frequencies for head_dim {q.shape[-1]}")
     if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == k.dtype:
         cos, sin = cos.contiguous(), sin.contiguous()
+        if q._base is None and k._base is None:
+            return _RoPEPairInPlace.apply(q, k, cos, sin, position_ids, (q.shape[2], k.shape[2], q.shape[3]))
+        # views (of a fused projection, or reshaped outputs): autograd takes in-place changes
+        # of a view only from a Function with one output, so one launch each
         q = _RoPEInPlace.apply(q, cos, sin, position_ids, (q.shape[2], 0, q.shape[3]))
         k = _RoPEInPlace.apply(k, cos, sin, position_ids, (k.shape[2], 0, k.shape[3]))
         return q, k
