@@ -119,6 +119,8 @@ def best_fused(run, cands, label=""):
 def projections(args, rows, gen):
     import bitsandbytes as bnb
 
+    from fastqlora.ops.nf4_gemv_cuda import available as cuda_gemv_available
+    from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
     from fastqlora.ops.nf4_linear import dense, frozen_matmul
     from fastqlora.triton_kernels import nf4_configs
     from fastqlora.triton_kernels.nf4_configs import GemvConfig
@@ -145,10 +147,11 @@ def projections(args, rows, gen):
             def fwd(c, lora=False):
                 xa_, b_ = (x @ a.t(), b) if lora else (None, None)
                 if isinstance(c, GemvConfig):
-                    return nf4_gemv(x, w, c, xa=xa_, lora_b=b_, scale=2.0)
+                    return (nf4_gemv_cuda if c.cuda else nf4_gemv)(x, w, c, xa=xa_, lora_b=b_, scale=2.0)
                 return nf4_matmul_fwd(x, [w], c, xa=xa_, lora_b=[b_], scales=[2.0])
 
-            cands = nf4_configs.gemv_candidates(M, N, K) + nf4_configs.forward_candidates(cap, M, N, K)
+            cands = (nf4_configs.gemv_candidates(M, N, K, cuda=M == 1 and cuda_gemv_available(x, w))
+                     + nf4_configs.forward_candidates(cap, M, N, K))
             t, cfg = best_fused(fwd, cands, f"fwd {name} M={M}")
             r["fused"], r["fused_cfg"] = t, cfg.short() if cfg else None
             if cfg is not None:

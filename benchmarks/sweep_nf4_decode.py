@@ -4,7 +4,8 @@ At M = 1 and 16 the host's launch cost is as long as the kernel, so each candida
 by replaying N calls captured in a CUDA graph (``bench_nf4_matmul.graph_us``), against
 bitsandbytes' ``matmul_4bit`` timed the same way, on Llama-3-8B's projection shapes. Each
 candidate's result is checked against bitsandbytes' dequantize + an fp32 matmul (rows with
-relative error ≥ 1e-2 are printed as BAD). The decode table in
+relative error ≥ 1e-2 are printed as BAD). At M = 1 the Triton gemv and the extension's CUDA
+gemv (``cuda gemv r<rows a warp> w<warps> <table>``) join the tiles. The decode table in
 ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
 
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
@@ -33,19 +34,24 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of q/o k/v gate/up down")
     ap.add_argument("--m", default="1,16", help="rows to sweep")
     ap.add_argument("--wa-only", action="store_true", help="only the weight-as-A tiles")
+    ap.add_argument("--gemv-only", action="store_true", help="only the one-row kernels (Triton and CUDA), M = 1")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_nf4_decode.py needs a CUDA GPU")
     import bitsandbytes as bnb
 
+    from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
     from fastqlora.triton_kernels.nf4_configs import GemvConfig as G
     from fastqlora.triton_kernels.nf4_configs import MatmulConfig as C
     from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
     from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
 
-    grid = [] if args.wa_only else [C(16, bn, bk, 1, sk, False, w, 3) for bn, bk, w in TILES for sk in (1, 2, 4, 8)]
-    grid += [C(16, bn, bk, 1, sk, True, w, 3) for bn, bk, w in WA_TILES for sk in (1, 2, 4, 8)]
+    grid = [] if args.wa_only or args.gemv_only else [C(16, bn, bk, 1, sk, False, w, 3) for bn, bk, w in TILES for sk in (1, 2, 4, 8)]
+    if not args.gemv_only:
+        grid += [C(16, bn, bk, 1, sk, True, w, 3) for bn, bk, w in WA_TILES for sk in (1, 2, 4, 8)]
     gemv = [G(64, sk, 2) for sk in (4, 8, 16, 32)] + [G(128, sk, 4) for sk in (8, 16)] + [G(256, sk, 8) for sk in (16, 32)]
+    # the extension's CUDA gemv (csrc/nf4_gemv.cu): weight rows a warp x warps a block
+    gemv += [G(r, 1, wp, cuda=True, table=t) for t in ("shfl", "prmt") for r in (1, 2, 4, 8) for wp in (4, 8)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
     for name, N, K in SHAPES:
@@ -60,7 +66,10 @@ def main() -> None:
             for c in grid + (gemv if M == 1 else []):
                 if K % c.bk or K // c.bk < c.split_k * 2:
                     continue
-                f = (lambda c=c: nf4_gemv(x, w, c)) if isinstance(c, G) else (lambda c=c: nf4_matmul_fwd(x, [w], c)[0])
+                if isinstance(c, G):
+                    f = (lambda c=c: (nf4_gemv_cuda if c.cuda else nf4_gemv)(x, w, c))
+                else:
+                    f = (lambda c=c: nf4_matmul_fwd(x, [w], c)[0])
                 err = ((f().float() - ref).norm() / ref.norm()).item()
                 t = graph_us(f)
                 if t is not None:

@@ -228,6 +228,7 @@ def _bnb_weight(N, K, seed):
 @pytest.mark.parametrize("N,K", LLAMA8B)
 def test_gpu_every_config_bf16(N, K):
     """Every tuning-table config for this GPU (decode and prefill lists) on real shapes."""
+    from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
     from fastqlora.triton_kernels import nf4_configs
     from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
     from fastqlora.triton_kernels.nf4_matmul import nf4_matmul_fwd
@@ -252,8 +253,8 @@ def test_gpu_every_config_bf16(N, K):
         for cfg in sorted(fwd, key=str):
             (y,) = nf4_matmul_fwd(x, [w], cfg, xa=xa, lora_b=[b], scales=[s])
             assert rel(y, ref) < 1e-2, (M, cfg)
-        for cfg in nf4_configs.gemv_candidates(M, N, K):
-            y = nf4_gemv(x, w, cfg, xa=xa, lora_b=b, scale=s)
+        for cfg in nf4_configs.gemv_candidates(M, N, K, cuda=M == 1):
+            y = (nf4_gemv_cuda if cfg.cuda else nf4_gemv)(x, w, cfg, xa=xa, lora_b=b, scale=s)
             assert rel(y, ref) < 1e-2, (M, cfg)
         tcfg = set(nf4_configs.transposed_candidates(cap, M, K))
         tcfg |= set(nf4_configs.transposed_candidates(cap, 4096, K))
@@ -279,6 +280,54 @@ def test_gpu_dispatch_bf16(M):
     dx = frozen_matmul_t([y], [w])
     assert rel(dx, y.float() @ wd) < 1e-2
     assert len(nf4_dispatch.choices()) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("N,K,r", [(1000, 4160, 16), (37, 64, 40), (4097, 14336, 8)])
+def test_gpu_cuda_gemv_odd_shapes(dtype, nested, N, K, r):
+    """The extension's one-row kernel (csrc/nf4_gemv.cu), every config: rows past N in the
+    last warp, K not a multiple of 1024 (lanes past the row's end), LoRA ranks above 32,
+    bias, plain and double-quantized absmax, against the fp64 oracle; run twice, equal."""
+    from fastqlora.ops.nf4_gemv_cuda import available, nf4_gemv_cuda
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels import nf4_configs
+
+    g = torch.Generator().manual_seed(N + K + r)
+    w = NF4Tensor.quantize((torch.randn(N, K, generator=g) * 0.05).cuda(), blocksize=64, compress_statistics=nested)
+    assert (w.absmax.dtype == torch.uint8) == nested
+    x = torch.randn(1, K, generator=g).to("cuda", dtype)
+    xa = (torch.randn(1, r, generator=g) * 0.5).to("cuda", dtype)
+    b = (torch.randn(N, r, generator=g) * 0.1).to("cuda", dtype)
+    bias = torch.randn(N, generator=g).to("cuda", dtype)
+    wd = nf4h.dequantize_oracle(w, torch.float64)
+    ref = x.double() @ wd.t() + 1.5 * (xa.double() @ b.double().t()) + bias.double()
+    ref_plain = x.double() @ wd.t()
+    assert available(x, w)
+    cfgs = [c for c in nf4_configs.gemv_candidates(1, N, K, cuda=True) if c.cuda]
+    assert cfgs
+    for cfg in cfgs:
+        y = nf4_gemv_cuda(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias)
+        assert y.shape == (1, N) and y.dtype == dtype
+        assert rel(y, ref) < 5e-3, cfg
+        assert torch.equal(nf4_gemv_cuda(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias), y)
+        assert rel(nf4_gemv_cuda(x, w, cfg), ref_plain) < 5e-3, cfg
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_gemv_refuses_bad_input():
+    from fastqlora.ops.nf4_gemv_cuda import available, nf4_gemv_cuda
+    from fastqlora.triton_kernels.nf4_configs import GemvConfig
+
+    w = nf4h.quantize(torch.randn(64, 128, device="cuda") * 0.05)
+    x = torch.randn(1, 129, device="cuda", dtype=torch.bfloat16)[:, 1:]  # 2-byte offset: not 16-byte aligned
+    assert not available(x, w)
+    with pytest.raises(ValueError, match="aligned"):
+        nf4_gemv_cuda(x, w, GemvConfig(4, 1, 8, cuda=True))
+    with pytest.raises(ValueError, match="K = 64"):
+        nf4_gemv_cuda(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16), w, GemvConfig(4, 1, 8, cuda=True))
+    assert not available(torch.randn(1, 128, device="cuda"), w)  # fp32 x: the Triton gemv's
 
 
 @pytest.mark.parametrize("split", [1, 2])

@@ -51,15 +51,20 @@ class MatmulConfig:
 @dataclass(frozen=True)
 class GemvConfig:
     """The tensor-core-free one-row kernel (nf4_gemv.py): bn weight rows per program, one
-    64-weight block per step, K split over split_k programs."""
+    64-weight block per step, K split over split_k programs. With ``cuda`` the extension's
+    kernel (csrc/nf4_gemv.cu) instead: bn weight rows a warp, num_warps warps a block."""
 
     bn: int
     split_k: int = 1
     num_warps: int = 4
     bm: int = 1  # rows handled (always one)
     bk: int = 64  # weights a step
+    cuda: bool = False
+    table: str = "shfl"  # CUDA: code lookups by warp shuffles, or "prmt" (byte permutes)
 
     def short(self) -> str:
+        if self.cuda:
+            return f"cuda gemv r{self.bn} w{self.num_warps} {self.table}"
         s = f"gemv {self.bn} w{self.num_warps}"
         if self.split_k > 1:
             s += f" sk{self.split_k}"
@@ -107,6 +112,9 @@ _FWD_DECODE = [
 # One row only (see nf4_gemv.py for why not more).
 GEMV_MAX_M = 1
 _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
+# The extension's CUDA gemv (bf16/fp16 x, built with CUDA): weight rows a warp x warps a block.
+_CUDA_GEMV = [GemvConfig(r, 1, w, cuda=True, table=t) for t in ("prmt", "shfl")
+              for r, w in ((8, 4), (4, 8), (2, 8), (2, 4), (1, 8))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {
@@ -147,11 +155,12 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
     return p
 
 
-def gemv_candidates(M: int, N: int, K: int) -> list[GemvConfig]:
-    """Tensor-core-free configs for one weight [N, K] at M ≤ GEMV_MAX_M rows (else none)."""
+def gemv_candidates(M: int, N: int, K: int, cuda: bool = False) -> list[GemvConfig]:
+    """Tensor-core-free configs for one weight [N, K] at M ≤ GEMV_MAX_M rows (else none);
+    ``cuda``: the extension's CUDA gemv can take this product, list its configs first."""
     if M > GEMV_MAX_M:
         return []
-    return [c for c in _GEMV if K % c.bk == 0]
+    return [c for c in (_CUDA_GEMV if cuda else []) + _GEMV if K % c.bk == 0]
 
 
 def forward_candidates(capability: tuple[int, int], M: int, n_total: int, K: int) -> list[MatmulConfig]:

@@ -73,7 +73,8 @@ def tuning_enabled() -> bool:
 
 def choices() -> dict[tuple, str]:
     """What was picked so far (key: direction, device, capability, dtype, M bucket, output
-    widths, K, LoRA rank, forced path) -> "dequant+cublas" or the kernel config's name."""
+    widths, K, LoRA rank, forced path, CUDA gemv possible) -> "dequant+cublas" or the kernel
+    config's name."""
     return {k: (v if isinstance(v, str) else v.short()) for k, v in _cache.items()}
 
 
@@ -116,11 +117,13 @@ def choose(
     rank: int,
     run_fused: Callable[[MatmulConfig | GemvConfig], object],
     run_plain: Callable[[], object],
+    cuda_gemv: bool = False,
 ) -> Choice:
     """The path for a ``kind`` ("fwd" or "t") product of ``x`` [M, ·] with weights [n_i, K].
 
     ``run_fused(cfg)`` and ``run_plain()`` compute the product (their results are dropped
-    while timing).
+    while timing). ``cuda_gemv``: the extension's CUDA one-row kernel can take this
+    product (its configs join the candidates).
     """
     M = x.shape[0]
     from .dispatch import interpreting
@@ -134,12 +137,12 @@ def choose(
     cap = (props.major, props.minor)
     if _forced == CUBLAS:
         return CUBLAS
-    key = (kind, str(dev), cap, x.dtype, _m_bucket(M), tuple(n_list), K, rank, _forced)
+    key = (kind, str(dev), cap, x.dtype, _m_bucket(M), tuple(n_list), K, rank, _forced, cuda_gemv)
     hit = _cache.get(key)
     if hit is not None:
         return hit
     if kind == "fwd":
-        cands: list[Choice] = list(nf4_configs.gemv_candidates(M, max(n_list), K))
+        cands: list[Choice] = list(nf4_configs.gemv_candidates(M, max(n_list), K, cuda=cuda_gemv))
         cands += nf4_configs.forward_candidates(cap, M, sum(n_list), K)
     else:
         cands = list(nf4_configs.transposed_candidates(cap, M, K))

@@ -102,15 +102,18 @@ def frozen_matmul(
     from ..triton_kernels.nf4_configs import GemvConfig
     from ..triton_kernels.nf4_gemv import nf4_gemv
     from ..triton_kernels.nf4_matmul import nf4_matmul_fwd
+    from . import nf4_gemv_cuda as cuda_gemv
 
+    nf4_gemv_cuda = cuda_gemv.nf4_gemv_cuda
     lb = [b.contiguous() if b is not None else None for b in lora_b]
 
     def fused(cfg):
         if isinstance(cfg, GemvConfig):
+            gemv = nf4_gemv_cuda if cfg.cuda else nf4_gemv
             outs = []
             for i, w in enumerate(weights):
                 xa_i = None if (xa is None or lb[i] is None) else xa[:, xa_cols[i]:xa_cols[i] + lb[i].shape[1]]
-                outs.append(nf4_gemv(x, w, cfg, xa=xa_i, lora_b=lb[i], scale=scales[i], bias=biases[i]))
+                outs.append(gemv(x, w, cfg, xa=xa_i, lora_b=lb[i], scale=scales[i], bias=biases[i]))
             return outs
         return nf4_matmul_fwd(x, weights, cfg, xa=xa, lora_b=lb, scales=scales, xa_cols=xa_cols, biases=biases)
 
@@ -119,7 +122,9 @@ def frozen_matmul(
 
     rank = xa.shape[1] if xa is not None else 0
     K = int(weights[0].shape[1])
-    choice = nf4_dispatch.choose("fwd", x, [out_features(w) for w in weights], K, rank, fused, plain)
+    cuda_ok = x.shape[0] == 1 and all(cuda_gemv.available(x, w) for w in weights)
+    choice = nf4_dispatch.choose("fwd", x, [out_features(w) for w in weights], K, rank, fused, plain,
+                                 cuda_gemv=cuda_ok)
     return plain() if choice == nf4_dispatch.CUBLAS else fused(choice)
 
 

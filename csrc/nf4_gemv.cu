@@ -1,0 +1,301 @@
+// The one-row NF4 product for decoding: y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias, x [1, K].
+//
+// At one token the product reads each 4-bit weight once and does one multiply-add with
+// it, so it is bound by the weight's bytes and by the instructions a weight costs. Two
+// choices keep that cost at ~3 instructions (a shift, a shuffle, a fused multiply-add):
+//
+// * the absmax is factored out of each 64-weight block,
+//       y[n] = Σ_b absmax[n, b] · Σ_{k ∈ b} code[q[n, k]] · x[k],
+//   so the inner sum multiplies x by the exact fp32 code, and the absmax (decoded from
+//   its 8-bit double quantization) is applied once per 32 weights;
+// * the 16-entry code table lives in registers across the warp: lane l holds
+//   code[l mod 16], and `__shfl_sync(table, i)` reads entry i mod 32 — lanes 16-31
+//   repeat 0-15, so the nibble needs no masking, only a shift into the low bits.
+//
+// Layout: a warp owns R consecutive weight rows; each step its 32 lanes read 16
+// contiguous bytes (32 weights) each of every row, 512 bytes a row, so every load is
+// coalesced and the R loads of a lane are in flight together. x's 32 values of a lane
+// are loaded once a step and reused for the R rows. Lanes past the row's end (K not a
+// multiple of 1024) read nothing and add zero, but still take part in the shuffles.
+// Sums are in fp32; the result is rounded once to the output dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+#include "nf4.h"
+
+namespace fq {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T> __device__ __forceinline__ void unpack2(uint32_t u, float& a, float& b);
+template <> __device__ __forceinline__ void unpack2<__nv_bfloat16>(uint32_t u, float& a, float& b) {
+  a = __uint_as_float(u << 16);  // the lower half is the element at the lower index
+  b = __uint_as_float(u & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a, float& b) {
+  __half2 h;
+  memcpy(&h, &u, 4);
+  const float2 f = __half22float2(h);
+  a = f.x;
+  b = f.y;
+}
+
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// The fp32 absmax of block b; double quantization as bitsandbytes rounds it (product,
+// then sum, each rounded: the extension is built without FMA contraction). The nested
+// block size is a power of two (2^shift2): a 64-bit division per row and step cost more
+// than the row's 32 weights (measured in the SASS: a call to the s64 division routine).
+__device__ __forceinline__ float block_absmax(const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
+                                              const float* __restrict__ code2, const float* __restrict__ absmax2,
+                                              float offset, int shift2, int64_t b) {
+  if (qabsmax == nullptr) return __ldg(absmax + b);
+  return __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + (b >> shift2))), offset);
+}
+
+// Σ code[q_j]·x[j] over the 32 weights of 16 packed bytes (byte i: weight 2i in the high
+// nibble, 2i+1 in the low); `table` is this lane's code[lane mod 16].
+__device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float table) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float even = 0.0f, odd = 0.0f;  // two chains: more independent FMAs in flight
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float ce = __shfl_sync(kFull, table, static_cast<int>(words[q] >> (8 * i + 4)));
+      const float co = __shfl_sync(kFull, table, static_cast<int>(words[q] >> (8 * i)));
+      even = __fmaf_rn(ce, x[8 * q + 2 * i], even);
+      odd = __fmaf_rn(co, x[8 * q + 2 * i + 1], odd);
+    }
+  }
+  return __fadd_rn(even, odd);
+}
+
+// The same sum with the table in byte permutes instead of shuffles (no shared-memory pipe):
+// the 16 codes as fp16 (within 2^-12 of the fp32 codes, closer than the bf16 weights
+// dequantize writes), split into a low-byte and a high-byte plane of four registers each.
+// `prmt` picks four bytes of a register pair by four 3-bit selectors, so four codes cost
+// one permute over entries 0-7 and one over 8-15 per plane, a select on each code's bit 3,
+// and two permutes that pair the planes' bytes into fp16x2.
+struct Planes {
+  uint32_t lo[4], hi[4];
+};
+
+__device__ __forceinline__ Planes make_planes(const float* __restrict__ code) {
+  Planes t;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t h = __half_as_ushort(__float2half_rn(__ldg(code + 4 * i + j)));
+      lo |= (h & 0xffu) << (8 * j);
+      hi |= (h >> 8) << (8 * j);
+    }
+    t.lo[i] = lo;
+    t.hi[i] = hi;
+  }
+  return t;
+}
+
+// Codes of the four nibbles a 16-bit selector `sel` (bit 3 of each cleared) names, whose
+// bit 3 `k` holds as 0/1 nibbles, in selector order.
+__device__ __forceinline__ void lookup4(uint32_t sel, uint32_t k, const Planes& t, float (&v)[4]) {
+  const uint32_t m = __byte_perm(0x0000ff00u, 0, k);  // 0xff bytes where the code is 8-15
+  const uint32_t a = __byte_perm(t.lo[0], t.lo[1], sel), b = __byte_perm(t.lo[2], t.lo[3], sel);
+  const uint32_t c = __byte_perm(t.hi[0], t.hi[1], sel), d = __byte_perm(t.hi[2], t.hi[3], sel);
+  const uint32_t rl = (a & ~m) | (b & m), rh = (c & ~m) | (d & m);
+  const uint32_t p0 = __byte_perm(rl, rh, 0x5140), p1 = __byte_perm(rl, rh, 0x7362);
+  __half2 h0, h1;
+  memcpy(&h0, &p0, 4);
+  memcpy(&h1, &p1, 4);
+  const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+  v[0] = f0.x;
+  v[1] = f0.y;
+  v[2] = f1.x;
+  v[3] = f1.y;
+}
+
+__device__ __forceinline__ float dot32_prmt(uint4 w, const float (&x)[32], const Planes& t) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float even = 0.0f, odd = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t s = words[q] & 0x77777777u, k = (words[q] >> 3) & 0x11111111u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // nibbles from the low end: byte0.lo, byte0.hi, byte1.lo, byte1.hi (odd, even, odd, even)
+      float v[4];
+      lookup4(s >> (16 * h), k >> (16 * h), t, v);
+      const int base = 8 * q + 4 * h;
+      even = __fmaf_rn(v[1], x[base + 0], even);
+      odd = __fmaf_rn(v[0], x[base + 1], odd);
+      even = __fmaf_rn(v[3], x[base + 2], even);
+      odd = __fmaf_rn(v[2], x[base + 3], odd);
+    }
+  }
+  return __fadd_rn(even, odd);
+}
+
+template <typename T, int R, bool PRMT>
+__global__ void __launch_bounds__(256) k_nf4_gemv(
+    const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, const float* __restrict__ code,
+    const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ code2,
+    const float* __restrict__ absmax2, float offset, int shift2, int64_t N, const T* __restrict__ xa,
+    const T* __restrict__ lora_b, int rank, float scale, const T* __restrict__ bias, T* __restrict__ y) {
+  const int lane = threadIdx.x & 31;
+  const float table = __ldg(code + (lane & 15));
+  Planes planes;
+  if (PRMT) planes = make_planes(code);
+  const int64_t row_bytes = K / 2;
+  const int64_t row_blocks = K / 64;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int64_t groups = (N + R - 1) / R;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); g < groups;
+       g += warps) {
+    const int64_t n0 = g * R;
+    // Rows past N (the last group) repeat row N-1; their sums are never stored. Every
+    // load below is unconditional, so the warp never diverges around the shuffles.
+    const uint8_t* wrow[R];
+    int64_t brow[R];
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = n0 + r < N ? n0 + r : N - 1;
+      wrow[r] = packed + n * row_bytes;
+      brow[r] = n * row_blocks;
+      acc[r] = 0.0f;
+    }
+    for (int64_t step = 0; step < row_bytes; step += 512) {
+      // this lane's 16 bytes; past the row's end (K not a multiple of 1024) it re-reads
+      // the step's first bytes and weighs them by zero
+      const int64_t c0 = step + 16 * lane;
+      const bool in_row = c0 < row_bytes;
+      const int64_t c = in_row ? c0 : step;
+      uint4 w[R];
+      float amax[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + c));
+        const float a = block_absmax(absmax, qabsmax, code2, absmax2, offset, shift2, brow[r] + c / 32);
+        amax[r] = in_row ? a : 0.0f;
+      }
+      float xv[32];
+      const uint4* xp = reinterpret_cast<const uint4*>(x + 2 * c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint4 v = __ldg(xp + j);
+        unpack2<T>(v.x, xv[8 * j + 0], xv[8 * j + 1]);
+        unpack2<T>(v.y, xv[8 * j + 2], xv[8 * j + 3]);
+        unpack2<T>(v.z, xv[8 * j + 4], xv[8 * j + 5]);
+        unpack2<T>(v.w, xv[8 * j + 6], xv[8 * j + 7]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float d = PRMT ? dot32_prmt(w[r], xv, planes) : dot32(w[r], xv, table);
+        acc[r] = __fmaf_rn(d, amax[r], acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(kFull, acc[r], o);
+    }
+    // LoRA: s·Σ_j xa[j]·B[n, j], lanes splitting j; then bias; one lane stores.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = n0 + r;
+      if (lora_b != nullptr) {
+        float l = 0.0f;
+        if (n < N) {
+          for (int j = lane; j < rank; j += 32) l = __fmaf_rn(to_f32(xa[j]), to_f32(lora_b[n * rank + j]), l);
+        }
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(kFull, l, o);
+        acc[r] = __fmaf_rn(scale, l, acc[r]);
+      }
+      if (lane == 0 && n < N) {
+        float v = acc[r];
+        if (bias != nullptr) v += to_f32(bias[n]);
+        y[n] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T, int R, bool PRMT>
+void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
+            const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int shift2,
+            int64_t N, const void* xa, const void* lora_b, int rank, float scale, const void* bias, void* y,
+            int warps, cudaStream_t s) {
+  const int64_t groups = (N + R - 1) / R;
+  const int64_t blocks = (groups + warps - 1) / warps;
+  k_nf4_gemv<T, R, PRMT><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
+      static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
+      static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
+      static_cast<T*>(y));
+  FQ_CUDA_CHECK_LAUNCH("k_nf4_gemv");
+}
+
+template <typename T, bool PRMT>
+void launch_rows(int rows, const void* x, int64_t K, const uint8_t* packed, const float* code,
+                 const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
+                 float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank,
+                 float scale, const void* bias, void* y, int warps, cudaStream_t s) {
+  switch (rows) {
+    case 1: return launch<T, 1, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    case 2: return launch<T, 2, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    case 4: return launch<T, 4, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    case 8: return launch<T, 8, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    default: throw std::invalid_argument("nf4_gemv_cuda: rows per warp must be 1, 2, 4 or 8, got " + std::to_string(rows));
+  }
+}
+
+}  // namespace
+
+void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
+                   const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
+                   int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
+                   const void* bias, void* y, int dtype, int rows, int warps, int table, int64_t stream) {
+  if (K % 64 != 0 || K <= 0 || N <= 0) {
+    throw std::invalid_argument("nf4_gemv_cuda: K must be a positive multiple of 64 and N positive, got K=" +
+                                std::to_string(K) + ", N=" + std::to_string(N));
+  }
+  if (warps < 1 || warps > 8) throw std::invalid_argument("nf4_gemv_cuda: warps per block must be 1..8");
+  int shift2 = 0;
+  while ((int64_t{1} << shift2) < blocksize2) ++shift2;
+  if (qabsmax != nullptr && (int64_t{1} << shift2) != blocksize2) {
+    throw std::invalid_argument("nf4_gemv_cuda: the nested absmax block size must be a power of two, got " +
+                                std::to_string(blocksize2));
+  }
+  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
+    throw std::invalid_argument("nf4_gemv_cuda: x and the packed weight must be 16-byte aligned");
+  }
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (table != 0 && table != 1) throw std::invalid_argument("nf4_gemv_cuda: table must be 0 (shuffles) or 1 (permutes)");
+  if (table == 1) {
+    switch (dtype) {
+      case kF16: return launch_rows<__half, true>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+      case kBF16: return launch_rows<__nv_bfloat16, true>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+      default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
+    }
+  }
+  switch (dtype) {
+    case kF16: return launch_rows<__half, false>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    case kBF16: return launch_rows<__nv_bfloat16, false>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
+  }
+}
+
+}  // namespace fq

@@ -1,0 +1,80 @@
+"""The one-row NF4 product on CUDA (``csrc/nf4_gemv.cu``), a decode-step candidate.
+
+``y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias`` for x [1, K] in bf16/fp16 with W in NF4: the same
+sum as the Triton gemv (absmax factored out of each 64-weight block, exact fp32 codes,
+fp32 sums), but each lookup is one warp shuffle (``table="shfl"``, the fp32 codes) or a few
+byte permutes of an fp16 copy of the codes (``"prmt"``, no shared-memory pipe) instead of a
+memory read, and each warp streams 512 contiguous bytes of a weight row a step. The
+dispatch times it beside the Triton kernels (``GemvConfig(cuda=True)``: ``bn`` weight rows
+a warp, ``num_warps`` a block).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._ext import built_with_cuda, ext, ptr, stream_of
+from ..quant import _DTYPE_CODES
+from ..triton_kernels.nf4_configs import GemvConfig
+
+
+_TABLES = {"shfl": 0, "prmt": 1}
+
+
+def available(x: torch.Tensor, w) -> bool:
+    """Whether the CUDA gemv can take this product: the extension has CUDA, x is one
+    16-byte aligned bf16/fp16 row with unit stride on the GPU of w, and w is NF4 with
+    64-weight blocks (its K a multiple of 64) and, if double-quantized, a power-of-two
+    nested block size (bitsandbytes uses 256)."""
+    return (
+        built_with_cuda()
+        and x.is_cuda
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.stride(-1) == 1
+        and x.data_ptr() % 16 == 0
+        and int(w.blocksize) == 64
+        and int(w.shape[1]) % 64 == 0
+        and w.packed.data_ptr() % 16 == 0
+        and w.packed.device == x.device
+        and (not w.nested or int(w.nested_blocksize) & (int(w.nested_blocksize) - 1) == 0)
+    )
+
+
+def nf4_gemv_cuda(
+    x: torch.Tensor,
+    w,
+    cfg: GemvConfig,
+    *,
+    xa: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x·dequant(w)ᵀ + scale·xa·lora_bᵀ + bias`` for x [1, K]; returns [1, N] in x's dtype.
+    ``xa`` [1, r] and ``lora_b`` [N, r], ``bias`` [N], all in x's dtype (made contiguous)."""
+    if not available(x, w):
+        raise ValueError(f"nf4_gemv_cuda takes one aligned bf16/fp16 CUDA row and an NF4 weight with blocksize 64 "
+                         f"and K a multiple of 64; got x {tuple(x.shape)} {x.dtype} on {x.device}, weight "
+                         f"{tuple(w.shape)} blocksize {w.blocksize}")
+    K = x.shape[1]
+    N = int(w.shape[0])
+    if int(w.shape[1]) != K:
+        raise ValueError(f"nf4_gemv_cuda: x has K = {K} but the weight has {int(w.shape[1])} columns")
+    y = torch.empty((1, N), device=x.device, dtype=x.dtype)
+    has_lora = xa is not None and lora_b is not None
+    rank = int(lora_b.shape[1]) if has_lora else 0
+    xa_c = xa.reshape(-1).contiguous() if has_lora else None
+    b_c = lora_b.contiguous() if has_lora else None
+    bias_c = bias.contiguous() if bias is not None else None
+    code = w.code if w.code.dtype == torch.float32 else w.code.float()
+    nested = w.nested
+    with torch.cuda.device(x.device):
+        ext().nf4_gemv_cuda(
+            ptr(x), K, ptr(w.packed), ptr(code),
+            0 if nested else ptr(w.absmax), ptr(w.absmax) if nested else 0,
+            ptr(w.nested_code) if nested else 0, ptr(w.nested_absmax) if nested else 0,
+            float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
+            ptr(xa_c), ptr(b_c), rank, float(scale), ptr(bias_c), ptr(y),
+            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), _TABLES[cfg.table], stream_of(x))
+    return y
