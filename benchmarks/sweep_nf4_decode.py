@@ -52,6 +52,7 @@ def main() -> None:
     gemv = [G(64, sk, 2) for sk in (4, 8, 16, 32)] + [G(128, sk, 4) for sk in (8, 16)] + [G(256, sk, 8) for sk in (16, 32)]
     # the extension's CUDA gemv (csrc/nf4_gemv.cu): weight rows a warp x warps a block
     gemv += [G(r, 1, wp, cuda=True, table=t) for t in ("shfl", "prmt") for r in (1, 2, 4, 8) for wp in (4, 8)]
+    gemv += [G(r, sk, wp, cuda=True) for r in (2, 4, 8) for sk in (2, 4) for wp in (4, 8)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
     for name, N, K in SHAPES:

@@ -150,23 +150,29 @@ __device__ __forceinline__ float dot32_prmt(uint4 w, const float (&x)[32], const
   return __fadd_rn(even, odd);
 }
 
-template <typename T, int R, bool PRMT>
+template <typename T, int R, bool PRMT, int S>
 __global__ void __launch_bounds__(256) k_nf4_gemv(
     const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, const float* __restrict__ code,
     const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ code2,
     const float* __restrict__ absmax2, float offset, int shift2, int64_t N, const T* __restrict__ xa,
     const T* __restrict__ lora_b, int rank, float scale, const T* __restrict__ bias, T* __restrict__ y) {
+  // With S > 1 the S warps of a row group each take every S-th step of K (more warps in
+  // flight for the same rows) and the first of them sums their totals in a fixed order.
+  __shared__ float partial[8][R];
   const int lane = threadIdx.x & 31;
+  const int wib = threadIdx.x >> 5;
+  const int part = wib % S;
   const float table = __ldg(code + (lane & 15));
   Planes planes;
   if (PRMT) planes = make_planes(code);
   const int64_t row_bytes = K / 2;
   const int64_t row_blocks = K / 64;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  const int64_t per_block = (blockDim.x >> 5) / S;  // row groups a block
   const int64_t groups = (N + R - 1) / R;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); g < groups;
-       g += warps) {
-    const int64_t n0 = g * R;
+  for (int64_t gb = blockIdx.x; gb * per_block < groups; gb += gridDim.x) {
+    const int64_t g_raw = gb * per_block + wib / S;
+    const bool live = g_raw < groups;  // a spare warp of the last block repeats a group, unstored
+    const int64_t n0 = (live ? g_raw : groups - 1) * R;
     // Rows past N (the last group) repeat row N-1; their sums are never stored. Every
     // load below is unconditional, so the warp never diverges around the shuffles.
     const uint8_t* wrow[R];
@@ -179,7 +185,7 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
       brow[r] = n * row_blocks;
       acc[r] = 0.0f;
     }
-    for (int64_t step = 0; step < row_bytes; step += 512) {
+    for (int64_t step = 512 * part; step < row_bytes; step += 512 * S) {
       // this lane's 16 bytes; past the row's end (K not a multiple of 1024) it re-reads
       // the step's first bytes and weighs them by zero
       const int64_t c0 = step + 16 * lane;
@@ -213,6 +219,23 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
     for (int r = 0; r < R; ++r) {
       for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(kFull, acc[r], o);
     }
+    if (S > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) partial[wib][r] = acc[r];
+      }
+      __syncthreads();
+      if (part == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float v = partial[wib][r];
+          for (int p = 1; p < S; ++p) v += partial[wib + p][r];
+          acc[r] = v;
+        }
+      }
+      __syncthreads();  // the next group's totals overwrite `partial`
+    }
+    if (part != 0 || !live) continue;
     // LoRA: s·Σ_j xa[j]·B[n, j], lanes splitting j; then bias; one lane stores.
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -234,66 +257,94 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
   }
 }
 
-template <typename T, int R, bool PRMT>
+template <typename T, int R, bool PRMT, int S>
 void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
             const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int shift2,
             int64_t N, const void* xa, const void* lora_b, int rank, float scale, const void* bias, void* y,
             int warps, cudaStream_t s) {
   const int64_t groups = (N + R - 1) / R;
-  const int64_t blocks = (groups + warps - 1) / warps;
-  k_nf4_gemv<T, R, PRMT><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
+  const int64_t per_block = warps / S;
+  const int64_t blocks = (groups + per_block - 1) / per_block;
+  k_nf4_gemv<T, R, PRMT, S><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
       static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
       static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
       static_cast<T*>(y));
   FQ_CUDA_CHECK_LAUNCH("k_nf4_gemv");
 }
 
-template <typename T, bool PRMT>
-void launch_rows(int rows, const void* x, int64_t K, const uint8_t* packed, const float* code,
-                 const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
-                 float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank,
-                 float scale, const void* bias, void* y, int warps, cudaStream_t s) {
-  switch (rows) {
-    case 1: return launch<T, 1, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-    case 2: return launch<T, 2, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-    case 4: return launch<T, 4, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-    case 8: return launch<T, 8, PRMT>(x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-    default: throw std::invalid_argument("nf4_gemv_cuda: rows per warp must be 1, 2, 4 or 8, got " + std::to_string(rows));
+// Args after the config: x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2,
+// N, xa, lora_b, rank, scale, bias, y, warps, stream.
+#define FQ_GEMV_ARGS x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s
+
+template <typename T>
+void launch_config(int rows, int split, bool prmt, const void* x, int64_t K, const uint8_t* packed,
+                   const float* code, const float* absmax, const uint8_t* qabsmax, const float* code2,
+                   const float* absmax2, float offset, int shift2, int64_t N, const void* xa, const void* lora_b,
+                   int rank, float scale, const void* bias, void* y, int warps, cudaStream_t s) {
+  if (prmt) {
+    if (split != 1) throw std::invalid_argument("nf4_gemv_cuda: the byte-permute table takes split 1");
+    switch (rows) {
+      case 1: return launch<T, 1, true, 1>(FQ_GEMV_ARGS);
+      case 2: return launch<T, 2, true, 1>(FQ_GEMV_ARGS);
+      case 4: return launch<T, 4, true, 1>(FQ_GEMV_ARGS);
+      case 8: return launch<T, 8, true, 1>(FQ_GEMV_ARGS);
+      default: break;
+    }
+  } else {
+    switch (rows * 16 + split) {
+      case 1 * 16 + 1: return launch<T, 1, false, 1>(FQ_GEMV_ARGS);
+      case 2 * 16 + 1: return launch<T, 2, false, 1>(FQ_GEMV_ARGS);
+      case 4 * 16 + 1: return launch<T, 4, false, 1>(FQ_GEMV_ARGS);
+      case 8 * 16 + 1: return launch<T, 8, false, 1>(FQ_GEMV_ARGS);
+      case 2 * 16 + 2: return launch<T, 2, false, 2>(FQ_GEMV_ARGS);
+      case 4 * 16 + 2: return launch<T, 4, false, 2>(FQ_GEMV_ARGS);
+      case 8 * 16 + 2: return launch<T, 8, false, 2>(FQ_GEMV_ARGS);
+      case 2 * 16 + 4: return launch<T, 2, false, 4>(FQ_GEMV_ARGS);
+      case 4 * 16 + 4: return launch<T, 4, false, 4>(FQ_GEMV_ARGS);
+      case 8 * 16 + 4: return launch<T, 8, false, 4>(FQ_GEMV_ARGS);
+      default: break;
+    }
   }
+  throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(rows) + " rows a warp and K split " +
+                              std::to_string(split) + (prmt ? " (permute table)" : "") +
+                              "; rows 1/2/4/8, split 1 (and 2/4 with 2-8 rows, shuffle table)");
 }
+#undef FQ_GEMV_ARGS
 
 }  // namespace
 
 void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
-                   const void* bias, void* y, int dtype, int rows, int warps, int table, int64_t stream) {
+                   const void* bias, void* y, int dtype, int rows, int warps, int split, int table,
+                   int64_t stream) {
   if (K % 64 != 0 || K <= 0 || N <= 0) {
     throw std::invalid_argument("nf4_gemv_cuda: K must be a positive multiple of 64 and N positive, got K=" +
                                 std::to_string(K) + ", N=" + std::to_string(N));
   }
   if (warps < 1 || warps > 8) throw std::invalid_argument("nf4_gemv_cuda: warps per block must be 1..8");
+  if (split < 1 || warps % split != 0) {
+    throw std::invalid_argument("nf4_gemv_cuda: the K split (" + std::to_string(split) +
+                                ") must divide the warps per block (" + std::to_string(warps) + ")");
+  }
+  if (table != 0 && table != 1) throw std::invalid_argument("nf4_gemv_cuda: table must be 0 (shuffles) or 1 (permutes)");
+  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
+    throw std::invalid_argument("nf4_gemv_cuda: x and the packed weight must be 16-byte aligned");
+  }
   int shift2 = 0;
   while ((int64_t{1} << shift2) < blocksize2) ++shift2;
   if (qabsmax != nullptr && (int64_t{1} << shift2) != blocksize2) {
     throw std::invalid_argument("nf4_gemv_cuda: the nested absmax block size must be a power of two, got " +
                                 std::to_string(blocksize2));
   }
-  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
-    throw std::invalid_argument("nf4_gemv_cuda: x and the packed weight must be 16-byte aligned");
-  }
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (table != 0 && table != 1) throw std::invalid_argument("nf4_gemv_cuda: table must be 0 (shuffles) or 1 (permutes)");
-  if (table == 1) {
-    switch (dtype) {
-      case kF16: return launch_rows<__half, true>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-      case kBF16: return launch_rows<__nv_bfloat16, true>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-      default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
-    }
-  }
   switch (dtype) {
-    case kF16: return launch_rows<__half, false>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
-    case kBF16: return launch_rows<__nv_bfloat16, false>(rows, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    case kF16:
+      return launch_config<__half>(rows, split, table == 1, x, K, packed, code, absmax, qabsmax, code2, absmax2,
+                                   offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+    case kBF16:
+      return launch_config<__nv_bfloat16>(rows, split, table == 1, x, K, packed, code, absmax, qabsmax, code2,
+                                          absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
     default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
   }
 }

@@ -328,6 +328,11 @@ def test_gpu_cuda_gemv_refuses_bad_input():
     with pytest.raises(ValueError, match="K = 64"):
         nf4_gemv_cuda(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16), w, GemvConfig(4, 1, 8, cuda=True))
     assert not available(torch.randn(1, 128, device="cuda"), w)  # fp32 x: the Triton gemv's
+    x_ok = torch.randn(1, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="K split"):
+        nf4_gemv_cuda(x_ok, w, GemvConfig(4, 3, 8, cuda=True))
+    with pytest.raises(ValueError, match="no kernel"):
+        nf4_gemv_cuda(x_ok, w, GemvConfig(3, 1, 8, cuda=True))
 
 
 @pytest.mark.parametrize("split", [1, 2])

@@ -52,7 +52,8 @@ class MatmulConfig:
 class GemvConfig:
     """The tensor-core-free one-row kernel (nf4_gemv.py): bn weight rows per program, one
     64-weight block per step, K split over split_k programs. With ``cuda`` the extension's
-    kernel (csrc/nf4_gemv.cu) instead: bn weight rows a warp, num_warps warps a block."""
+    kernel (csrc/nf4_gemv.cu) instead: bn weight rows a warp, num_warps warps a block, K
+    split over split_k warps of the block."""
 
     bn: int
     split_k: int = 1
@@ -64,7 +65,8 @@ class GemvConfig:
 
     def short(self) -> str:
         if self.cuda:
-            return f"cuda gemv r{self.bn} w{self.num_warps} {self.table}"
+            return f"cuda gemv r{self.bn} w{self.num_warps} {self.table}" + (
+                f" sk{self.split_k}" if self.split_k > 1 else "")
         s = f"gemv {self.bn} w{self.num_warps}"
         if self.split_k > 1:
             s += f" sk{self.split_k}"
@@ -113,8 +115,9 @@ _FWD_DECODE = [
 GEMV_MAX_M = 1
 _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 # The extension's CUDA gemv (bf16/fp16 x, built with CUDA): weight rows a warp x warps a block.
-_CUDA_GEMV = [GemvConfig(r, 1, w, cuda=True, table=t) for t in ("prmt", "shfl")
-              for r, w in ((8, 4), (4, 8), (2, 8), (2, 4), (1, 8))]
+_CUDA_GEMV = ([GemvConfig(r, 1, w, cuda=True) for r, w in ((8, 8), (8, 4), (4, 8), (2, 4), (1, 8))]
+              + [GemvConfig(r, sk, 8, cuda=True) for r, sk in ((8, 2), (4, 2), (4, 4), (2, 4))]
+              + [GemvConfig(r, 1, w, cuda=True, table="prmt") for r, w in ((2, 4), (1, 8))])
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {

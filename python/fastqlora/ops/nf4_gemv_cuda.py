@@ -6,7 +6,7 @@ fp32 sums), but each lookup is one warp shuffle (``table="shfl"``, the fp32 code
 byte permutes of an fp16 copy of the codes (``"prmt"``, no shared-memory pipe) instead of a
 memory read, and each warp streams 512 contiguous bytes of a weight row a step. The
 dispatch times it beside the Triton kernels (``GemvConfig(cuda=True)``: ``bn`` weight rows
-a warp, ``num_warps`` a block).
+a warp, ``num_warps`` a block, K split over ``split_k`` warps of a block).
 """
 from __future__ import annotations
 
@@ -76,5 +76,6 @@ def nf4_gemv_cuda(
             ptr(w.nested_code) if nested else 0, ptr(w.nested_absmax) if nested else 0,
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa_c), ptr(b_c), rank, float(scale), ptr(bias_c), ptr(y),
-            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), _TABLES[cfg.table], stream_of(x))
+            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), int(cfg.split_k), _TABLES[cfg.table],
+            stream_of(x))
     return y
