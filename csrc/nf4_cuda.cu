@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "cuda_check.h"
+#include "cuda_convert.cuh"
 #include "nf4.h"
 
 namespace fq {
@@ -25,16 +26,6 @@ __constant__ float c_nf4[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
 inline cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // bitsandbytes' NF4 decision tree (its thresholds, which differ from the fp32 midpoints
 // in the last bits); a NaN falls through to code 0 as there.

@@ -11,12 +11,16 @@
 // * the 16-entry code table lives in registers across the warp: lane l holds
 //   code[l mod 16], and `__shfl_sync(table, i)` reads entry i mod 32 — lanes 16-31
 //   repeat 0-15, so the nibble needs no masking, only a shift into the low bits.
+//   (A table of fp16 codes in byte permutes, which spares the shuffle pipe, cost more
+//   instructions and measured slower on every Llama-3-8B shape: benchmarks/NOTES.md.)
 //
 // Layout: a warp owns R consecutive weight rows; each step its 32 lanes read 16
 // contiguous bytes (32 weights) each of every row, 512 bytes a row, so every load is
 // coalesced and the R loads of a lane are in flight together. x's 32 values of a lane
 // are loaded once a step and reused for the R rows. Lanes past the row's end (K not a
-// multiple of 1024) read nothing and add zero, but still take part in the shuffles.
+// multiple of 1024) re-read the step's first bytes and weigh them by zero, so every lane
+// takes part in the shuffles. With K split over S warps of a block, each takes every
+// S-th step of the same rows and the first sums their totals in a fixed order.
 // Sums are in fp32; the result is rounded once to the output dtype.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +31,7 @@
 #include <string>
 
 #include "cuda_check.h"
+#include "cuda_convert.cuh"
 #include "nf4.h"
 
 namespace fq {
@@ -47,13 +52,6 @@ template <> __device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a
   b = f.y;
 }
 
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // The fp32 absmax of block b; double quantization as bitsandbytes rounds it (product,
 // then sum, each rounded: the extension is built without FMA contraction). The nested
@@ -84,87 +82,17 @@ __device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float tabl
   return __fadd_rn(even, odd);
 }
 
-// The same sum with the table in byte permutes instead of shuffles (no shared-memory pipe):
-// the 16 codes as fp16 (within 2^-12 of the fp32 codes, closer than the bf16 weights
-// dequantize writes), split into a low-byte and a high-byte plane of four registers each.
-// `prmt` picks four bytes of a register pair by four 3-bit selectors, so four codes cost
-// one permute over entries 0-7 and one over 8-15 per plane, a select on each code's bit 3,
-// and two permutes that pair the planes' bytes into fp16x2.
-struct Planes {
-  uint32_t lo[4], hi[4];
-};
-
-__device__ __forceinline__ Planes make_planes(const float* __restrict__ code) {
-  Planes t;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t h = __half_as_ushort(__float2half_rn(__ldg(code + 4 * i + j)));
-      lo |= (h & 0xffu) << (8 * j);
-      hi |= (h >> 8) << (8 * j);
-    }
-    t.lo[i] = lo;
-    t.hi[i] = hi;
-  }
-  return t;
-}
-
-// Codes of the four nibbles a 16-bit selector `sel` (bit 3 of each cleared) names, whose
-// bit 3 `k` holds as 0/1 nibbles, in selector order.
-__device__ __forceinline__ void lookup4(uint32_t sel, uint32_t k, const Planes& t, float (&v)[4]) {
-  const uint32_t m = __byte_perm(0x0000ff00u, 0, k);  // 0xff bytes where the code is 8-15
-  const uint32_t a = __byte_perm(t.lo[0], t.lo[1], sel), b = __byte_perm(t.lo[2], t.lo[3], sel);
-  const uint32_t c = __byte_perm(t.hi[0], t.hi[1], sel), d = __byte_perm(t.hi[2], t.hi[3], sel);
-  const uint32_t rl = (a & ~m) | (b & m), rh = (c & ~m) | (d & m);
-  const uint32_t p0 = __byte_perm(rl, rh, 0x5140), p1 = __byte_perm(rl, rh, 0x7362);
-  __half2 h0, h1;
-  memcpy(&h0, &p0, 4);
-  memcpy(&h1, &p1, 4);
-  const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
-  v[0] = f0.x;
-  v[1] = f0.y;
-  v[2] = f1.x;
-  v[3] = f1.y;
-}
-
-__device__ __forceinline__ float dot32_prmt(uint4 w, const float (&x)[32], const Planes& t) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float even = 0.0f, odd = 0.0f;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t s = words[q] & 0x77777777u, k = (words[q] >> 3) & 0x11111111u;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // nibbles from the low end: byte0.lo, byte0.hi, byte1.lo, byte1.hi (odd, even, odd, even)
-      float v[4];
-      lookup4(s >> (16 * h), k >> (16 * h), t, v);
-      const int base = 8 * q + 4 * h;
-      even = __fmaf_rn(v[1], x[base + 0], even);
-      odd = __fmaf_rn(v[0], x[base + 1], odd);
-      even = __fmaf_rn(v[3], x[base + 2], even);
-      odd = __fmaf_rn(v[2], x[base + 3], odd);
-    }
-  }
-  return __fadd_rn(even, odd);
-}
-
-template <typename T, int R, bool PRMT, int S>
+template <typename T, int R, int S>
 __global__ void __launch_bounds__(256) k_nf4_gemv(
     const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, const float* __restrict__ code,
     const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ code2,
     const float* __restrict__ absmax2, float offset, int shift2, int64_t N, const T* __restrict__ xa,
     const T* __restrict__ lora_b, int rank, float scale, const T* __restrict__ bias, T* __restrict__ y) {
-  // With S > 1 the S warps of a row group each take every S-th step of K (more warps in
-  // flight for the same rows) and the first of them sums their totals in a fixed order.
   __shared__ float partial[8][R];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
   const int part = wib % S;
   const float table = __ldg(code + (lane & 15));
-  Planes planes;
-  if (PRMT) planes = make_planes(code);
   const int64_t row_bytes = K / 2;
   const int64_t row_blocks = K / 64;
   const int64_t per_block = (blockDim.x >> 5) / S;  // row groups a block
@@ -210,10 +138,7 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
         unpack2<T>(v.w, xv[8 * j + 6], xv[8 * j + 7]);
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float d = PRMT ? dot32_prmt(w[r], xv, planes) : dot32(w[r], xv, table);
-        acc[r] = __fmaf_rn(d, amax[r], acc[r]);
-      }
+      for (int r = 0; r < R; ++r) acc[r] = __fmaf_rn(dot32(w[r], xv, table), amax[r], acc[r]);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -257,7 +182,7 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
   }
 }
 
-template <typename T, int R, bool PRMT, int S>
+template <typename T, int R, int S>
 void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
             const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int shift2,
             int64_t N, const void* xa, const void* lora_b, int rank, float scale, const void* bias, void* y,
@@ -265,7 +190,7 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
   const int64_t groups = (N + R - 1) / R;
   const int64_t per_block = warps / S;
   const int64_t blocks = (groups + per_block - 1) / per_block;
-  k_nf4_gemv<T, R, PRMT, S><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
+  k_nf4_gemv<T, R, S><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
       static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
       static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
       static_cast<T*>(y));
@@ -277,37 +202,26 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
 #define FQ_GEMV_ARGS x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s
 
 template <typename T>
-void launch_config(int rows, int split, bool prmt, const void* x, int64_t K, const uint8_t* packed,
-                   const float* code, const float* absmax, const uint8_t* qabsmax, const float* code2,
-                   const float* absmax2, float offset, int shift2, int64_t N, const void* xa, const void* lora_b,
-                   int rank, float scale, const void* bias, void* y, int warps, cudaStream_t s) {
-  if (prmt) {
-    if (split != 1) throw std::invalid_argument("nf4_gemv_cuda: the byte-permute table takes split 1");
-    switch (rows) {
-      case 1: return launch<T, 1, true, 1>(FQ_GEMV_ARGS);
-      case 2: return launch<T, 2, true, 1>(FQ_GEMV_ARGS);
-      case 4: return launch<T, 4, true, 1>(FQ_GEMV_ARGS);
-      case 8: return launch<T, 8, true, 1>(FQ_GEMV_ARGS);
-      default: break;
-    }
-  } else {
-    switch (rows * 16 + split) {
-      case 1 * 16 + 1: return launch<T, 1, false, 1>(FQ_GEMV_ARGS);
-      case 2 * 16 + 1: return launch<T, 2, false, 1>(FQ_GEMV_ARGS);
-      case 4 * 16 + 1: return launch<T, 4, false, 1>(FQ_GEMV_ARGS);
-      case 8 * 16 + 1: return launch<T, 8, false, 1>(FQ_GEMV_ARGS);
-      case 2 * 16 + 2: return launch<T, 2, false, 2>(FQ_GEMV_ARGS);
-      case 4 * 16 + 2: return launch<T, 4, false, 2>(FQ_GEMV_ARGS);
-      case 8 * 16 + 2: return launch<T, 8, false, 2>(FQ_GEMV_ARGS);
-      case 2 * 16 + 4: return launch<T, 2, false, 4>(FQ_GEMV_ARGS);
-      case 4 * 16 + 4: return launch<T, 4, false, 4>(FQ_GEMV_ARGS);
-      case 8 * 16 + 4: return launch<T, 8, false, 4>(FQ_GEMV_ARGS);
-      default: break;
-    }
+void launch_config(int rows, int split, const void* x, int64_t K, const uint8_t* packed, const float* code,
+                   const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
+                   float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
+                   const void* bias, void* y, int warps, cudaStream_t s) {
+  switch (rows * 16 + split) {
+    case 1 * 16 + 1: return launch<T, 1, 1>(FQ_GEMV_ARGS);
+    case 2 * 16 + 1: return launch<T, 2, 1>(FQ_GEMV_ARGS);
+    case 4 * 16 + 1: return launch<T, 4, 1>(FQ_GEMV_ARGS);
+    case 8 * 16 + 1: return launch<T, 8, 1>(FQ_GEMV_ARGS);
+    case 2 * 16 + 2: return launch<T, 2, 2>(FQ_GEMV_ARGS);
+    case 4 * 16 + 2: return launch<T, 4, 2>(FQ_GEMV_ARGS);
+    case 8 * 16 + 2: return launch<T, 8, 2>(FQ_GEMV_ARGS);
+    case 2 * 16 + 4: return launch<T, 2, 4>(FQ_GEMV_ARGS);
+    case 4 * 16 + 4: return launch<T, 4, 4>(FQ_GEMV_ARGS);
+    case 8 * 16 + 4: return launch<T, 8, 4>(FQ_GEMV_ARGS);
+    default:
+      throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(rows) +
+                                  " rows a warp and K split " + std::to_string(split) +
+                                  "; rows 1/2/4/8 with split 1, rows 2/4/8 with split 2 or 4");
   }
-  throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(rows) + " rows a warp and K split " +
-                              std::to_string(split) + (prmt ? " (permute table)" : "") +
-                              "; rows 1/2/4/8, split 1 (and 2/4 with 2-8 rows, shuffle table)");
 }
 #undef FQ_GEMV_ARGS
 
@@ -316,8 +230,7 @@ void launch_config(int rows, int split, bool prmt, const void* x, int64_t K, con
 void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
-                   const void* bias, void* y, int dtype, int rows, int warps, int split, int table,
-                   int64_t stream) {
+                   const void* bias, void* y, int dtype, int rows, int warps, int split, int64_t stream) {
   if (K % 64 != 0 || K <= 0 || N <= 0) {
     throw std::invalid_argument("nf4_gemv_cuda: K must be a positive multiple of 64 and N positive, got K=" +
                                 std::to_string(K) + ", N=" + std::to_string(N));
@@ -327,7 +240,6 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
     throw std::invalid_argument("nf4_gemv_cuda: the K split (" + std::to_string(split) +
                                 ") must divide the warps per block (" + std::to_string(warps) + ")");
   }
-  if (table != 0 && table != 1) throw std::invalid_argument("nf4_gemv_cuda: table must be 0 (shuffles) or 1 (permutes)");
   if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
     throw std::invalid_argument("nf4_gemv_cuda: x and the packed weight must be 16-byte aligned");
   }
@@ -340,10 +252,10 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kF16:
-      return launch_config<__half>(rows, split, table == 1, x, K, packed, code, absmax, qabsmax, code2, absmax2,
+      return launch_config<__half>(rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2,
                                    offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
     case kBF16:
-      return launch_config<__nv_bfloat16>(rows, split, table == 1, x, K, packed, code, absmax, qabsmax, code2,
+      return launch_config<__nv_bfloat16>(rows, split, x, K, packed, code, absmax, qabsmax, code2,
                                           absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
     default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
   }

@@ -335,6 +335,27 @@ def test_gpu_cuda_gemv_refuses_bad_input():
         nf4_gemv_cuda(x_ok, w, GemvConfig(3, 1, 8, cuda=True))
 
 
+@pytest.mark.parametrize("change,match", [
+    (dict(K=96), "multiple of 64"), (dict(warps=9), "warps per block"), (dict(split=3), "K split"),
+    (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),
+    (dict(rows=3), "no kernel"), (dict(rows=1, split=2), "no kernel"), (dict(dtype=0), "float16 or bfloat16"),
+])
+def test_cuda_gemv_binding_checks_before_launch(change, match):
+    """The extension's one-row kernel refuses a bad shape or config before touching memory
+    or the GPU (so this runs without one), naming what is wrong; the arguments in the order
+    ops/nf4_gemv_cuda.py passes them."""
+    from fastqlora._ext import built_with_cuda, ext
+
+    if not built_with_cuda():
+        pytest.skip("the extension was built without CUDA")
+    args = dict(x=4096, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
+                blocksize2=256, N=8, xa=0, lora_b=0, rank=0, scale=1.0, bias=0, y=0, dtype=2, rows=4, warps=8,
+                split=2, stream=0)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        ext().nf4_gemv_cuda(*args.values())
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_gemv_kernel_fp32(kernel_device, split):
     """The tensor-core-free one-row kernel, with LoRA, bias and split-K (run twice: the

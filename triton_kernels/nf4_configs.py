@@ -61,11 +61,10 @@ class GemvConfig:
     bm: int = 1  # rows handled (always one)
     bk: int = 64  # weights a step
     cuda: bool = False
-    table: str = "shfl"  # CUDA: code lookups by warp shuffles, or "prmt" (byte permutes)
 
     def short(self) -> str:
         if self.cuda:
-            return f"cuda gemv r{self.bn} w{self.num_warps} {self.table}" + (
+            return f"cuda gemv r{self.bn} w{self.num_warps}" + (
                 f" sk{self.split_k}" if self.split_k > 1 else "")
         s = f"gemv {self.bn} w{self.num_warps}"
         if self.split_k > 1:
@@ -116,8 +115,7 @@ GEMV_MAX_M = 1
 _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 # The extension's CUDA gemv (bf16/fp16 x, built with CUDA): weight rows a warp x warps a block.
 _CUDA_GEMV = ([GemvConfig(r, 1, w, cuda=True) for r, w in ((8, 8), (8, 4), (4, 8), (2, 4), (1, 8))]
-              + [GemvConfig(r, sk, 8, cuda=True) for r, sk in ((8, 2), (4, 2), (4, 4), (2, 4))]
-              + [GemvConfig(r, 1, w, cuda=True, table="prmt") for r, w in ((2, 4), (1, 8))])
+              + [GemvConfig(r, sk, 8, cuda=True) for r, sk in ((8, 2), (4, 2), (4, 4), (2, 4))])
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {

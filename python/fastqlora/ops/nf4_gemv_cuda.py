@@ -2,9 +2,8 @@
 
 ``y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias`` for x [1, K] in bf16/fp16 with W in NF4: the same
 sum as the Triton gemv (absmax factored out of each 64-weight block, exact fp32 codes,
-fp32 sums), but each lookup is one warp shuffle (``table="shfl"``, the fp32 codes) or a few
-byte permutes of an fp16 copy of the codes (``"prmt"``, no shared-memory pipe) instead of a
-memory read, and each warp streams 512 contiguous bytes of a weight row a step. The
+fp32 sums), but each lookup is one warp shuffle instead of a memory read, and each warp
+streams 512 contiguous bytes of a weight row a step. The
 dispatch times it beside the Triton kernels (``GemvConfig(cuda=True)``: ``bn`` weight rows
 a warp, ``num_warps`` a block, K split over ``split_k`` warps of a block).
 """
@@ -15,9 +14,6 @@ import torch
 from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import GemvConfig
-
-
-_TABLES = {"shfl": 0, "prmt": 1}
 
 
 def available(x: torch.Tensor, w) -> bool:
@@ -76,6 +72,5 @@ def nf4_gemv_cuda(
             ptr(w.nested_code) if nested else 0, ptr(w.nested_absmax) if nested else 0,
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa_c), ptr(b_c), rank, float(scale), ptr(bias_c), ptr(y),
-            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), int(cfg.split_k), _TABLES[cfg.table],
-            stream_of(x))
+            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), int(cfg.split_k), stream_of(x))
     return y

@@ -102,9 +102,9 @@ def frozen_matmul(
     from ..triton_kernels.nf4_configs import GemvConfig
     from ..triton_kernels.nf4_gemv import nf4_gemv
     from ..triton_kernels.nf4_matmul import nf4_matmul_fwd
-    from . import nf4_gemv_cuda as cuda_gemv
+    from .nf4_gemv_cuda import available as cuda_gemv_available
+    from .nf4_gemv_cuda import nf4_gemv_cuda
 
-    nf4_gemv_cuda = cuda_gemv.nf4_gemv_cuda
     lb = [b.contiguous() if b is not None else None for b in lora_b]
 
     def fused(cfg):
@@ -122,7 +122,7 @@ def frozen_matmul(
 
     rank = xa.shape[1] if xa is not None else 0
     K = int(weights[0].shape[1])
-    cuda_ok = x.shape[0] == 1 and all(cuda_gemv.available(x, w) for w in weights)
+    cuda_ok = x.shape[0] == 1 and all(cuda_gemv_available(x, w) for w in weights)
     choice = nf4_dispatch.choose("fwd", x, [out_features(w) for w in weights], K, rank, fused, plain,
                                  cuda_gemv=cuda_ok)
     return plain() if choice == nf4_dispatch.CUBLAS else fused(choice)
