@@ -108,7 +108,7 @@ __device__ __forceinline__ float dot32_lut(uint4 w, const float (&x)[32], const 
       float2 c;
       if constexpr (L == kF32Pair) {
         // byte i of the word into bits 8-15 above the lane's column: b·256 + lane·8
-        const uint32_t at = __byte_perm(words[q], lane_off, 0x5540u | (i << 4));
+        const uint32_t at = __byte_perm(words[q], lane_off, 0x5504u | (i << 4));
         c = *reinterpret_cast<const float2*>(lut + at);
       } else {
         const uint32_t at = (((words[q] >> (8 * i)) & 0xffu) << 7) | lane_off;  // b·128 + lane·4
