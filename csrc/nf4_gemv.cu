@@ -14,15 +14,6 @@
 //   (A table of fp16 codes in byte permutes, which spares the shuffle pipe, cost more
 //   instructions and measured slower on every Llama-3-8B shape: benchmarks/NOTES.md.)
 //
-// The lookup has a second form, a table in shared memory indexed by a whole packed byte:
-// entry b holds the codes of both its nibbles, so one load serves two weights. Each lane
-// has its own column of the table (entry b of lane l at b·W + l·E bytes, E the entry's
-// size, W = 32·E), so a warp's 32 lookups never share a bank whatever the bytes are.
-// `kF32Pair`: exact fp32 pairs (64 KiB a block), the address one byte permute. `kF16Pair`:
-// the pair in fp16 (32 KiB; each code then carries fp16 rounding, ≤ 2^-12 relative, below
-// the bf16 rounding of the dequantized weight the reference multiplies by), half the
-// shared-memory traffic of the fp32 pairs and of the shuffles, two conversions more.
-//
 // Layout: a warp owns R consecutive weight rows; each step its 32 lanes read 16
 // contiguous bytes (32 weights) each of every row, 512 bytes a row, so every load is
 // coalesced and the R loads of a lane are in flight together. x's 32 values of a lane
@@ -62,16 +53,10 @@ template <> __device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a
 }
 
 
-// The fp32 absmax of block b; double quantization as bitsandbytes rounds it (product,
-// then sum, each rounded: the extension is built without FMA contraction). The nested
-// block size is a power of two (2^shift2): a 64-bit division per row and step cost more
-// than the row's 32 weights (measured in the SASS: a call to the s64 division routine).
-__device__ __forceinline__ float block_absmax(const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
-                                              const float* __restrict__ code2, const float* __restrict__ absmax2,
-                                              float offset, int shift2, int64_t b) {
-  if (qabsmax == nullptr) return __ldg(absmax + b);
-  return __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + (b >> shift2))), offset);
-}
+// The absmax of a block with double quantization is rounded as bitsandbytes rounds it
+// (product, then sum, each rounded: the extension is built without FMA contraction). The
+// nested block size is a power of two (2^shift2): a 64-bit division per row and step cost
+// more than the row's 32 weights (measured in the SASS: a call to the s64 division routine).
 
 // Σ code[q_j]·x[j] over the 32 weights of 16 packed bytes (byte i: weight 2i in the high
 // nibble, 2i+1 in the low); `table` is this lane's code[lane mod 16].
@@ -91,61 +76,17 @@ __device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float tabl
   return __fadd_rn(even, odd);
 }
 
-enum Lookup { kShuffle = 0, kF32Pair = 1, kF16Pair = 2 };
-
-template <int L> constexpr int lut_bytes() { return L == kF32Pair ? 65536 : L == kF16Pair ? 32768 : 0; }
-
-// The same sum with the byte-indexed shared-memory table (L = kF32Pair or kF16Pair);
-// `lane_off` is this lane's column (lane·8 or lane·4 bytes).
-template <int L>
-__device__ __forceinline__ float dot32_lut(uint4 w, const float (&x)[32], const unsigned char* lut, uint32_t lane_off) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float even = 0.0f, odd = 0.0f;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float2 c;
-      if constexpr (L == kF32Pair) {
-        // byte i of the word into bits 8-15 above the lane's column: b·256 + lane·8
-        const uint32_t at = __byte_perm(words[q], lane_off, 0x5504u | (i << 4));
-        c = *reinterpret_cast<const float2*>(lut + at);
-      } else {
-        const uint32_t at = (((words[q] >> (8 * i)) & 0xffu) << 7) | lane_off;  // b·128 + lane·4
-        c = __half22float2(*reinterpret_cast<const __half2*>(lut + at));
-      }
-      even = __fmaf_rn(c.x, x[8 * q + 2 * i], even);
-      odd = __fmaf_rn(c.y, x[8 * q + 2 * i + 1], odd);
-    }
-  }
-  return __fadd_rn(even, odd);
-}
-
-template <typename T, int R, int S, int L>
+template <typename T, int R, int S, bool P>
 __global__ void __launch_bounds__(256) k_nf4_gemv(
     const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, const float* __restrict__ code,
     const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ code2,
     const float* __restrict__ absmax2, float offset, int shift2, int64_t N, const T* __restrict__ xa,
     const T* __restrict__ lora_b, int rank, float scale, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float partial[8][R];
-  extern __shared__ __align__(16) unsigned char lut[];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
   const int part = wib % S;
   const float table = __ldg(code + (lane & 15));
-  const uint32_t lane_off = L == kF32Pair ? 8 * lane : 4 * lane;
-  if constexpr (L != kShuffle) {
-    // entry e = b·32 + l: the codes of byte b's high and low nibble, lane l's copy
-    for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
-      const float hi = __ldg(code + (e >> 9)), lo = __ldg(code + ((e >> 5) & 15));
-      if constexpr (L == kF32Pair) {
-        reinterpret_cast<float2*>(lut)[e] = make_float2(hi, lo);
-      } else {
-        reinterpret_cast<__half2*>(lut)[e] = __floats2half2_rn(hi, lo);
-      }
-    }
-    __syncthreads();
-  }
   const int64_t row_bytes = K / 2;
   const int64_t row_blocks = K / 64;
   const int64_t per_block = (blockDim.x >> 5) / S;  // row groups a block
@@ -166,20 +107,47 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
       brow[r] = n * row_blocks;
       acc[r] = 0.0f;
     }
-    for (int64_t step = 512 * part; step < row_bytes; step += 512 * S) {
+    // One step's loads: the R weight vectors and the absmax inputs. With double quantization
+    // only the independent loads (the 8-bit index, the nested absmax) are issued here and
+    // the code2 lookup that depends on the first waits for the use, so that a step loaded
+    // ahead (P) never stalls on its own loads.
+    uint4 w[R];
+    float a_raw[R];
+    uint32_t q_raw[R];
+    auto load_step = [&](int64_t step) {
+      const int64_t c0 = step + 16 * lane;
+      const int64_t c = c0 < row_bytes ? c0 : step;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + c));
+        const int64_t b = brow[r] + c / 32;
+        if (qabsmax != nullptr) {
+          q_raw[r] = __ldg(qabsmax + b);
+          a_raw[r] = __ldg(absmax2 + (b >> shift2));
+        } else {
+          a_raw[r] = __ldg(absmax + b);
+        }
+      }
+    };
+    const int64_t stride = 512 * S;
+    if (P) load_step(512 * part);
+    for (int64_t step = 512 * part; step < row_bytes; step += stride) {
       // this lane's 16 bytes; past the row's end (K not a multiple of 1024) it re-reads
       // the step's first bytes and weighs them by zero
       const int64_t c0 = step + 16 * lane;
       const bool in_row = c0 < row_bytes;
       const int64_t c = in_row ? c0 : step;
-      uint4 w[R];
+      if (!P) load_step(step);
+      uint4 wc[R];
       float amax[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + c));
-        const float a = block_absmax(absmax, qabsmax, code2, absmax2, offset, shift2, brow[r] + c / 32);
+        wc[r] = w[r];
+        const float a = qabsmax != nullptr ? __fadd_rn(__fmul_rn(__ldg(code2 + q_raw[r]), a_raw[r]), offset) : a_raw[r];
         amax[r] = in_row ? a : 0.0f;
       }
+      // P: the next step's loads go out before this step's arithmetic
+      if (P && step + stride < row_bytes) load_step(step + stride);
       float xv[32];
       const uint4* xp = reinterpret_cast<const uint4*>(x + 2 * c);
 #pragma unroll
@@ -191,10 +159,7 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
         unpack2<T>(v.w, xv[8 * j + 6], xv[8 * j + 7]);
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float d = L == kShuffle ? dot32(w[r], xv, table) : dot32_lut<L>(w[r], xv, lut, lane_off);
-        acc[r] = __fmaf_rn(d, amax[r], acc[r]);
-      }
+      for (int r = 0; r < R; ++r) acc[r] = __fmaf_rn(dot32(wc[r], xv, table), amax[r], acc[r]);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -238,7 +203,7 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
   }
 }
 
-template <typename T, int R, int S, int L>
+template <typename T, int R, int S, bool P>
 void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
             const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int shift2,
             int64_t N, const void* xa, const void* lora_b, int rank, float scale, const void* bias, void* y,
@@ -246,18 +211,7 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
   const int64_t groups = (N + R - 1) / R;
   const int64_t per_block = warps / S;
   const int64_t blocks = (groups + per_block - 1) / per_block;
-  constexpr int smem = lut_bytes<L>();
-  if constexpr (smem > 48 * 1024) {
-    // above 48 KiB a kernel must opt in, once per device
-    static bool opted[64] = {};
-    int dev = 0;
-    FQ_CUDA_CHECK(cudaGetDevice(&dev));
-    if (dev >= 64 || !opted[dev]) {
-      FQ_CUDA_CHECK(cudaFuncSetAttribute(k_nf4_gemv<T, R, S, L>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      if (dev < 64) opted[dev] = true;
-    }
-  }
-  k_nf4_gemv<T, R, S, L><<<static_cast<unsigned>(blocks), 32 * warps, smem, s>>>(
+  k_nf4_gemv<T, R, S, P><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
       static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
       static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
       static_cast<T*>(y));
@@ -268,22 +222,22 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
 // N, xa, lora_b, rank, scale, bias, y, warps, stream.
 #define FQ_GEMV_ARGS x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s
 
-template <typename T, int L>
+template <typename T, bool P>
 void launch_rows(int rows, int split, const void* x, int64_t K, const uint8_t* packed, const float* code,
                    const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                    float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
                    const void* bias, void* y, int warps, cudaStream_t s) {
   switch (rows * 16 + split) {
-    case 1 * 16 + 1: return launch<T, 1, 1, L>(FQ_GEMV_ARGS);
-    case 2 * 16 + 1: return launch<T, 2, 1, L>(FQ_GEMV_ARGS);
-    case 4 * 16 + 1: return launch<T, 4, 1, L>(FQ_GEMV_ARGS);
-    case 8 * 16 + 1: return launch<T, 8, 1, L>(FQ_GEMV_ARGS);
-    case 2 * 16 + 2: return launch<T, 2, 2, L>(FQ_GEMV_ARGS);
-    case 4 * 16 + 2: return launch<T, 4, 2, L>(FQ_GEMV_ARGS);
-    case 8 * 16 + 2: return launch<T, 8, 2, L>(FQ_GEMV_ARGS);
-    case 2 * 16 + 4: return launch<T, 2, 4, L>(FQ_GEMV_ARGS);
-    case 4 * 16 + 4: return launch<T, 4, 4, L>(FQ_GEMV_ARGS);
-    case 8 * 16 + 4: return launch<T, 8, 4, L>(FQ_GEMV_ARGS);
+    case 1 * 16 + 1: return launch<T, 1, 1, P>(FQ_GEMV_ARGS);
+    case 2 * 16 + 1: return launch<T, 2, 1, P>(FQ_GEMV_ARGS);
+    case 4 * 16 + 1: return launch<T, 4, 1, P>(FQ_GEMV_ARGS);
+    case 8 * 16 + 1: return launch<T, 8, 1, P>(FQ_GEMV_ARGS);
+    case 2 * 16 + 2: return launch<T, 2, 2, P>(FQ_GEMV_ARGS);
+    case 4 * 16 + 2: return launch<T, 4, 2, P>(FQ_GEMV_ARGS);
+    case 8 * 16 + 2: return launch<T, 8, 2, P>(FQ_GEMV_ARGS);
+    case 2 * 16 + 4: return launch<T, 2, 4, P>(FQ_GEMV_ARGS);
+    case 4 * 16 + 4: return launch<T, 4, 4, P>(FQ_GEMV_ARGS);
+    case 8 * 16 + 4: return launch<T, 8, 4, P>(FQ_GEMV_ARGS);
     default:
       throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(rows) +
                                   " rows a warp and K split " + std::to_string(split) +
@@ -292,18 +246,12 @@ void launch_rows(int rows, int split, const void* x, int64_t K, const uint8_t* p
 }
 
 template <typename T>
-void launch_config(int lookup, int rows, int split, const void* x, int64_t K, const uint8_t* packed, const float* code,
-                   const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
-                   float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
-                   const void* bias, void* y, int warps, cudaStream_t s) {
-  switch (lookup) {
-    case kShuffle: return launch_rows<T, kShuffle>(rows, split, FQ_GEMV_ARGS);
-    case kF32Pair: return launch_rows<T, kF32Pair>(rows, split, FQ_GEMV_ARGS);
-    case kF16Pair: return launch_rows<T, kF16Pair>(rows, split, FQ_GEMV_ARGS);
-    default:
-      throw std::invalid_argument("nf4_gemv_cuda: lookup must be 0 (shuffle), 1 (fp32 pairs) or 2 (fp16 pairs), got " +
-                                  std::to_string(lookup));
-  }
+void launch_config(bool prefetch, int rows, int split, const void* x, int64_t K, const uint8_t* packed,
+                   const float* code, const float* absmax, const uint8_t* qabsmax, const float* code2,
+                   const float* absmax2, float offset, int shift2, int64_t N, const void* xa, const void* lora_b,
+                   int rank, float scale, const void* bias, void* y, int warps, cudaStream_t s) {
+  if (prefetch) return launch_rows<T, true>(rows, split, FQ_GEMV_ARGS);
+  return launch_rows<T, false>(rows, split, FQ_GEMV_ARGS);
 }
 #undef FQ_GEMV_ARGS
 
@@ -312,7 +260,7 @@ void launch_config(int lookup, int rows, int split, const void* x, int64_t K, co
 void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
-                   const void* bias, void* y, int dtype, int rows, int warps, int split, int lookup,
+                   const void* bias, void* y, int dtype, int rows, int warps, int split, int prefetch,
                    int64_t stream) {
   if (K % 64 != 0 || K <= 0 || N <= 0) {
     throw std::invalid_argument("nf4_gemv_cuda: K must be a positive multiple of 64 and N positive, got K=" +
@@ -335,10 +283,10 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kF16:
-      return launch_config<__half>(lookup, rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2,
+      return launch_config<__half>(prefetch != 0, rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2,
                                    offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
     case kBF16:
-      return launch_config<__nv_bfloat16>(lookup, rows, split, x, K, packed, code, absmax, qabsmax, code2,
+      return launch_config<__nv_bfloat16>(prefetch != 0, rows, split, x, K, packed, code, absmax, qabsmax, code2,
                                           absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
     default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
   }

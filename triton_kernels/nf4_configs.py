@@ -53,9 +53,8 @@ class GemvConfig:
     """The tensor-core-free one-row kernel (nf4_gemv.py): bn weight rows per program, one
     64-weight block per step, K split over split_k programs. With ``cuda`` the extension's
     kernel (csrc/nf4_gemv.cu) instead: bn weight rows a warp, num_warps warps a block, K
-    split over split_k warps of the block, and ``lookup`` how it reads the codes: "shfl" (a
-    warp shuffle a weight), "f32" or "f16" (a shared-memory table of both nibbles' codes
-    per packed byte, one load for two weights, in fp32 or fp16)."""
+    split over split_k warps of the block, and with ``prefetch`` each step's loads issued
+    before the previous step's arithmetic."""
 
     bn: int
     split_k: int = 1
@@ -63,13 +62,12 @@ class GemvConfig:
     bm: int = 1  # rows handled (always one)
     bk: int = 64  # weights a step
     cuda: bool = False
-    lookup: str = "shfl"
+    prefetch: bool = False
 
     def short(self) -> str:
         if self.cuda:
             return f"cuda gemv r{self.bn} w{self.num_warps}" + (
-                f" sk{self.split_k}" if self.split_k > 1 else "") + (
-                f" {self.lookup}" if self.lookup != "shfl" else "")
+                f" sk{self.split_k}" if self.split_k > 1 else "") + (" pf" if self.prefetch else "")
         s = f"gemv {self.bn} w{self.num_warps}"
         if self.split_k > 1:
             s += f" sk{self.split_k}"

@@ -15,9 +15,6 @@ from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import GemvConfig
 
-# GemvConfig.lookup -> the extension's `lookup` argument
-_LOOKUPS = {"shfl": 0, "f32": 1, "f16": 2}
-
 
 def available(x: torch.Tensor, w) -> bool:
     """Whether the CUDA gemv can take this product: the extension has CUDA, x is one
@@ -58,8 +55,6 @@ def nf4_gemv_cuda(
                          f"{tuple(w.shape)} blocksize {w.blocksize}")
     K = x.shape[1]
     N = int(w.shape[0])
-    if cfg.lookup not in _LOOKUPS:
-        raise ValueError(f"nf4_gemv_cuda: lookup must be one of {sorted(_LOOKUPS)}, got {cfg.lookup!r}")
     if int(w.shape[1]) != K:
         raise ValueError(f"nf4_gemv_cuda: x has K = {K} but the weight has {int(w.shape[1])} columns")
     y = torch.empty((1, N), device=x.device, dtype=x.dtype)
@@ -78,5 +73,5 @@ def nf4_gemv_cuda(
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa_c), ptr(b_c), rank, float(scale), ptr(bias_c), ptr(y),
             _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), int(cfg.split_k),
-            _LOOKUPS[cfg.lookup], stream_of(x))
+            int(cfg.prefetch), stream_of(x))
     return y
