@@ -5,7 +5,7 @@ by replaying N calls captured in a CUDA graph (``bench_nf4_matmul.graph_us``), a
 bitsandbytes' ``matmul_4bit`` timed the same way, on Llama-3-8B's projection shapes. Each
 candidate's result is checked against bitsandbytes' dequantize + an fp32 matmul (rows with
 relative error ≥ 1e-2 are printed as BAD). At M = 1 the Triton gemv and the extension's CUDA
-gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>] [pf: prefetch]``) join the tiles. The decode table in
+gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles. The decode table in
 ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
 
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
@@ -51,10 +51,8 @@ def main() -> None:
         grid += [C(16, bn, bk, 1, sk, True, w, 3) for bn, bk, w in WA_TILES for sk in (1, 2, 4, 8)]
     gemv = [G(64, sk, 2) for sk in (4, 8, 16, 32)] + [G(128, sk, 4) for sk in (8, 16)] + [G(256, sk, 8) for sk in (16, 32)]
     # the extension's CUDA gemv (csrc/nf4_gemv.cu): weight rows a warp x warps a block
-    # each with and without the next step's loads issued ahead
-    for pf in (False, True):
-        gemv += [G(r, 1, wp, cuda=True, prefetch=pf) for r in (1, 2, 4, 8) for wp in (4, 8)]
-        gemv += [G(r, sk, wp, cuda=True, prefetch=pf) for r in (2, 4, 8) for sk in (2, 4) for wp in (4, 8)]
+    gemv += [G(r, 1, wp, cuda=True) for r in (1, 2, 4, 8) for wp in (4, 8)]
+    gemv += [G(r, sk, wp, cuda=True) for r in (2, 4, 8) for sk in (2, 4) for wp in (4, 8)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
     for name, N, K in SHAPES:

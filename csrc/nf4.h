@@ -50,13 +50,11 @@ std::tuple<int, int, int, int> nf4_dequantize_get_config();
 // + bias[n], x/xa/lora_b/bias/y in `dtype` (fp16 or bf16), fp32 sums; blocksize 64, K a
 // multiple of 64, x and packed 16-byte aligned; absmax fp32, or qabsmax with code2/absmax2/
 // offset (double quantization). lora_b and bias may be null. `rows` weight rows a warp
-// (1, 2, 4, 8), `warps` a block, K split over `split` warps (1, 2, 4; dividing `warps`);
-// `prefetch` 1: each step's loads are issued before the previous step's arithmetic.
+// (1, 2, 4, 8), `warps` a block, K split over `split` warps (1, 2, 4; dividing `warps`).
 void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
-                   const void* bias, void* y, int dtype, int rows, int warps, int split, int prefetch,
-                   int64_t stream);
+                   const void* bias, void* y, int dtype, int rows, int warps, int split, int64_t stream);
 #endif
 
 }  // namespace fq

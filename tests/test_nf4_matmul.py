@@ -309,7 +309,7 @@ def test_gpu_cuda_gemv_odd_shapes(dtype, nested, N, K, r):
     cfgs = [c for c in nf4_configs.gemv_candidates(1, N, K, cuda=True) if c.cuda]
     assert cfgs
     # every kernel the extension has, listed in the table or not
-    cfgs += [GemvConfig(r, sk, 8, cuda=True, prefetch=pf) for pf in (False, True)
+    cfgs += [GemvConfig(r, sk, 8, cuda=True)
              for r, sk in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2), (2, 4), (4, 4), (8, 4))]
     for cfg in cfgs:
         y = nf4_gemv_cuda(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias)
@@ -354,7 +354,7 @@ def test_cuda_gemv_binding_checks_before_launch(change, match):
         pytest.skip("the extension was built without CUDA")
     args = dict(x=4096, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
                 blocksize2=256, N=8, xa=0, lora_b=0, rank=0, scale=1.0, bias=0, y=0, dtype=2, rows=4, warps=8,
-                split=2, prefetch=0, stream=0)
+                split=2, stream=0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
         ext().nf4_gemv_cuda(*args.values())

@@ -53,8 +53,7 @@ class GemvConfig:
     """The tensor-core-free one-row kernel (nf4_gemv.py): bn weight rows per program, one
     64-weight block per step, K split over split_k programs. With ``cuda`` the extension's
     kernel (csrc/nf4_gemv.cu) instead: bn weight rows a warp, num_warps warps a block, K
-    split over split_k warps of the block, and with ``prefetch`` each step's loads issued
-    before the previous step's arithmetic."""
+    split over split_k warps of the block."""
 
     bn: int
     split_k: int = 1
@@ -62,12 +61,11 @@ class GemvConfig:
     bm: int = 1  # rows handled (always one)
     bk: int = 64  # weights a step
     cuda: bool = False
-    prefetch: bool = False
 
     def short(self) -> str:
         if self.cuda:
             return f"cuda gemv r{self.bn} w{self.num_warps}" + (
-                f" sk{self.split_k}" if self.split_k > 1 else "") + (" pf" if self.prefetch else "")
+                f" sk{self.split_k}" if self.split_k > 1 else "")
         s = f"gemv {self.bn} w{self.num_warps}"
         if self.split_k > 1:
             s += f" sk{self.split_k}"
@@ -115,9 +113,12 @@ _FWD_DECODE = [
 # One row only (see nf4_gemv.py for why not more).
 GEMV_MAX_M = 1
 _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
-# The extension's CUDA gemv (bf16/fp16 x, built with CUDA): weight rows a warp x warps a block.
-_CUDA_GEMV = ([GemvConfig(r, 1, w, cuda=True) for r, w in ((8, 8), (8, 4), (4, 8), (2, 4), (1, 8))]
-              + [GemvConfig(r, sk, 8, cuda=True) for r, sk in ((8, 2), (4, 2), (4, 4), (2, 4))])
+# The extension's CUDA gemv (bf16/fp16 x, built with CUDA): (weight rows a warp, K split over
+# warps, warps a block). The H200 sweep's two fastest per Llama-3-8B shape
+# (results/nf4_decode_m1_cuda_gemv_code2smem_h200.json): q/o r8 sk4 w8/w4, k/v r2 sk4 w4/w8,
+# gate/up r8 sk2 w4 and r8 w8, down r8 sk4 w4/w8; and one plain config per row count.
+_CUDA_GEMV = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
+    (8, 4, 8), (8, 4, 4), (2, 4, 4), (2, 4, 8), (8, 2, 4), (8, 1, 8), (4, 2, 8), (4, 1, 4), (1, 1, 8))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {

@@ -72,6 +72,5 @@ def nf4_gemv_cuda(
             ptr(w.nested_code) if nested else 0, ptr(w.nested_absmax) if nested else 0,
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa_c), ptr(b_c), rank, float(scale), ptr(bias_c), ptr(y),
-            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), int(cfg.split_k),
-            int(cfg.prefetch), stream_of(x))
+            _DTYPE_CODES[x.dtype], int(cfg.bn), int(cfg.num_warps), int(cfg.split_k), stream_of(x))
     return y
