@@ -76,7 +76,7 @@ __device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float tabl
   return __fadd_rn(even, odd);
 }
 
-template <typename T, int R, int S>
+template <typename T, int R, int S, bool Q>
 __global__ void __launch_bounds__(256) k_nf4_gemv(
     const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, const float* __restrict__ code,
     const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ code2,
@@ -87,37 +87,41 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
   const int wib = threadIdx.x >> 5;
   const int part = wib % S;
   const float table = __ldg(code + (lane & 15));
-  const int64_t row_bytes = K / 2;
-  const int64_t row_blocks = K / 64;
-  const int64_t per_block = (blockDim.x >> 5) / S;  // row groups a block
-  const int64_t groups = (N + R - 1) / R;
-  for (int64_t gb = blockIdx.x; gb * per_block < groups; gb += gridDim.x) {
-    const int64_t g_raw = gb * per_block + wib / S;
+  // 32-bit offsets (the host refuses a packed weight of 2 GiB or more): with 64-bit row
+  // pointers the compiler rebuilt each row's addresses every step (~45 instructions a row
+  // and step, against 96 for its 32 weights; SASS, offline sm_90).
+  const uint32_t row_bytes = static_cast<uint32_t>(K / 2);
+  const uint32_t row_blocks = static_cast<uint32_t>(K / 64);
+  const int rows_n = static_cast<int>(N);
+  const int per_block = (blockDim.x >> 5) / S;  // row groups a block
+  const int groups = (rows_n + R - 1) / R;
+  for (int gb = blockIdx.x; gb * per_block < groups; gb += gridDim.x) {
+    const int g_raw = gb * per_block + wib / S;
     const bool live = g_raw < groups;  // a spare warp of the last block repeats a group, unstored
-    const int64_t n0 = (live ? g_raw : groups - 1) * R;
+    const int n0 = (live ? g_raw : groups - 1) * R;
     // Rows past N (the last group) repeat row N-1; their sums are never stored. Every
     // load below is unconditional, so the warp never diverges around the shuffles.
-    const uint8_t* wrow[R];
-    int64_t brow[R];
+    uint32_t wofs[R], bofs[R];
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int64_t n = n0 + r < N ? n0 + r : N - 1;
-      wrow[r] = packed + n * row_bytes;
-      brow[r] = n * row_blocks;
+      const uint32_t n = static_cast<uint32_t>(n0 + r < rows_n ? n0 + r : rows_n - 1);
+      wofs[r] = n * row_bytes;
+      bofs[r] = n * row_blocks;
       acc[r] = 0.0f;
     }
     if (lora_b != nullptr && part == 0 && lane < R) {
       // the epilogue's LoRA row into L2 while the weights stream
-      const int64_t n = n0 + lane < N ? n0 + lane : N - 1;
+      const int64_t n = n0 + lane < rows_n ? n0 + lane : rows_n - 1;
       asm volatile("prefetch.global.L2 [%0];" ::"l"(lora_b + n * rank));
     }
-    for (int64_t step = 512 * part; step < row_bytes; step += 512 * S) {
+    for (uint32_t step = 512 * part; step < row_bytes; step += 512 * S) {
       // this lane's 16 bytes; past the row's end (K not a multiple of 1024) it re-reads
       // the step's first bytes and weighs them by zero
-      const int64_t c0 = step + 16 * lane;
+      const uint32_t c0 = step + 16 * lane;
       const bool in_row = c0 < row_bytes;
-      const int64_t c = in_row ? c0 : step;
+      const uint32_t c = in_row ? c0 : step;
+      const uint32_t cb = c >> 5;  // the lane's absmax block within the row
       // Every row's independent loads (weights; the absmax, or its 8-bit index and the
       // nested absmax) go out together, then the code2 lookups that wait on the indices.
       // Interleaved row by row, each lookup held back the next row's loads: 20.2 -> 16.6 µs
@@ -127,9 +131,9 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
       uint32_t q_raw[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        w[r] = __ldg(reinterpret_cast<const uint4*>(wrow[r] + c));
-        const int64_t b = brow[r] + c / 32;
-        if (qabsmax != nullptr) {
+        w[r] = __ldg(reinterpret_cast<const uint4*>(packed + (wofs[r] + c)));
+        const uint32_t b = bofs[r] + cb;
+        if constexpr (Q) {
           q_raw[r] = __ldg(qabsmax + b);
           a_raw[r] = __ldg(absmax2 + (b >> shift2));
         } else {
@@ -139,8 +143,8 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
       float amax[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float a = qabsmax != nullptr ? __fadd_rn(__fmul_rn(__ldg(code2 + q_raw[r]), a_raw[r]), offset)
-                                           : a_raw[r];
+        float a = a_raw[r];
+        if constexpr (Q) a = __fadd_rn(__fmul_rn(__ldg(code2 + q_raw[r]), a_raw[r]), offset);
         amax[r] = in_row ? a : 0.0f;
       }
       float xv[32];
@@ -188,35 +192,35 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
       const float xj = has ? to_f32(xa[lane]) : 0.0f;
       T braw[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) braw[r] = has && n0 + r < N ? lora_b[(n0 + r) * rank + lane] : from_f32<T>(0.0f);
+      for (int r = 0; r < R; ++r) braw[r] = has && n0 + r < rows_n ? lora_b[int64_t{n0 + r} * rank + lane] : from_f32<T>(0.0f);
 #pragma unroll
       for (int r = 0; r < R; ++r) lo[r] = xj * to_f32(braw[r]);
     } else {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         lo[r] = 0.0f;
-        if (lora_b != nullptr && n0 + r < N) {
+        if (lora_b != nullptr && n0 + r < rows_n) {
           for (int j = lane; j < rank; j += 32) {
-            lo[r] = __fmaf_rn(to_f32(xa[j]), to_f32(lora_b[(n0 + r) * rank + j]), lo[r]);
+            lo[r] = __fmaf_rn(to_f32(xa[j]), to_f32(lora_b[int64_t{n0 + r} * rank + j]), lo[r]);
           }
         }
       }
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) bv[r] = bias != nullptr && n0 + r < N && lane == 0 ? to_f32(bias[n0 + r]) : 0.0f;
+    for (int r = 0; r < R; ++r) bv[r] = bias != nullptr && n0 + r < rows_n && lane == 0 ? to_f32(bias[n0 + r]) : 0.0f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int64_t n = n0 + r;
+      const int n = n0 + r;
       if (lora_b != nullptr) {
         for (int o = 16; o > 0; o >>= 1) lo[r] += __shfl_xor_sync(kFull, lo[r], o);
         acc[r] = __fmaf_rn(scale, lo[r], acc[r]);
       }
-      if (lane == 0 && n < N) y[n] = from_f32<T>(bias != nullptr ? acc[r] + bv[r] : acc[r]);
+      if (lane == 0 && n < rows_n) y[n] = from_f32<T>(bias != nullptr ? acc[r] + bv[r] : acc[r]);
     }
   }
 }
 
-template <typename T, int R, int S>
+template <typename T, int R, int S, bool Q>
 void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
             const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int shift2,
             int64_t N, const void* xa, const void* lora_b, int rank, float scale, const void* bias, void* y,
@@ -224,7 +228,7 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
   const int64_t groups = (N + R - 1) / R;
   const int64_t per_block = warps / S;
   const int64_t blocks = (groups + per_block - 1) / per_block;
-  k_nf4_gemv<T, R, S><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
+  k_nf4_gemv<T, R, S, Q><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
       static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
       static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
       static_cast<T*>(y));
@@ -235,22 +239,22 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
 // N, xa, lora_b, rank, scale, bias, y, warps, stream.
 #define FQ_GEMV_ARGS x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s
 
-template <typename T>
+template <typename T, bool Q>
 void launch_config(int rows, int split, const void* x, int64_t K, const uint8_t* packed, const float* code,
                    const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                    float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
                    const void* bias, void* y, int warps, cudaStream_t s) {
   switch (rows * 16 + split) {
-    case 1 * 16 + 1: return launch<T, 1, 1>(FQ_GEMV_ARGS);
-    case 2 * 16 + 1: return launch<T, 2, 1>(FQ_GEMV_ARGS);
-    case 4 * 16 + 1: return launch<T, 4, 1>(FQ_GEMV_ARGS);
-    case 8 * 16 + 1: return launch<T, 8, 1>(FQ_GEMV_ARGS);
-    case 2 * 16 + 2: return launch<T, 2, 2>(FQ_GEMV_ARGS);
-    case 4 * 16 + 2: return launch<T, 4, 2>(FQ_GEMV_ARGS);
-    case 8 * 16 + 2: return launch<T, 8, 2>(FQ_GEMV_ARGS);
-    case 2 * 16 + 4: return launch<T, 2, 4>(FQ_GEMV_ARGS);
-    case 4 * 16 + 4: return launch<T, 4, 4>(FQ_GEMV_ARGS);
-    case 8 * 16 + 4: return launch<T, 8, 4>(FQ_GEMV_ARGS);
+    case 1 * 16 + 1: return launch<T, 1, 1, Q>(FQ_GEMV_ARGS);
+    case 2 * 16 + 1: return launch<T, 2, 1, Q>(FQ_GEMV_ARGS);
+    case 4 * 16 + 1: return launch<T, 4, 1, Q>(FQ_GEMV_ARGS);
+    case 8 * 16 + 1: return launch<T, 8, 1, Q>(FQ_GEMV_ARGS);
+    case 2 * 16 + 2: return launch<T, 2, 2, Q>(FQ_GEMV_ARGS);
+    case 4 * 16 + 2: return launch<T, 4, 2, Q>(FQ_GEMV_ARGS);
+    case 8 * 16 + 2: return launch<T, 8, 2, Q>(FQ_GEMV_ARGS);
+    case 2 * 16 + 4: return launch<T, 2, 4, Q>(FQ_GEMV_ARGS);
+    case 4 * 16 + 4: return launch<T, 4, 4, Q>(FQ_GEMV_ARGS);
+    case 8 * 16 + 4: return launch<T, 8, 4, Q>(FQ_GEMV_ARGS);
     default:
       throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(rows) +
                                   " rows a warp and K split " + std::to_string(split) +
@@ -283,16 +287,25 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
     throw std::invalid_argument("nf4_gemv_cuda: the nested absmax block size must be a power of two, got " +
                                 std::to_string(blocksize2));
   }
+  if (N > int64_t{INT32_MAX} / (K / 2)) {
+    throw std::invalid_argument("nf4_gemv_cuda: the packed weight (N=" + std::to_string(N) + ", K=" +
+                                std::to_string(K) + ") must be under 2 GiB (the kernel's offsets are 32-bit)");
+  }
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+#define FQ_GEMV_CALL(T, Q)                                                                                   \
+  return launch_config<T, Q>(rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, \
+                             N, xa, lora_b, rank, scale, bias, y, warps, s)
+  const bool nested = qabsmax != nullptr;
   switch (dtype) {
     case kF16:
-      return launch_config<__half>(rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2,
-                                   offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+      if (nested) FQ_GEMV_CALL(__half, true);
+      FQ_GEMV_CALL(__half, false);
     case kBF16:
-      return launch_config<__nv_bfloat16>(rows, split, x, K, packed, code, absmax, qabsmax, code2,
-                                          absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s);
+      if (nested) FQ_GEMV_CALL(__nv_bfloat16, true);
+      FQ_GEMV_CALL(__nv_bfloat16, false);
     default: throw std::invalid_argument("nf4_gemv_cuda: x must be float16 or bfloat16");
   }
+#undef FQ_GEMV_CALL
 }
 
 }  // namespace fq

@@ -342,7 +342,7 @@ def test_gpu_cuda_gemv_refuses_bad_input():
 @pytest.mark.parametrize("change,match", [
     (dict(K=96), "multiple of 64"), (dict(warps=9), "warps per block"), (dict(split=3), "K split"),
     (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),
-    (dict(rows=3), "no kernel"), (dict(rows=1, split=2), "no kernel"), (dict(dtype=0), "float16 or bfloat16"),
+    (dict(N=2**25), "under 2 GiB"), (dict(rows=3), "no kernel"), (dict(rows=1, split=2), "no kernel"), (dict(dtype=0), "float16 or bfloat16"),
 ])
 def test_cuda_gemv_binding_checks_before_launch(change, match):
     """The extension's one-row kernel refuses a bad shape or config before touching memory

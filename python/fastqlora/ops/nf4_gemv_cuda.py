@@ -20,7 +20,7 @@ def available(x: torch.Tensor, w) -> bool:
     """Whether the CUDA gemv can take this product: the extension has CUDA, x is one
     16-byte aligned bf16/fp16 row with unit stride on the GPU of w, and w is NF4 with
     64-weight blocks (its K a multiple of 64) and, if double-quantized, a power-of-two
-    nested block size (bitsandbytes uses 256)."""
+    nested block size (bitsandbytes uses 256), its packed bytes under 2 GiB."""
     return (
         built_with_cuda()
         and x.is_cuda
@@ -34,6 +34,7 @@ def available(x: torch.Tensor, w) -> bool:
         and w.packed.data_ptr() % 16 == 0
         and w.packed.device == x.device
         and (not w.nested or int(w.nested_blocksize) & (int(w.nested_blocksize) - 1) == 0)
+        and int(w.shape[0]) * int(w.shape[1]) // 2 < 2**31  # the kernel's offsets are 32-bit
     )
 
 
