@@ -115,7 +115,7 @@ GEMV_MAX_M = 1
 _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 # The extension's CUDA gemv (bf16/fp16 x, built with CUDA): (weight rows a warp, K split over
 # warps, warps a block). The H200 sweep's fastest per Llama-3-8B shape
-# (results/nf4_decode_m1_cuda_gemv_loads_h200.json): q/o r8 sk4 w4/w8, k/v r2 sk4 w8/w4,
+# (results/nf4_decode_m1_cuda_gemv_loads_h200.json, ofs32 alike): q/o r8 sk4 w4/w8, k/v r2 sk4 w8/w4,
 # gate/up r8 sk2 w4, r8 w4, r8 w8, down r8 sk4 w4/w8; and one config for each other row count.
 _CUDA_GEMV = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (8, 4, 4), (8, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (8, 1, 4), (8, 1, 8), (4, 2, 8), (1, 1, 8))]
