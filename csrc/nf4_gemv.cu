@@ -11,8 +11,9 @@
 // * the 16-entry code table lives in registers across the warp: lane l holds
 //   code[l mod 16], and `__shfl_sync(table, i)` reads entry i mod 32 — lanes 16-31
 //   repeat 0-15, so the nibble needs no masking, only a shift into the low bits.
-//   (A table of fp16 codes in byte permutes, which spares the shuffle pipe, cost more
-//   instructions and measured slower on every Llama-3-8B shape: benchmarks/NOTES.md.)
+//   (A table of fp16 codes in byte permutes, which spares the shuffle pipe, and tables
+//   in shared memory indexed by a whole byte (both codes in one load) measured no faster
+//   on any Llama-3-8B shape: benchmarks/NOTES.md.)
 //
 // Layout: a warp owns R consecutive weight rows; each step its 32 lanes read 16
 // contiguous bytes (32 weights) each of every row, 512 bytes a row, so every load is
@@ -52,11 +53,11 @@ template <> __device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a
   b = f.y;
 }
 
-
-// The absmax of a block with double quantization is rounded as bitsandbytes rounds it
-// (product, then sum, each rounded: the extension is built without FMA contraction). The
-// nested block size is a power of two (2^shift2): a 64-bit division per row and step cost
-// more than the row's 32 weights (measured in the SASS: a call to the s64 division routine).
+// Q (double quantization): a block's absmax is code2[qabsmax[b]]·absmax2[b >> shift2] +
+// offset, rounded as bitsandbytes rounds it (product, then sum, each rounded: the extension
+// is built without FMA contraction). The nested block size is a power of two (2^shift2): a
+// 64-bit division per row and step cost more than the row's 32 weights (measured in the
+// SASS: a call to the s64 division routine).
 
 // Σ code[q_j]·x[j] over the 32 weights of 16 packed bytes (byte i: weight 2i in the high
 // nibble, 2i+1 in the low); `table` is this lane's code[lane mod 16].
