@@ -53,12 +53,6 @@ template <> __device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a
   b = f.y;
 }
 
-// Q (double quantization): a block's absmax is code2[qabsmax[b]]·absmax2[b >> shift2] +
-// offset, rounded as bitsandbytes rounds it (product, then sum, each rounded: the extension
-// is built without FMA contraction). The nested block size is a power of two (2^shift2): a
-// 64-bit division per row and step cost more than the row's 32 weights (measured in the
-// SASS: a call to the s64 division routine).
-
 // Σ code[q_j]·x[j] over the 32 weights of 16 packed bytes (byte i: weight 2i in the high
 // nibble, 2i+1 in the low); `table` is this lane's code[lane mod 16].
 __device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float table) {
@@ -76,6 +70,12 @@ __device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float tabl
   }
   return __fadd_rn(even, odd);
 }
+
+// Q (double quantization): a block's absmax is code2[qabsmax[b]]·absmax2[b >> shift2] +
+// offset, rounded as bitsandbytes rounds it (product, then sum, each rounded: the extension
+// is built without FMA contraction). The nested block size is a power of two (2^shift2): a
+// 64-bit division per row and step cost more than the row's 32 weights (measured in the
+// SASS: a call to the s64 division routine).
 
 template <typename T, int R, int S, bool Q>
 __global__ void __launch_bounds__(256) k_nf4_gemv(

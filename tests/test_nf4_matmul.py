@@ -339,6 +339,20 @@ def test_gpu_cuda_gemv_refuses_bad_input():
         nf4_gemv_cuda(x_ok, w, GemvConfig(3, 1, 8, cuda=True))
 
 
+def test_cuda_gemv_refuses_what_it_cannot_take():
+    """A CPU row (or any product the CUDA gemv cannot take) is refused with what it needs,
+    before touching the extension; runs without a GPU."""
+    from fastqlora.ops.nf4_gemv_cuda import available, nf4_gemv_cuda
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels.nf4_configs import GemvConfig
+
+    w = NF4Tensor.quantize(torch.randn(64, 128) * 0.05, blocksize=64, compress_statistics=True)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    assert not available(x, w)
+    with pytest.raises(ValueError, match="CUDA row.*under 2 GiB.*got x \\(1, 128\\) torch.bfloat16 on cpu"):
+        nf4_gemv_cuda(x, w, GemvConfig(4, 1, 8, cuda=True))
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(K=96), "multiple of 64"), (dict(warps=9), "warps per block"), (dict(split=3), "K split"),
     (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),

@@ -51,9 +51,10 @@ def nf4_gemv_cuda(
     """``x·dequant(w)ᵀ + scale·xa·lora_bᵀ + bias`` for x [1, K]; returns [1, N] in x's dtype.
     ``xa`` [1, r] and ``lora_b`` [N, r], ``bias`` [N], all in x's dtype (made contiguous)."""
     if not available(x, w):
-        raise ValueError(f"nf4_gemv_cuda takes one aligned bf16/fp16 CUDA row and an NF4 weight with blocksize 64 "
-                         f"and K a multiple of 64; got x {tuple(x.shape)} {x.dtype} on {x.device}, weight "
-                         f"{tuple(w.shape)} blocksize {w.blocksize}")
+        raise ValueError(f"nf4_gemv_cuda takes one 16-byte aligned bf16/fp16 CUDA row and an NF4 weight on its GPU "
+                         f"with blocksize 64, K a multiple of 64, a power-of-two nested block size and under 2 GiB "
+                         f"packed; got x {tuple(x.shape)} {x.dtype} on {x.device}, weight {tuple(w.shape)} "
+                         f"blocksize {w.blocksize} on {w.packed.device}; use the Triton nf4_gemv instead")
     K = x.shape[1]
     N = int(w.shape[0])
     if int(w.shape[1]) != K:
