@@ -5,8 +5,10 @@ by replaying N calls captured in a CUDA graph (``bench_nf4_matmul.graph_us``), a
 bitsandbytes' ``matmul_4bit`` timed the same way, on Llama-3-8B's projection shapes. Each
 candidate's result is checked against bitsandbytes' dequantize + an fp32 matmul (rows with
 relative error ≥ 1e-2 are printed as BAD). At M = 1 the Triton gemv and the extension's CUDA
-gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles. The decode table in
-``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
+gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles; at
+M ≤ 16 the extension's tensor-core decode (``cuda mma s<warps K is split over> [kb<blocks of
+the grid K is split over>]``). ``--table`` times the dispatch's tables instead of the whole
+grid. The decode table in ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
 
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
 """
@@ -35,12 +37,16 @@ def main() -> None:
     ap.add_argument("--m", default="1,16", help="rows to sweep")
     ap.add_argument("--wa-only", action="store_true", help="only the weight-as-A tiles")
     ap.add_argument("--gemv-only", action="store_true", help="only the one-row kernels (Triton and CUDA), M = 1")
+    ap.add_argument("--table", action="store_true", help="the dispatch's tables (nf4_configs) and the mma grid only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_nf4_decode.py needs a CUDA GPU")
     import bitsandbytes as bnb
 
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma
     from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
+    from fastqlora.triton_kernels import nf4_configs
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig as D
     from fastqlora.triton_kernels.nf4_configs import GemvConfig as G
     from fastqlora.triton_kernels.nf4_configs import MatmulConfig as C
     from fastqlora.triton_kernels.nf4_gemv import nf4_gemv
@@ -53,6 +59,8 @@ def main() -> None:
     # the extension's CUDA gemv (csrc/nf4_gemv.cu): weight rows a warp x warps a block
     gemv += [G(r, 1, wp, cuda=True) for r in (1, 2, 4, 8) for wp in (4, 8)]
     gemv += [G(r, sk, wp, cuda=True) for r in (2, 4, 8) for sk in (2, 4) for wp in (4, 8)]
+    mma = [] if args.wa_only or args.gemv_only else [D(s, kb) for s in (2, 4) for kb in (1, 2, 4, 8, 16)]
+    cap = torch.cuda.get_device_capability()
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
     for name, N, K in SHAPES:
@@ -64,10 +72,15 @@ def main() -> None:
             ref = x.float() @ wd.float().t()
             t_bnb = graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))
             rows = []
-            for c in grid + (gemv if M == 1 else []):
-                if K % c.bk or K // c.bk < c.split_k * 2:
+            if args.table:
+                grid = nf4_configs.forward_candidates(cap, M, N, K)
+                gemv = nf4_configs.gemv_candidates(1, N, K, cuda=True)
+            for c in grid + (gemv if M == 1 else []) + (mma if M <= 16 else []):
+                if isinstance(c, D):
+                    f = (lambda c=c: nf4_decode_mma(x, w, c))
+                elif K % c.bk or K // c.bk < c.split_k * 2:
                     continue
-                if isinstance(c, G):
+                elif isinstance(c, G):
                     f = (lambda c=c: (nf4_gemv_cuda if c.cuda else nf4_gemv)(x, w, c))
                 else:
                     f = (lambda c=c: nf4_matmul_fwd(x, [w], c)[0])

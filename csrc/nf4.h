@@ -55,6 +55,17 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
                    const void* bias, void* y, int dtype, int rows, int warps, int split, int64_t stream);
+// A few rows (decode, 1 <= M <= 16) on the tensor cores (nf4_decode_mma.cu): y[m, n] =
+// Σ_k x[m, k]·code[q[n, k]]·absmax[n, k/64] + scale·Σ_j xa[m·xa_stride + j]·lora_b[n, j] + bias[n];
+// x [M, K] contiguous, y [M, N], same dtype/absmax/alignment rules as nf4_gemv_cuda. K is split
+// over `split` warps of a block (2 or 4) and over `kb` blocks of the grid (1..64); kb > 1 needs
+// `ws` (fp32, kb·M·N) and `counters` (int32 zeros, one per (N+15)/16 / (8/split) blocks, left at
+// zero) that no other launch uses at the same time.
+void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,
+                         const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
+                         float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
+                         const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
+                         int kb, float* ws, int* counters, int64_t stream);
 #endif
 
 }  // namespace fq

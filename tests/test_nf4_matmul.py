@@ -374,6 +374,111 @@ def test_cuda_gemv_binding_checks_before_launch(change, match):
         ext().nf4_gemv_cuda(*args.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("N,K,r", [(1000, 4160, 16), (37, 64, 40), (4097, 14336, 8), (333, 4096, 16)])
+def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
+    """The extension's tensor-core decode (csrc/nf4_decode_mma.cu), every split it has and
+    the grid's K splits of the table and more: M from 1 to 16 (one and two x tiles), rows
+    past N in the last warp, K not a multiple of 256 (the unvectorized absmax loads) and of
+    the grid split, xa a column slice of a wider matrix, LoRA rank above 32, bias, plain and
+    double-quantized absmax, against the fp64 oracle; run twice, equal (the partials are
+    summed in a fixed order)."""
+    from fastqlora.ops.nf4_decode_mma import available, nf4_decode_mma
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels import nf4_configs
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    g = torch.Generator().manual_seed(N + K + r)
+    w = NF4Tensor.quantize((torch.randn(N, K, generator=g) * 0.05).cuda(), blocksize=64, compress_statistics=nested)
+    wd = nf4h.dequantize_oracle(w, torch.float64)
+    b = (torch.randn(N, r, generator=g) * 0.1).to("cuda", dtype)
+    bias = torch.randn(N, generator=g).to("cuda", dtype)
+    cfgs = set(nf4_configs.decode_mma_candidates(16, cuda=True))
+    assert cfgs and not nf4_configs.decode_mma_candidates(1, cuda=True)
+    cfgs |= {DecodeMmaConfig(s, kb) for s in (2, 4) for kb in (1, 3, 7)}
+    tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
+    for M in (1, 3, 8, 9, 16):
+        x = torch.randn(M, K, generator=g).to("cuda", dtype)
+        xa_wide = (torch.randn(M, r + 5, generator=g) * 0.5).to("cuda", dtype)
+        xa = xa_wide[:, 3:3 + r]
+        ref = x.double() @ wd.t() + 1.5 * (xa.double() @ b.double().t()) + bias.double()
+        ref_plain = x.double() @ wd.t()
+        assert available(x, w)
+        for cfg in sorted(cfgs, key=str):
+            y = nf4_decode_mma(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias)
+            assert y.shape == (M, N) and y.dtype == dtype
+            assert rel(y, ref) < tol, (M, cfg)
+            assert torch.equal(nf4_decode_mma(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias), y)
+            assert rel(nf4_decode_mma(x, w, cfg), ref_plain) < tol, (M, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_mma_in_the_dispatch():
+    """At 2..16 rows the dispatch times the tensor-core decode beside the Triton tiles, and
+    whatever it picks agrees with the plain path; a CUDA graph replays it (the grid split's
+    counters are left at zero)."""
+    nf4_dispatch.clear()
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma
+
+    N, K, r = 1024, 4096, 16
+    w, wd = _bnb_weight(N, K, seed=3)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(16, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    a = torch.randn(r, K, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    b = torch.randn(N, r, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    xa = x @ a.t()
+    ref = x.float() @ wd.t() + 0.5 * (xa.float() @ b.float().t())
+    (y,) = frozen_matmul(x, [w], xa=xa, lora_b=[b], scales=[0.5])
+    assert rel(y, ref) < 1e-2
+    y0 = nf4_decode_mma(x, w, DecodeMmaConfig(2, 8))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = nf4_decode_mma(x, w, DecodeMmaConfig(2, 8))
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, y0)
+
+
+def test_decode_mma_refuses_what_it_cannot_take():
+    """A CPU input, or more than 16 rows, is refused with what the kernel needs, before
+    touching the extension; runs without a GPU."""
+    from fastqlora.ops.nf4_decode_mma import available, nf4_decode_mma
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    w = NF4Tensor.quantize(torch.randn(64, 128) * 0.05, blocksize=64, compress_statistics=True)
+    for x in (torch.randn(2, 128, dtype=torch.bfloat16), torch.randn(17, 128, dtype=torch.bfloat16)):
+        assert not available(x, w)
+        with pytest.raises(ValueError, match=f"1 to 16 contiguous.*got x \\({x.shape[0]}, 128\\)"):
+            nf4_decode_mma(x, w, DecodeMmaConfig(2))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(K=96), "multiple of 64"), (dict(M=17), "1 to 16 rows"), (dict(M=0), "1 to 16 rows"),
+    (dict(split=3), "2 or 4"), (dict(kb=0), "1..64"), (dict(kb=2), "workspace"),
+    (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),
+    (dict(N=2**25), "under 2 GiB"), (dict(dtype=0), "fp16 or bf16"),
+])
+def test_decode_mma_binding_checks_before_launch(change, match):
+    """The tensor-core decode refuses a bad shape or config before touching memory or the
+    GPU (so this runs without one), naming what is wrong; the arguments in the order
+    ops/nf4_decode_mma.py passes them."""
+    from fastqlora._ext import built_with_cuda, ext
+
+    if not built_with_cuda():
+        pytest.skip("the extension was built without CUDA")
+    args = dict(x=4096, M=4, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
+                blocksize2=256, N=8, xa=0, xa_stride=0, lora_b=0, rank=0, scale=1.0, bias=0, y=0, dtype=2, split=2,
+                kb=1, ws=0, counters=0, stream=0)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        ext().nf4_decode_mma_cuda(*args.values())
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_gemv_kernel_fp32(kernel_device, split):
     """The tensor-core-free one-row kernel, with LoRA, bias and split-K (run twice: the

@@ -72,6 +72,20 @@ class GemvConfig:
         return s
 
 
+@dataclass(frozen=True)
+class DecodeMmaConfig:
+    """The extension's tensor-core decode kernel (csrc/nf4_decode_mma.cu) for 1 <= M <= 16:
+    16 weight rows a warp, 8 warps a block, K split over ``split`` warps of a block and over
+    ``kb`` blocks of the grid."""
+
+    split: int
+    kb: int = 1
+    cuda: bool = True
+
+    def short(self) -> str:
+        return f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "")
+
+
 C = MatmulConfig
 
 # ---- forward, Y = X·Wᵀ: bm, bn (out), bk (reduction)
@@ -120,6 +134,13 @@ _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 _CUDA_GEMV = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (8, 4, 4), (8, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (8, 1, 4), (8, 1, 8), (4, 2, 8), (1, 1, 8))]
 
+# The tensor-core decode (csrc/nf4_decode_mma.cu), 2 <= M <= 16 (one row: the gemv above is
+# faster). The H200 trial sweep's fastest (split, kb) per Llama-3-8B shape at M = 1 and 16
+# (results/nf4_decode_mma_trial_h200.json): q/o s4, k/v s4 kb4 / s2 kb8, gate/up s2,
+# down s4 kb2 / s2 kb4.
+DECODE_MMA_MAX_M = 16
+_CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8))]
+
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {
     "hopper": [
@@ -165,6 +186,12 @@ def gemv_candidates(M: int, N: int, K: int, cuda: bool = False) -> list[GemvConf
     if M > GEMV_MAX_M:
         return []
     return [c for c in (_CUDA_GEMV if cuda else []) + _GEMV if K % c.bk == 0]
+
+
+def decode_mma_candidates(M: int, cuda: bool) -> list[DecodeMmaConfig]:
+    """The tensor-core decode's configs for 2 <= M <= DECODE_MMA_MAX_M when ``cuda`` (the
+    extension can take the product), else none."""
+    return list(_CUDA_MMA) if cuda and 2 <= M <= DECODE_MMA_MAX_M else []
 
 
 def forward_candidates(capability: tuple[int, int], M: int, n_total: int, K: int) -> list[MatmulConfig]:

@@ -21,10 +21,10 @@ from typing import Union
 import torch
 
 from ..triton_kernels import nf4_configs
-from ..triton_kernels.nf4_configs import GemvConfig, MatmulConfig
+from ..triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig, MatmulConfig
 
 CUBLAS = "dequant+cublas"
-Choice = Union[MatmulConfig, GemvConfig, str]
+Choice = Union[MatmulConfig, GemvConfig, DecodeMmaConfig, str]
 
 # When timing is off: the fused kernel where reading the weight dominates (decode), the
 # plain path where the product dominates (its dequantization is ≤ 10% there).
@@ -115,15 +115,17 @@ def choose(
     n_list: list[int],
     K: int,
     rank: int,
-    run_fused: Callable[[MatmulConfig | GemvConfig], object],
+    run_fused: Callable[[MatmulConfig | GemvConfig | DecodeMmaConfig], object],
     run_plain: Callable[[], object],
     cuda_gemv: bool = False,
+    cuda_mma: bool = False,
 ) -> Choice:
     """The path for a ``kind`` ("fwd" or "t") product of ``x`` [M, ·] with weights [n_i, K].
 
     ``run_fused(cfg)`` and ``run_plain()`` compute the product (their results are dropped
     while timing). ``cuda_gemv``: the extension's CUDA one-row kernel can take this
-    product (its configs join the candidates).
+    product (its configs join the candidates); ``cuda_mma``: likewise the extension's
+    tensor-core decode kernel (2 ≤ M ≤ 16).
     """
     M = x.shape[0]
     from .dispatch import interpreting
@@ -137,12 +139,13 @@ def choose(
     cap = (props.major, props.minor)
     if _forced == CUBLAS:
         return CUBLAS
-    key = (kind, str(dev), cap, x.dtype, _m_bucket(M), tuple(n_list), K, rank, _forced, cuda_gemv)
+    key = (kind, str(dev), cap, x.dtype, _m_bucket(M), tuple(n_list), K, rank, _forced, cuda_gemv, cuda_mma)
     hit = _cache.get(key)
     if hit is not None:
         return hit
     if kind == "fwd":
         cands: list[Choice] = list(nf4_configs.gemv_candidates(M, max(n_list), K, cuda=cuda_gemv))
+        cands += nf4_configs.decode_mma_candidates(M, cuda_mma)
         cands += nf4_configs.forward_candidates(cap, M, sum(n_list), K)
     else:
         cands = list(nf4_configs.transposed_candidates(cap, M, K))

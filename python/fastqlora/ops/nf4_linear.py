@@ -99,17 +99,19 @@ def frozen_matmul(
     xa_cols = xa_cols or [0] * n
     if not _fusable(weights, x):
         return _plain_fwd(x, weights, xa, lora_b, scales, biases, xa_cols)
-    from ..triton_kernels.nf4_configs import GemvConfig
+    from ..triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig
     from ..triton_kernels.nf4_gemv import nf4_gemv
     from ..triton_kernels.nf4_matmul import nf4_matmul_fwd
+    from .nf4_decode_mma import available as cuda_mma_available
+    from .nf4_decode_mma import nf4_decode_mma
     from .nf4_gemv_cuda import available as cuda_gemv_available
     from .nf4_gemv_cuda import nf4_gemv_cuda
 
     lb = [b.contiguous() if b is not None else None for b in lora_b]
 
     def fused(cfg):
-        if isinstance(cfg, GemvConfig):
-            gemv = nf4_gemv_cuda if cfg.cuda else nf4_gemv
+        if isinstance(cfg, (GemvConfig, DecodeMmaConfig)):
+            gemv = nf4_decode_mma if isinstance(cfg, DecodeMmaConfig) else nf4_gemv_cuda if cfg.cuda else nf4_gemv
             outs = []
             for i, w in enumerate(weights):
                 xa_i = None if (xa is None or lb[i] is None) else xa[:, xa_cols[i]:xa_cols[i] + lb[i].shape[1]]
@@ -123,8 +125,9 @@ def frozen_matmul(
     rank = xa.shape[1] if xa is not None else 0
     K = int(weights[0].shape[1])
     cuda_ok = x.shape[0] == 1 and all(cuda_gemv_available(x, w) for w in weights)
+    mma_ok = all(cuda_mma_available(x, w) for w in weights)
     choice = nf4_dispatch.choose("fwd", x, [out_features(w) for w in weights], K, rank, fused, plain,
-                                 cuda_gemv=cuda_ok)
+                                 cuda_gemv=cuda_ok, cuda_mma=mma_ok)
     return plain() if choice == nf4_dispatch.CUBLAS else fused(choice)
 
 

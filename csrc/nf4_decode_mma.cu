@@ -1,0 +1,440 @@
+// The few-row NF4 product for decoding on the tensor cores: for x [M, K] with M <= 16,
+//     y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias.
+//
+// Why the tensor cores at a few rows: the one-row gemv (nf4_gemv.cu) spends ~3
+// instructions a weight on the multiply-adds alone; its cost grows with M. An mma
+// m16n8k16 does a 16-row x 16-k block of weights against 8 columns of x in one
+// instruction, so up to 16 rows of x cost what one costs, and what is left a weight is its
+// decode: one shared-memory load turns a packed byte into the two codes the mma takes.
+//
+// Layout (mma A = weights, B = xᵀ, D = yᵀ): a warp owns 16 weight rows (A's rows g and
+// g+8 in lane g·4+t) and walks K one 64-weight absmax block at a time. In a block, lane t
+// of a row takes the row's packed bytes 8t..8t+7 (weights 16t..16t+15); the four lanes of
+// a row thus cover the whole block, so an mma never mixes two blocks and the block's
+// absmax can scale that mma's fresh fp32 result:
+//     y[m, n] = Σ_b absmax[n, b] · Σ_{k ∈ b} code[q[n, k]] · x[m, k].
+// K inside a block is permuted to suit the fragments: byte 2j of lane t (weights
+// 16t+4j, +1) fills A's k slots 2t, 2t+1 of mma j, byte 2j+1 (16t+4j+2, +3) slots 2t+8,
+// 2t+9; lane t's B registers are x[m, 16t+4j .. +3] (16 contiguous bytes, one load) for
+// x row m = g, which puts the same k in the same slots. Any permutation of k that A and
+// B share leaves the sum unchanged.
+//
+// The decode table: entry b (a packed byte) is the pair (code[b >> 4], code[b & 15]) in
+// the element type, stored once for each lane (a column a lane: 32 lanes read 32 banks,
+// never a conflict) at byte b·256 + lane·4, so a lane's address is one byte permute of
+// the packed word and its lane offset. 64 KiB a block, filled from registers by shuffles.
+//
+// Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
+// issued before this step's decode (a register double buffer). K is split over S warps
+// of a block (summed through shared memory in a fixed order) and over the grid's y (KB
+// blocks of a row group; each writes fp32 partials, and the last to finish, told by a
+// per-group counter it then resets, sums them in order and writes y), so few-row,
+// narrow products still fill the GPU.
+//
+// Rounding: the codes are exact in bf16/fp16 only to their precision (the NF4 table
+// rounded once), products and sums are fp32; the result is rounded once. This differs
+// from "dequantize to bf16, then matmul" by the rounding of code·absmax, within the
+// tolerance the dispatch checks (relative 1e-2 in bf16; measured ~2e-3).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+#include "cuda_convert.cuh"
+#include "nf4.h"
+
+namespace fq {
+namespace {
+
+constexpr unsigned kAll = 0xffffffffu;
+constexpr int kU = 4;                 // 64-weight blocks a step
+constexpr int kWarps = 8;             // warps a block
+constexpr int kTableBytes = 256 * 256;
+
+template <typename T> __device__ __forceinline__ uint32_t pair_bits(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pair_bits<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+template <> __device__ __forceinline__ uint32_t pair_bits<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+// D += A·B for one m16n8k16 (A 16x16 row-major, B 16x8 column-major), fp32 accumulate.
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One step's loads for the lane's two weight rows (a: g, b: g+8).
+struct StepLoads {
+  uint2 qa[kU], qb[kU];    // 8 packed bytes a block
+  uint32_t ia[kU], ib[kU]; // the blocks' 8-bit absmax indices (nested)
+  float sa[kU], sb[kU];    // nested: the nested scale (entry 0 when vectorized); plain: the absmax
+};
+
+struct Operands {
+  const uint8_t* packed;
+  const float* absmax;   // plain fp32 absmax, or null
+  const uint8_t* qabsmax;
+  const float* code2;
+  const float* absmax2;
+  float offset;
+  int shift2;
+};
+
+// V: the U blocks share one nested scale and sit 4-aligned in the row's block list (the
+// row's block count and the nested block size are multiples of 4), so their absmax come
+// in one load. Past `end`, blocks are re-read (clamped) and weighed by zero later.
+template <bool Q, bool V>
+__device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end, const uint8_t* wa, const uint8_t* wb,
+                                      uint32_t ra_b, uint32_t rb_b, const Operands& op) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const uint32_t blk = min(base + u, end - 1);
+    s.qa[u] = __ldg(reinterpret_cast<const uint2*>(wa + 32 * blk));
+    s.qb[u] = __ldg(reinterpret_cast<const uint2*>(wb + 32 * blk));
+  }
+  if (V) {
+    if (Q) {
+      const uint32_t va = __ldg(reinterpret_cast<const uint32_t*>(op.qabsmax + ra_b + base));
+      const uint32_t vb = __ldg(reinterpret_cast<const uint32_t*>(op.qabsmax + rb_b + base));
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        s.ia[u] = (va >> (8 * u)) & 0xffu;
+        s.ib[u] = (vb >> (8 * u)) & 0xffu;
+      }
+      s.sa[0] = __ldg(op.absmax2 + ((ra_b + base) >> op.shift2));
+      s.sb[0] = __ldg(op.absmax2 + ((rb_b + base) >> op.shift2));
+    } else {
+      const float4 fa = __ldg(reinterpret_cast<const float4*>(op.absmax + ra_b + base));
+      const float4 fb = __ldg(reinterpret_cast<const float4*>(op.absmax + rb_b + base));
+      s.sa[0] = fa.x; s.sa[1] = fa.y; s.sa[2] = fa.z; s.sa[3] = fa.w;
+      s.sb[0] = fb.x; s.sb[1] = fb.y; s.sb[2] = fb.z; s.sb[3] = fb.w;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const uint32_t blk = min(base + u, end - 1);
+      if (Q) {
+        s.ia[u] = __ldg(op.qabsmax + ra_b + blk);
+        s.ib[u] = __ldg(op.qabsmax + rb_b + blk);
+        s.sa[u] = __ldg(op.absmax2 + ((ra_b + blk) >> op.shift2));
+        s.sb[u] = __ldg(op.absmax2 + ((rb_b + blk) >> op.shift2));
+      } else {
+        s.sa[u] = __ldg(op.absmax + ra_b + blk);
+        s.sb[u] = __ldg(op.absmax + rb_b + blk);
+      }
+    }
+  }
+}
+
+// The block's absmax of step slot u: nested, code2[index]·absmax2 + offset (bitsandbytes'
+// order: multiply, then add), as the dequantize kernels compute it.
+template <bool Q, bool V>
+__device__ __forceinline__ float block_absmax(const float* code2_s, uint32_t idx, const float (&sc)[kU], int u,
+                                              float offset) {
+  if (!Q) return sc[u];
+  return __fadd_rn(__fmul_rn(code2_s[idx], sc[V ? 0 : u]), offset);
+}
+
+// acc + scale·Σ_j xa[m, j]·B[n, j] + bias[n] (the LoRA term and the bias of output (m, n)).
+template <typename T>
+__device__ __forceinline__ float epilogue(float acc, int m, int n, const T* xa, int xa_stride, const T* lora_b,
+                                          int rank, float scale, const T* bias) {
+  if (lora_b != nullptr) {
+    float lo = 0.0f;
+    const T* xr = xa + static_cast<int64_t>(m) * xa_stride;
+    const T* br = lora_b + static_cast<int64_t>(n) * rank;
+#pragma unroll 8
+    for (int j = 0; j < rank; ++j) lo = __fmaf_rn(to_f32(xr[j]), to_f32(br[j]), lo);
+    acc = __fmaf_rn(scale, lo, acc);
+  }
+  if (bias != nullptr) acc += to_f32(bias[n]);
+  return acc;
+}
+
+struct Epilogue {
+  const void* xa;
+  int xa_stride;
+  const void* lora_b;
+  int rank;
+  float scale;
+  const void* bias;
+};
+
+// NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
+// V: vectorized absmax loads (see issue()).
+template <typename T, int NT, int S, bool Q, bool V>
+__global__ void __launch_bounds__(kWarps * 32) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
+                                                                const float* __restrict__ code, int N, int chunk,
+                                                                float* __restrict__ ws, int* __restrict__ counters,
+                                                                Epilogue ep, T* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char table[];
+  __shared__ float partial[kWarps][32][4 * NT];
+  __shared__ float code2_s[256];
+  __shared__ int is_last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  {
+    const float c = __ldg(code + (lane & 15));  // lane holds code[lane mod 16]
+    for (int b = warp; b < 256; b += kWarps) {
+      const float hi = __shfl_sync(kAll, c, b >> 4), lo = __shfl_sync(kAll, c, b & 15);
+      // the high nibble is the earlier weight: the pair's low half
+      *reinterpret_cast<uint32_t*>(table + b * 256 + lane * 4) = pair_bits<T>(hi, lo);
+    }
+    if (Q) {
+      for (int i = threadIdx.x; i < 256; i += kWarps * 32) code2_s[i] = __ldg(op.code2 + i);
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  const int part = warp % S;
+  constexpr int per_block = kWarps / S;  // row groups a block
+  const int groups = (N + 15) / 16;
+  const int group = blockIdx.x * per_block + warp / S;
+  const bool live = group < groups;  // a spare warp repeats the last group, unstored
+  const int n0 = (live ? group : groups - 1) * 16;
+  const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
+  const uint32_t row_bytes = K / 2, row_blocks = K / 64;
+  const uint32_t kbeg = blockIdx.y * chunk, kend = min(kbeg + chunk, row_blocks);
+  const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
+  const uint8_t* wb = op.packed + rb * row_bytes + 8 * t;
+  const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
+  const uint32_t lane_col = lane * 4;
+  const T* xr[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = nt * 8 + g;
+    xok[nt] = m < M;
+    xr[nt] = x + static_cast<int64_t>(xok[nt] ? m : 0) * K + 16 * t;
+  }
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+  StepLoads cur;
+  uint32_t base = kbeg + part * kU;
+  if (base < kend) issue<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, op);
+  __syncthreads();  // the tables
+  for (; base < kend; base += S * kU) {
+    StepLoads nxt;
+    issue<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, op);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const bool ok = base + u < kend;  // no branch: the U blocks interleave
+      const uint32_t blk = ok ? base + u : kend - 1;
+      uint4 xv[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4* p = reinterpret_cast<const uint4*>(xr[nt] + 64 * blk);
+        xv[nt][0] = xok[nt] ? __ldg(p) : make_uint4(0, 0, 0, 0);
+        xv[nt][1] = xok[nt] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+      }
+      uint32_t fa[8], fb[8];  // byte i of the lane's 8 -> its code pair
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t wa_ = i < 4 ? cur.qa[u].x : cur.qa[u].y, wb_ = i < 4 ? cur.qb[u].x : cur.qb[u].y;
+        const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
+        fa[i] = *reinterpret_cast<const uint32_t*>(table + __byte_perm(wa_, lane_col, sel));
+        fb[i] = *reinterpret_cast<const uint32_t*>(table + __byte_perm(wb_, lane_col, sel));
+      }
+      const float ama = ok ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
+      const float amb = ok ? block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
+                                xv[nt][1].x, xv[nt][1].y, xv[nt][1].z, xv[nt][1].w};
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t a[4] = {fa[2 * j], fb[2 * j], fa[2 * j + 1], fb[2 * j + 1]};
+          mma16816<T>(d, a, xw[2 * j], xw[2 * j + 1]);
+        }
+        // D: (row g, x rows 2t, 2t+1), (row g+8, the same)
+        acc[nt][0] = __fmaf_rn(d[0], ama, acc[nt][0]);
+        acc[nt][1] = __fmaf_rn(d[1], ama, acc[nt][1]);
+        acc[nt][2] = __fmaf_rn(d[2], amb, acc[nt][2]);
+        acc[nt][3] = __fmaf_rn(d[3], amb, acc[nt][3]);
+      }
+    }
+    cur = nxt;
+  }
+  if (S > 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][lane][4 * nt + i] = acc[nt][i];
+    __syncthreads();
+    if (part == 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float v = acc[nt][i];
+          for (int p = 1; p < S; ++p) v += partial[warp + p][lane][4 * nt + i];
+          acc[nt][i] = v;
+        }
+    }
+  }
+  const T* xa = static_cast<const T*>(ep.xa);
+  const T* lora_b = static_cast<const T*>(ep.lora_b);
+  const T* bias = static_cast<const T*>(ep.bias);
+  const int r0 = n0 + g, r1 = n0 + g + 8;
+  if (gridDim.y == 1) {
+    if (part != 0 || !live) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
+        if (m < M && n < N) {
+          const float v = epilogue<T>(acc[nt][i], m, n, xa, ep.xa_stride, lora_b, ep.rank, ep.scale, bias);
+          y[static_cast<int64_t>(m) * N + n] = from_f32<T>(v);
+        }
+      }
+    }
+    return;
+  }
+  // K split over the grid: fp32 partials to ws[blockIdx.y][m][n] (L2, not L1: another SM reads them)
+  float* wk = ws + static_cast<int64_t>(blockIdx.y) * M * N;
+  if (part == 0 && live) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
+        if (m < M && n < N) __stcg(wk + static_cast<int64_t>(m) * N + n, acc[nt][i]);
+      }
+    }
+  }
+  __threadfence();  // the partials are visible before the counter says so
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(counters + blockIdx.x, 1);
+    is_last = done == static_cast<int>(gridDim.y) - 1;
+    if (is_last) counters[blockIdx.x] = 0;  // left at zero for the next launch (and graph replays)
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int nb = blockIdx.x * per_block * 16, rows = min(per_block * 16, N - nb);
+  for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
+    const int m = e / rows, n = nb + e % rows;
+    float v = 0.0f;
+    for (int ky = 0; ky < static_cast<int>(gridDim.y); ++ky) {
+      v += __ldcg(ws + (static_cast<int64_t>(ky) * M + m) * N + n);
+    }
+    y[static_cast<int64_t>(m) * N + n] = from_f32<T>(epilogue<T>(v, m, n, xa, ep.xa_stride, lora_b, ep.rank, ep.scale, bias));
+  }
+}
+
+template <typename T, int NT, int S, bool Q, bool V>
+void launch(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
+            int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+  const int groups = (N + 15) / 16;
+  constexpr int per_block = kWarps / S;
+  const int blocks = (groups + per_block - 1) / per_block;
+  const int row_blocks = K / 64;
+  int chunk = (row_blocks + kb - 1) / kb;
+  chunk = (chunk + kU - 1) / kU * kU;  // a whole number of steps (keeps V's alignment)
+  const int ky = (row_blocks + chunk - 1) / chunk;
+  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V>;
+  static bool opted_in = false;  // one attribute call per instantiation (per process: one GPU kind)
+  if (!opted_in) {
+    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTableBytes));
+    opted_in = true;
+  }
+  kernel<<<dim3(blocks, ky), kWarps * 32, kTableBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
+                                                             counters, ep, static_cast<T*>(y));
+  FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma");
+}
+
+template <typename T, int NT, bool Q, bool V>
+void launch_split(int split, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
+                  float* ws, int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+  if (split == 2) return launch<T, NT, 2, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  if (split == 4) return launch<T, NT, 4, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  throw std::invalid_argument("nf4_decode_mma_cuda: the in-block K split must be 2 or 4, got " + std::to_string(split));
+}
+
+template <typename T>
+void launch_dtype(bool two_tiles, bool nested, bool vec, int split, const void* x, int M, int K, const Operands& op,
+                  const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep, void* y,
+                  cudaStream_t s) {
+#define FQ_MMA_ARGS split, x, M, K, op, code, N, kb, ws, counters, ep, y, s
+  if (two_tiles) {
+    if (nested) return vec ? launch_split<T, 2, true, true>(FQ_MMA_ARGS) : launch_split<T, 2, true, false>(FQ_MMA_ARGS);
+    return vec ? launch_split<T, 2, false, true>(FQ_MMA_ARGS) : launch_split<T, 2, false, false>(FQ_MMA_ARGS);
+  }
+  if (nested) return vec ? launch_split<T, 1, true, true>(FQ_MMA_ARGS) : launch_split<T, 1, true, false>(FQ_MMA_ARGS);
+  return vec ? launch_split<T, 1, false, true>(FQ_MMA_ARGS) : launch_split<T, 1, false, false>(FQ_MMA_ARGS);
+#undef FQ_MMA_ARGS
+}
+
+}  // namespace
+
+void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,
+                         const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
+                         float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
+                         const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
+                         int kb, float* ws, int* counters, int64_t stream) {
+  if (M < 1 || M > 16) throw std::invalid_argument("nf4_decode_mma_cuda: x must have 1 to 16 rows, got " + std::to_string(M));
+  if (K % 64 != 0 || K <= 0 || N <= 0) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: K must be a positive multiple of 64 and N positive, got K=" +
+                                std::to_string(K) + ", N=" + std::to_string(N));
+  }
+  if (kb < 1 || kb > 64) throw std::invalid_argument("nf4_decode_mma_cuda: the grid's K split must be 1..64");
+  if (kb > 1 && (ws == nullptr || counters == nullptr)) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: a K split over the grid needs the fp32 workspace and the counters");
+  }
+  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: x and the packed weight must be 16-byte aligned");
+  }
+  if (N > int64_t{INT32_MAX} / (K / 2)) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight (N=" + std::to_string(N) + ", K=" +
+                                std::to_string(K) + ") must be under 2 GiB (the kernel's offsets are 32-bit)");
+  }
+  const bool nested = qabsmax != nullptr;
+  int shift2 = 0;
+  while ((int64_t{1} << shift2) < blocksize2) ++shift2;
+  if (nested && (int64_t{1} << shift2) != blocksize2) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: the nested absmax block size must be a power of two, got " +
+                                std::to_string(blocksize2));
+  }
+  const int64_t row_blocks = K / 64;
+  const void* abs_base = nested ? static_cast<const void*>(qabsmax) : static_cast<const void*>(absmax);
+  const bool vec = row_blocks % kU == 0 && (!nested || blocksize2 % kU == 0) &&
+                   reinterpret_cast<uintptr_t>(abs_base) % (nested ? 4 : 16) == 0;
+  const Operands op{packed, absmax, qabsmax, code2, absmax2, offset, shift2};
+  const Epilogue ep{xa, static_cast<int>(xa_stride), lora_b, rank, scale, bias};
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const bool two = M > 8;
+  switch (dtype) {
+    case kF16:
+      return launch_dtype<__half>(two, nested, vec, split, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    case kBF16:
+      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    default:
+      throw std::invalid_argument("nf4_decode_mma_cuda: x must be fp16 or bf16 (the tensor cores' input types)");
+  }
+}
+
+}  // namespace fq
