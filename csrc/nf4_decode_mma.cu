@@ -154,20 +154,13 @@ __device__ __forceinline__ float block_absmax(const float* code2_s, uint32_t idx
   return __fadd_rn(__fmul_rn(code2_s[idx], sc[V ? 0 : u]), offset);
 }
 
-// acc + scale·Σ_j xa[m, j]·B[n, j] + bias[n] (the LoRA term and the bias of output (m, n)).
+// Two elements of a 16-bit row as an mma register pair: row[j], row[j + 1], zero past `len`.
 template <typename T>
-__device__ __forceinline__ float epilogue(float acc, int m, int n, const T* xa, int xa_stride, const T* lora_b,
-                                          int rank, float scale, const T* bias) {
-  if (lora_b != nullptr) {
-    float lo = 0.0f;
-    const T* xr = xa + static_cast<int64_t>(m) * xa_stride;
-    const T* br = lora_b + static_cast<int64_t>(n) * rank;
-#pragma unroll 8
-    for (int j = 0; j < rank; ++j) lo = __fmaf_rn(to_f32(xr[j]), to_f32(br[j]), lo);
-    acc = __fmaf_rn(scale, lo, acc);
-  }
-  if (bias != nullptr) acc += to_f32(bias[n]);
-  return acc;
+__device__ __forceinline__ uint32_t load_pair(const T* row, int j, int len, bool ok) {
+  const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+  const uint32_t lo = ok && j < len ? __ldg(r + j) : 0u;
+  const uint32_t hi = ok && j + 1 < len ? __ldg(r + j + 1) : 0u;
+  return lo | (hi << 16);
 }
 
 struct Epilogue {
@@ -178,6 +171,54 @@ struct Epilogue {
   float scale;
   const void* bias;
 };
+
+// acc (the warp's 16 rows x 8·NT x rows, in D's layout) += scale·(B·xaᵀ), then + bias, then
+// stored. The LoRA term is itself an m16n8k16 per 16 of the rank: B's rows n0.. as A, xa's
+// rows as B's columns, in their natural k order (no permutation needed: both index j the
+// same), so the loads are 16-bit pairs straight from memory. Warp-uniform: every lane runs it.
+template <typename T, int NT>
+__device__ __forceinline__ void finish(float (&acc)[NT][4], int n0, int M, int N, const Epilogue& ep, T* y) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = n0 + g, r1 = n0 + g + 8;
+  if (ep.lora_b != nullptr) {
+    const T* lb = static_cast<const T*>(ep.lora_b);
+    const T* xa = static_cast<const T*>(ep.xa);
+    const T* ba = lb + static_cast<int64_t>(min(r0, N - 1)) * ep.rank;
+    const T* bb = lb + static_cast<int64_t>(min(r1, N - 1)) * ep.rank;
+    float lo[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) lo[nt][i] = 0.0f;
+    for (int c = 0; c < ep.rank; c += 16) {
+      const int j = c + 2 * t;
+      const uint32_t a[4] = {load_pair(ba, j, ep.rank, r0 < N), load_pair(bb, j, ep.rank, r1 < N),
+                             load_pair(ba, j + 8, ep.rank, r0 < N), load_pair(bb, j + 8, ep.rank, r1 < N)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        const T* xr = xa + static_cast<int64_t>(min(m, M - 1)) * ep.xa_stride;
+        mma16816<T>(lo[nt], a, load_pair(xr, j, ep.rank, m < M), load_pair(xr, j + 8, ep.rank, m < M));
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = __fmaf_rn(ep.scale, lo[nt][i], acc[nt][i]);
+  }
+  const T* bias = static_cast<const T*>(ep.bias);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
+      if (m < M && n < N) {
+        const float v = bias != nullptr ? acc[nt][i] + to_f32(bias[n]) : acc[nt][i];
+        y[static_cast<int64_t>(m) * N + n] = from_f32<T>(v);
+      }
+    }
+  }
+}
 
 // NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
 // V: vectorized absmax loads (see issue()).
@@ -294,23 +335,9 @@ __global__ void __launch_bounds__(kWarps * 32) k_nf4_decode_mma(const T* __restr
         }
     }
   }
-  const T* xa = static_cast<const T*>(ep.xa);
-  const T* lora_b = static_cast<const T*>(ep.lora_b);
-  const T* bias = static_cast<const T*>(ep.bias);
   const int r0 = n0 + g, r1 = n0 + g + 8;
   if (gridDim.y == 1) {
-    if (part != 0 || !live) return;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
-        if (m < M && n < N) {
-          const float v = epilogue<T>(acc[nt][i], m, n, xa, ep.xa_stride, lora_b, ep.rank, ep.scale, bias);
-          y[static_cast<int64_t>(m) * N + n] = from_f32<T>(v);
-        }
-      }
-    }
+    if (part == 0 && live) finish<T, NT>(acc, n0, M, N, ep, y);
     return;
   }
   // K split over the grid: fp32 partials to ws[blockIdx.y][m][n] (L2, not L1: another SM reads them)
@@ -333,17 +360,24 @@ __global__ void __launch_bounds__(kWarps * 32) k_nf4_decode_mma(const T* __restr
     if (is_last) counters[blockIdx.x] = 0;  // left at zero for the next launch (and graph replays)
   }
   __syncthreads();
-  if (!is_last) return;
+  if (!is_last || part != 0 || !live) return;
   __threadfence();
-  const int nb = blockIdx.x * per_block * 16, rows = min(per_block * 16, N - nb);
-  for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
-    const int m = e / rows, n = nb + e % rows;
-    float v = 0.0f;
-    for (int ky = 0; ky < static_cast<int>(gridDim.y); ++ky) {
-      v += __ldcg(ws + (static_cast<int64_t>(ky) * M + m) * N + n);
+  // the last block: each group's warp sums its own positions' partials in grid order
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
+      float v = 0.0f;
+      if (m < M && n < N) {
+        for (int ky = 0; ky < static_cast<int>(gridDim.y); ++ky) {
+          v += __ldcg(ws + (static_cast<int64_t>(ky) * M + m) * N + n);
+        }
+      }
+      acc[nt][i] = v;
     }
-    y[static_cast<int64_t>(m) * N + n] = from_f32<T>(epilogue<T>(v, m, n, xa, ep.xa_stride, lora_b, ep.rank, ep.scale, bias));
   }
+  finish<T, NT>(acc, n0, M, N, ep, y);
 }
 
 template <typename T, int NT, int S, bool Q, bool V>
