@@ -220,10 +220,28 @@ __device__ __forceinline__ void finish(float (&acc)[NT][4], int n0, int M, int N
   }
 }
 
+// One output's LoRA term and bias, for the grid split's last block (a thread an output):
+// acc + scale·Σ_j xa[m, j]·B[n, j] + bias[n], the same sum the mma in finish() forms.
+template <typename T>
+__device__ __forceinline__ float epilogue_one(float acc, int m, int n, const Epilogue& ep) {
+  if (ep.lora_b != nullptr) {
+    const T* xr = static_cast<const T*>(ep.xa) + static_cast<int64_t>(m) * ep.xa_stride;
+    const T* br = static_cast<const T*>(ep.lora_b) + static_cast<int64_t>(n) * ep.rank;
+    float lo = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < ep.rank; ++j) lo = __fmaf_rn(to_f32(xr[j]), to_f32(br[j]), lo);
+    acc = __fmaf_rn(ep.scale, lo, acc);
+  }
+  if (ep.bias != nullptr) acc += to_f32(static_cast<const T*>(ep.bias)[n]);
+  return acc;
+}
+
 // NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
-// V: vectorized absmax loads (see issue()).
+// V: vectorized absmax loads (see issue()). Two blocks an SM (128 registers): the loop
+// hides its latency with warps, and at 138-140 registers (what the compiler takes
+// unbounded at NT = 2) one block an SM made 14336 x 4096 at M = 16 27.5 -> 32.4 µs.
 template <typename T, int NT, int S, bool Q, bool V>
-__global__ void __launch_bounds__(kWarps * 32) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
+__global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
                                                                 const float* __restrict__ code, int N, int chunk,
                                                                 float* __restrict__ ws, int* __restrict__ counters,
                                                                 Epilogue ep, T* __restrict__ y) {
@@ -360,24 +378,19 @@ __global__ void __launch_bounds__(kWarps * 32) k_nf4_decode_mma(const T* __restr
     if (is_last) counters[blockIdx.x] = 0;  // left at zero for the next launch (and graph replays)
   }
   __syncthreads();
-  if (!is_last || part != 0 || !live) return;
+  if (!is_last) return;
   __threadfence();
-  // the last block: each group's warp sums its own positions' partials in grid order
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
-      float v = 0.0f;
-      if (m < M && n < N) {
-        for (int ky = 0; ky < static_cast<int>(gridDim.y); ++ky) {
-          v += __ldcg(ws + (static_cast<int64_t>(ky) * M + m) * N + n);
-        }
-      }
-      acc[nt][i] = v;
+  // the last block: all its threads sum the partials of its rows, each output in grid order
+  // (one output a thread: the L2 reads of many outputs are in flight together)
+  const int nb = blockIdx.x * per_block * 16, rows = min(per_block * 16, N - nb);
+  for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
+    const int m = e / rows, n = nb + e % rows;
+    float v = 0.0f;
+    for (int ky = 0; ky < static_cast<int>(gridDim.y); ++ky) {
+      v += __ldcg(ws + (static_cast<int64_t>(ky) * M + m) * N + n);
     }
+    y[static_cast<int64_t>(m) * N + n] = from_f32<T>(epilogue_one<T>(v, m, n, ep));
   }
-  finish<T, NT>(acc, n0, M, N, ep, y);
 }
 
 template <typename T, int NT, int S, bool Q, bool V>
