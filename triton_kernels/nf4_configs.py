@@ -135,9 +135,9 @@ _CUDA_GEMV = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (8, 4, 4), (8, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (8, 1, 4), (8, 1, 8), (4, 2, 8), (1, 1, 8))]
 
 # The tensor-core decode (csrc/nf4_decode_mma.cu), 2 <= M <= 16 (one row: the gemv above is
-# faster). The H200 trial sweep's fastest (split, kb) per Llama-3-8B shape at M = 1 and 16
-# (results/nf4_decode_mma_trial_h200.json): q/o s4, k/v s4 kb4 / s2 kb8, gate/up s2,
-# down s4 kb2 / s2 kb4.
+# faster). The H200 sweep's fastest (split, kb) per Llama-3-8B shape at M = 2, 8, 16
+# (results/nf4_decode_mma_table_h200.json; the trials' at 1 and 16 agree): q/o s4, k/v s4 kb4 /
+# s2 kb8, gate/up s2, down s4 kb2 / s2 kb4 / s4.
 DECODE_MMA_MAX_M = 16
 _CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8))]
 
