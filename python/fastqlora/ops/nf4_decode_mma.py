@@ -13,6 +13,7 @@ import torch
 from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import DECODE_MMA_MAX_M, DecodeMmaConfig
+from .nf4_gemv_cuda import weight_fits
 
 # Per (device, stream): int32 counters the kernel's K split over the grid leaves at zero.
 # One set a stream, so launches on two streams never share them.
@@ -22,8 +23,9 @@ _counters: dict[tuple[str, int], torch.Tensor] = {}
 def available(x: torch.Tensor, w) -> bool:
     """Whether the tensor-core decode can take this product: the extension has CUDA, x is
     1..16 contiguous 16-byte aligned bf16/fp16 rows on the GPU of w, on a GPU with bf16
-    tensor cores (sm80+), and w is NF4 with 64-weight blocks (K a multiple of 64), a
-    power-of-two nested block size if double-quantized, its packed bytes under 2 GiB."""
+    tensor cores (sm80+), and w fits the extension's decode kernels
+    (:func:`nf4_gemv_cuda.weight_fits`: blocksize 64, K a multiple of 64, a power-of-two
+    nested block size, under 2 GiB packed)."""
     return (
         built_with_cuda()
         and x.is_cuda
@@ -33,12 +35,7 @@ def available(x: torch.Tensor, w) -> bool:
         and x.is_contiguous()
         and x.data_ptr() % 16 == 0
         and torch.cuda.get_device_capability(x.device)[0] >= 8
-        and int(w.blocksize) == 64
-        and int(w.shape[1]) % 64 == 0
-        and w.packed.data_ptr() % 16 == 0
-        and w.packed.device == x.device
-        and (not w.nested or int(w.nested_blocksize) & (int(w.nested_blocksize) - 1) == 0)
-        and int(w.shape[0]) * int(w.shape[1]) // 2 < 2**31  # the kernel's offsets are 32-bit
+        and weight_fits(w, x)
     )
 
 

@@ -16,11 +16,25 @@ from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import GemvConfig
 
 
+def weight_fits(w, x: torch.Tensor) -> bool:
+    """What the extension's decode kernels (this gemv and ``nf4_decode_mma``) need of an NF4
+    weight: 64-weight blocks (K a multiple of 64), 16-byte aligned packed bytes on x's
+    device, a power-of-two nested block size if double-quantized (bitsandbytes uses 256),
+    and under 2 GiB packed (the kernels' offsets are 32-bit)."""
+    return (
+        int(w.blocksize) == 64
+        and int(w.shape[1]) % 64 == 0
+        and w.packed.data_ptr() % 16 == 0
+        and w.packed.device == x.device
+        and (not w.nested or int(w.nested_blocksize) & (int(w.nested_blocksize) - 1) == 0)
+        and int(w.shape[0]) * int(w.shape[1]) // 2 < 2**31
+    )
+
+
 def available(x: torch.Tensor, w) -> bool:
     """Whether the CUDA gemv can take this product: the extension has CUDA, x is one
-    16-byte aligned bf16/fp16 row with unit stride on the GPU of w, and w is NF4 with
-    64-weight blocks (its K a multiple of 64) and, if double-quantized, a power-of-two
-    nested block size (bitsandbytes uses 256), its packed bytes under 2 GiB."""
+    16-byte aligned bf16/fp16 row with unit stride on the GPU of w, and w fits
+    (:func:`weight_fits`)."""
     return (
         built_with_cuda()
         and x.is_cuda
@@ -29,12 +43,7 @@ def available(x: torch.Tensor, w) -> bool:
         and x.dtype in (torch.float16, torch.bfloat16)
         and x.stride(-1) == 1
         and x.data_ptr() % 16 == 0
-        and int(w.blocksize) == 64
-        and int(w.shape[1]) % 64 == 0
-        and w.packed.data_ptr() % 16 == 0
-        and w.packed.device == x.device
-        and (not w.nested or int(w.nested_blocksize) & (int(w.nested_blocksize) - 1) == 0)
-        and int(w.shape[0]) * int(w.shape[1]) // 2 < 2**31  # the kernel's offsets are 32-bit
+        and weight_fits(w, x)
     )
 
 
