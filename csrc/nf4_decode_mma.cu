@@ -404,10 +404,15 @@ void launch(const void* x, int M, int K, const Operands& op, const float* code, 
   chunk = (chunk + kU - 1) / kU * kU;  // a whole number of steps (keeps V's alignment)
   const int ky = (row_blocks + chunk - 1) / chunk;
   auto kernel = k_nf4_decode_mma<T, NT, S, Q, V>;
-  static bool opted_in = false;  // one attribute call per instantiation (per process: one GPU kind)
-  if (!opted_in) {
+  // The 64 KiB table is above the default dynamic shared memory: opt in once per
+  // instantiation and device (the attribute belongs to the device's context; a race between
+  // threads only repeats the call).
+  int dev = 0;
+  FQ_CUDA_CHECK(cudaGetDevice(&dev));
+  static bool opted_in[64] = {};
+  if (dev >= 64 || !opted_in[dev]) {
     FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTableBytes));
-    opted_in = true;
+    if (dev < 64) opted_in[dev] = true;
   }
   kernel<<<dim3(blocks, ky), kWarps * 32, kTableBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
                                                              counters, ep, static_cast<T*>(y));
