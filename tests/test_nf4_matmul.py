@@ -457,6 +457,36 @@ def test_decode_mma_refuses_what_it_cannot_take():
             nf4_decode_mma(x, w, DecodeMmaConfig(2))
 
 
+@pytest.mark.parametrize("which", ["gemv", "mma"])
+@pytest.mark.parametrize("bad,err,match", [
+    (dict(xa=torch.float32), TypeError, "xa is torch.float32 but x is torch.bfloat16"),
+    (dict(lora_b=torch.float16), TypeError, "lora_b is torch.float16"),
+    (dict(bias=torch.float32), TypeError, "bias is torch.float32"),
+    (dict(b_rows=63), ValueError, "lora_b must be \\[N=64, r\\]"),
+    (dict(xa_cols=8), ValueError, "xa's last dimension r"),
+    (dict(bias_n=65), ValueError, "bias must have N = 64 values"),
+])
+def test_decode_kernels_check_lora_and_bias_first(which, bad, err, match):
+    """The extension's decode kernels read the LoRA operands and the bias as raw memory in
+    x's element type: a wrong dtype or shape is refused by name before anything else (so
+    this runs without a GPU), never read as garbage."""
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma
+    from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig
+
+    w = NF4Tensor.quantize(torch.randn(64, 128) * 0.05, blocksize=64, compress_statistics=True)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    xa = torch.randn(1, bad.get("xa_cols", 16)).to(bad.get("xa", torch.bfloat16))
+    b = torch.randn(bad.get("b_rows", 64), 16).to(bad.get("lora_b", torch.bfloat16))
+    bias = torch.randn(bad.get("bias_n", 64)).to(bad.get("bias", torch.bfloat16))
+    with pytest.raises(err, match=match):
+        if which == "gemv":
+            nf4_gemv_cuda(x, w, GemvConfig(4, 1, 8, cuda=True), xa=xa, lora_b=b, bias=bias)
+        else:
+            nf4_decode_mma(x, w, DecodeMmaConfig(2), xa=xa, lora_b=b, bias=bias)
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(K=96), "multiple of 64"), (dict(M=17), "1 to 16 rows"), (dict(M=0), "1 to 16 rows"),
     (dict(split=3), "2 or 4"), (dict(kb=0), "1..64"), (dict(kb=2), "workspace"),

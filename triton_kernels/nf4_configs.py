@@ -80,7 +80,6 @@ class DecodeMmaConfig:
 
     split: int
     kb: int = 1
-    cuda: bool = True
 
     def short(self) -> str:
         return f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "")

@@ -13,7 +13,7 @@ import torch
 from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import DECODE_MMA_MAX_M, DecodeMmaConfig
-from .nf4_gemv_cuda import weight_fits
+from .nf4_gemv_cuda import check_epilogue, weight_fits
 
 # Per (device, stream): int32 counters the kernel's K split over the grid leaves at zero.
 # One set a stream, so launches on two streams never share them.
@@ -61,6 +61,7 @@ def nf4_decode_mma(
     """``x·dequant(w)ᵀ + scale·xa·lora_bᵀ + bias`` for x [M, K], 1 ≤ M ≤ 16; returns [M, N]
     in x's dtype. ``xa`` [M, r] (unit column stride; a column slice of a wider matrix is
     fine), ``lora_b`` [N, r] and ``bias`` [N], all in x's dtype."""
+    check_epilogue("nf4_decode_mma", x, int(w.shape[0]), xa, lora_b, bias)
     if not available(x, w):
         raise ValueError(f"nf4_decode_mma takes 1 to {DECODE_MMA_MAX_M} contiguous, 16-byte aligned bf16/fp16 rows "
                          f"on an sm80+ GPU and an NF4 weight on that GPU with blocksize 64, K a multiple of 64, a "
@@ -75,9 +76,9 @@ def nf4_decode_mma(
         raise ValueError(f"nf4_decode_mma: x has K = {K} but the weight has {int(w.shape[1])} columns")
     has_lora = xa is not None and lora_b is not None
     if has_lora:
-        if xa.shape[0] != M or xa.stride(1) != 1 or xa.shape[1] != lora_b.shape[1] or lora_b.shape[0] != N:
-            raise ValueError(f"nf4_decode_mma: xa must be [M={M}, r] with unit column stride and lora_b [N={N}, r]; "
-                             f"got xa {tuple(xa.shape)} strides {xa.stride()}, lora_b {tuple(lora_b.shape)}")
+        if xa.dim() != 2 or xa.shape[0] != M or xa.stride(1) != 1:
+            raise ValueError(f"nf4_decode_mma: xa must be [M={M}, r] with unit column stride; "
+                             f"got {tuple(xa.shape)} with strides {xa.stride()}")
         b_c = lora_b.contiguous()
     rank = int(lora_b.shape[1]) if has_lora else 0
     bias_c = bias.contiguous() if bias is not None else None

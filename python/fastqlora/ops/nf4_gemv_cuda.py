@@ -47,6 +47,26 @@ def available(x: torch.Tensor, w) -> bool:
     )
 
 
+def check_epilogue(who: str, x: torch.Tensor, N: int, xa: torch.Tensor | None, lora_b: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> None:
+    """The LoRA and bias operands of the extension's decode kernels, which read them as raw
+    memory in x's element type: each given one must have x's dtype and device, ``lora_b``
+    [N, r] with ``xa``'s last dimension r, ``bias`` N values. Raises TypeError/ValueError."""
+    for name, t in (("xa", xa), ("lora_b", lora_b), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{who}: {name} is {t.dtype} but x is {x.dtype}; pass it in x's dtype")
+        if t.device != x.device:
+            raise ValueError(f"{who}: {name} is on {t.device} but x is on {x.device}")
+    if xa is not None and lora_b is not None and (lora_b.dim() != 2 or lora_b.shape[0] != N
+                                                  or xa.shape[-1] != lora_b.shape[1]):
+        raise ValueError(f"{who}: lora_b must be [N={N}, r] and xa's last dimension r; got lora_b "
+                         f"{tuple(lora_b.shape)}, xa {tuple(xa.shape)}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"{who}: bias must have N = {N} values, got shape {tuple(bias.shape)}")
+
+
 def nf4_gemv_cuda(
     x: torch.Tensor,
     w,
@@ -59,6 +79,7 @@ def nf4_gemv_cuda(
 ) -> torch.Tensor:
     """``x·dequant(w)ᵀ + scale·xa·lora_bᵀ + bias`` for x [1, K]; returns [1, N] in x's dtype.
     ``xa`` [1, r] and ``lora_b`` [N, r], ``bias`` [N], all in x's dtype (made contiguous)."""
+    check_epilogue("nf4_gemv_cuda", x, int(w.shape[0]), xa, lora_b, bias)
     if not available(x, w):
         raise ValueError(f"nf4_gemv_cuda takes one 16-byte aligned bf16/fp16 CUDA row and an NF4 weight on its GPU "
                          f"with blocksize 64, K a multiple of 64, a power-of-two nested block size and under 2 GiB "

@@ -111,7 +111,10 @@ def frozen_matmul(
 
     def fused(cfg):
         if isinstance(cfg, (GemvConfig, DecodeMmaConfig)):
-            gemv = nf4_decode_mma if isinstance(cfg, DecodeMmaConfig) else nf4_gemv_cuda if cfg.cuda else nf4_gemv
+            if isinstance(cfg, DecodeMmaConfig):
+                gemv = nf4_decode_mma
+            else:
+                gemv = nf4_gemv_cuda if cfg.cuda else nf4_gemv
             outs = []
             for i, w in enumerate(weights):
                 xa_i = None if (xa is None or lb[i] is None) else xa[:, xa_cols[i]:xa_cols[i] + lb[i].shape[1]]
