@@ -1,0 +1,600 @@
+// TRIAL (benchmarks/trials, not in the package): csrc/nf4_decode_mma.cu with x staged in
+// shared memory (XS), to be measured against the package kernel at M = 1..16. Built by
+// nf4_decode_mma_xs.py through torch's extension loader; everything not marked XS is the
+// package kernel as of commit 44b71d5, unchanged, so XS = false is its control.
+//
+// Why: at M = 16 each warp's x loads are the largest share of the L1 wavefronts (counted in
+// benchmarks/NOTES.md, "NF4 at 2-16 rows": per 1,024 weights ~74 = table 16 + x 32 +
+// weights 16 + absmax ~5 + nested code ~5): a 16-byte load of x fetches 8 x rows, 8 cache
+// lines, 8 wavefronts. XS copies the block's x, one sub-chunk of K at a time, into shared
+// memory with cp.async (two stages: the next sub-chunk's copy overlaps this one's mma), rows
+// padded by 16 bytes so that the 8 lanes of a 128-bit access phase hit 8 distinct 16-byte
+// bank groups (row g's offset 32t + 16g mod 128): 4 wavefronts a load instead of 8, and the
+// x rows are fetched from L2 once a block instead of once a row group (4 at S = 2).
+// Expected (counted, not measured): M = 16 74 -> ~62 wavefronts per 1,024 weights; M = 8
+// ~58 -> ~50; M <= 2 unchanged (x is 1-2 lines there). Costs: two barriers a sub-chunk, and
+// 33 KiB more shared memory a block at M > 8 (still two blocks an SM at S = 2).
+//
+// The package kernel's description follows.
+//
+// The few-row NF4 product for decoding on the tensor cores: for x [M, K] with M <= 16,
+//     y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias.
+//
+// Why the tensor cores at a few rows: the one-row gemv (nf4_gemv.cu) spends ~3
+// instructions a weight on the multiply-adds alone; its cost grows with M. An mma
+// m16n8k16 does a 16-row x 16-k block of weights against 8 columns of x in one
+// instruction, so up to 16 rows of x cost what one costs, and what is left a weight is its
+// decode: one shared-memory load turns a packed byte into the two codes the mma takes.
+//
+// Layout (mma A = weights, B = xᵀ, D = yᵀ): a warp owns 16 weight rows (A's rows g and
+// g+8 in lane g·4+t) and walks K one 64-weight absmax block at a time. In a block, lane t
+// of a row takes the row's packed bytes 8t..8t+7 (weights 16t..16t+15); the four lanes of
+// a row thus cover the whole block, so an mma never mixes two blocks and the block's
+// absmax can scale that mma's fresh fp32 result:
+//     y[m, n] = Σ_b absmax[n, b] · Σ_{k ∈ b} code[q[n, k]] · x[m, k].
+// K inside a block is permuted to suit the fragments: byte 2j of lane t (weights
+// 16t+4j, +1) fills A's k slots 2t, 2t+1 of mma j, byte 2j+1 (16t+4j+2, +3) slots 2t+8,
+// 2t+9; lane t's B registers are x[m, 16t+4j .. +3] (16 contiguous bytes, one load) for
+// x row m = g, which puts the same k in the same slots. Any permutation of k that A and
+// B share leaves the sum unchanged.
+//
+// The decode table: entry b (a packed byte) is the pair (code[b >> 4], code[b & 15]) in
+// the element type, stored once for each lane (a column a lane: 32 lanes read 32 banks,
+// never a conflict) at byte b·256 + lane·4, so a lane's address is one byte permute of
+// the packed word and its lane offset. 64 KiB a block, filled from registers by shuffles.
+//
+// Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
+// issued before this step's decode (a register double buffer). K is split over S warps
+// of a block (summed through shared memory in a fixed order) and over the grid's y (KB
+// blocks of a row group; each writes fp32 partials, and the last to finish, told by a
+// per-group counter it then resets, sums them in order and writes y), so few-row,
+// narrow products still fill the GPU.
+//
+// Rounding: the codes are exact in bf16/fp16 only to their precision (the NF4 table
+// rounded once), products and sums are fp32; the result is rounded once. This differs
+// from "dequantize to bf16, then matmul" by the rounding of code·absmax, within the
+// tolerance the dispatch checks (relative 1e-2 in bf16; measured ~2e-3).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+#include "cuda_convert.cuh"
+#include "nf4.h"
+
+namespace fq {
+namespace {
+
+constexpr unsigned kAll = 0xffffffffu;
+constexpr int kU = 4;                 // 64-weight blocks a step
+constexpr int kWarps = 8;             // warps a block
+constexpr int kTableBytes = 256 * 256;
+
+template <typename T> __device__ __forceinline__ uint32_t pair_bits(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pair_bits<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+template <> __device__ __forceinline__ uint32_t pair_bits<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+// D += A·B for one m16n8k16 (A 16x16 row-major, B 16x8 column-major), fp32 accumulate.
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One step's loads for the lane's two weight rows (a: g, b: g+8).
+struct StepLoads {
+  uint2 qa[kU], qb[kU];    // 8 packed bytes a block
+  uint32_t ia[kU], ib[kU]; // the blocks' 8-bit absmax indices (nested)
+  float sa[kU], sb[kU];    // nested: the nested scale (entry 0 when vectorized); plain: the absmax
+};
+
+struct Operands {
+  const uint8_t* packed;
+  const float* absmax;   // plain fp32 absmax, or null
+  const uint8_t* qabsmax;
+  const float* code2;
+  const float* absmax2;
+  float offset;
+  int shift2;
+};
+
+// V: the U blocks share one nested scale and sit 4-aligned in the row's block list (the
+// row's block count and the nested block size are multiples of 4), so their absmax come
+// in one load. Past `end`, blocks are re-read (clamped) and weighed by zero later.
+template <bool Q, bool V>
+__device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end, const uint8_t* wa, const uint8_t* wb,
+                                      uint32_t ra_b, uint32_t rb_b, const Operands& op) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const uint32_t blk = min(base + u, end - 1);
+    s.qa[u] = __ldg(reinterpret_cast<const uint2*>(wa + 32 * blk));
+    s.qb[u] = __ldg(reinterpret_cast<const uint2*>(wb + 32 * blk));
+  }
+  if (V) {
+    if (Q) {
+      const uint32_t va = __ldg(reinterpret_cast<const uint32_t*>(op.qabsmax + ra_b + base));
+      const uint32_t vb = __ldg(reinterpret_cast<const uint32_t*>(op.qabsmax + rb_b + base));
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        s.ia[u] = (va >> (8 * u)) & 0xffu;
+        s.ib[u] = (vb >> (8 * u)) & 0xffu;
+      }
+      s.sa[0] = __ldg(op.absmax2 + ((ra_b + base) >> op.shift2));
+      s.sb[0] = __ldg(op.absmax2 + ((rb_b + base) >> op.shift2));
+    } else {
+      const float4 fa = __ldg(reinterpret_cast<const float4*>(op.absmax + ra_b + base));
+      const float4 fb = __ldg(reinterpret_cast<const float4*>(op.absmax + rb_b + base));
+      s.sa[0] = fa.x; s.sa[1] = fa.y; s.sa[2] = fa.z; s.sa[3] = fa.w;
+      s.sb[0] = fb.x; s.sb[1] = fb.y; s.sb[2] = fb.z; s.sb[3] = fb.w;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const uint32_t blk = min(base + u, end - 1);
+      if (Q) {
+        s.ia[u] = __ldg(op.qabsmax + ra_b + blk);
+        s.ib[u] = __ldg(op.qabsmax + rb_b + blk);
+        s.sa[u] = __ldg(op.absmax2 + ((ra_b + blk) >> op.shift2));
+        s.sb[u] = __ldg(op.absmax2 + ((rb_b + blk) >> op.shift2));
+      } else {
+        s.sa[u] = __ldg(op.absmax + ra_b + blk);
+        s.sb[u] = __ldg(op.absmax + rb_b + blk);
+      }
+    }
+  }
+}
+
+// The block's absmax of step slot u: nested, code2[index]·absmax2 + offset (bitsandbytes'
+// order: multiply, then add), as the dequantize kernels compute it.
+template <bool Q, bool V>
+__device__ __forceinline__ float block_absmax(const float* code2_s, uint32_t idx, const float (&sc)[kU], int u,
+                                              float offset) {
+  if (!Q) return sc[u];
+  return __fadd_rn(__fmul_rn(code2_s[idx], sc[V ? 0 : u]), offset);
+}
+
+// Two elements of a 16-bit row as an mma register pair: row[j], row[j + 1], zero past `len`.
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* row, int j, int len, bool ok) {
+  const uint16_t* r = reinterpret_cast<const uint16_t*>(row);
+  const uint32_t lo = ok && j < len ? __ldg(r + j) : 0u;
+  const uint32_t hi = ok && j + 1 < len ? __ldg(r + j + 1) : 0u;
+  return lo | (hi << 16);
+}
+
+struct Epilogue {
+  const void* xa;
+  int xa_stride;
+  const void* lora_b;
+  int rank;
+  float scale;
+  const void* bias;
+};
+
+// acc (the warp's 16 rows x 8·NT x rows, in D's layout) += scale·(B·xaᵀ), then + bias, then
+// stored. The LoRA term is itself an m16n8k16 per 16 of the rank: B's rows n0.. as A, xa's
+// rows as B's columns, in their natural k order (no permutation needed: both index j the
+// same), so the loads are 16-bit pairs straight from memory. Warp-uniform: every lane runs it.
+template <typename T, int NT>
+__device__ __forceinline__ void finish(float (&acc)[NT][4], int n0, int M, int N, const Epilogue& ep, T* y) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = n0 + g, r1 = n0 + g + 8;
+  if (ep.lora_b != nullptr) {
+    const T* lb = static_cast<const T*>(ep.lora_b);
+    const T* xa = static_cast<const T*>(ep.xa);
+    const T* ba = lb + static_cast<int64_t>(min(r0, N - 1)) * ep.rank;
+    const T* bb = lb + static_cast<int64_t>(min(r1, N - 1)) * ep.rank;
+    float lo[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) lo[nt][i] = 0.0f;
+    for (int c = 0; c < ep.rank; c += 16) {
+      const int j = c + 2 * t;
+      const uint32_t a[4] = {load_pair(ba, j, ep.rank, r0 < N), load_pair(bb, j, ep.rank, r1 < N),
+                             load_pair(ba, j + 8, ep.rank, r0 < N), load_pair(bb, j + 8, ep.rank, r1 < N)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        const T* xr = xa + static_cast<int64_t>(min(m, M - 1)) * ep.xa_stride;
+        mma16816<T>(lo[nt], a, load_pair(xr, j, ep.rank, m < M), load_pair(xr, j + 8, ep.rank, m < M));
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = __fmaf_rn(ep.scale, lo[nt][i], acc[nt][i]);
+  }
+  const T* bias = static_cast<const T*>(ep.bias);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
+      if (m < M && n < N) {
+        const float v = bias != nullptr ? acc[nt][i] + to_f32(bias[n]) : acc[nt][i];
+        y[static_cast<int64_t>(m) * N + n] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
+// One output's LoRA term and bias, for the grid split's last block (a thread an output):
+// acc + scale·Σ_j xa[m, j]·B[n, j] + bias[n], the same sum the mma in finish() forms.
+template <typename T>
+__device__ __forceinline__ float epilogue_one(float acc, int m, int n, const Epilogue& ep) {
+  if (ep.lora_b != nullptr) {
+    const T* xr = static_cast<const T*>(ep.xa) + static_cast<int64_t>(m) * ep.xa_stride;
+    const T* br = static_cast<const T*>(ep.lora_b) + static_cast<int64_t>(n) * ep.rank;
+    float lo = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < ep.rank; ++j) lo = __fmaf_rn(to_f32(xr[j]), to_f32(br[j]), lo);
+    acc = __fmaf_rn(ep.scale, lo, acc);
+  }
+  if (ep.bias != nullptr) acc += to_f32(static_cast<const T*>(ep.bias)[n]);
+  return acc;
+}
+
+// XS: a 16-byte cp.async from global to shared memory (L2 only: x is read once a block),
+// zero-filled when `bytes` is 0 (past the block's K range: those x values meet
+// weights weighed by zero, and garbage there could be NaN).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint32_t bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// XS layout: a stage holds x rows 0..min(M, 8·NT)-1 over XB = S·kU blocks (64·XB values a
+// row), each row padded by 8 elements (16 bytes; see the file's head).
+template <int S> struct XStage {
+  static constexpr int kXB = S * kU;               // blocks a sub-chunk: one step of every warp part
+  static constexpr int kRow = kXB * 64 + 8;        // elements a staged row
+};
+
+// Copy x rows 0..8·NT-1 over blocks [sb, sb + XB) into the stage, 16 bytes a thread and
+// round (a fixed trip count: rows past M and blocks at or past kend are zero-filled, which
+// reads nothing from global memory).
+template <typename T, int NT, int S>
+__device__ __forceinline__ void stage_x(T* stage, const T* __restrict__ x, int M, int K, uint32_t sb, uint32_t kend) {
+  constexpr int kChunks = XStage<S>::kXB * 8;  // 16-byte chunks a row
+  constexpr int kRounds = NT * 8 * kChunks / (kWarps * 32);
+  static_assert(NT * 8 * kChunks % (kWarps * 32) == 0, "the stage is a whole number of rounds");
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    const uint32_t i = threadIdx.x + r * kWarps * 32;
+    const uint32_t m = i / kChunks, c = i % kChunks;
+    const bool in = static_cast<int>(m) < M && sb + c / 8 < kend;
+    const T* src = in ? x + static_cast<int64_t>(m) * K + static_cast<int64_t>(sb) * 64 + c * 8 : x;
+    cp_async16(stage + m * XStage<S>::kRow + c * 8, src, in ? 16u : 0u);
+  }
+}
+
+// One step of a warp: U blocks from `cur` (weights, absmax) and x from `xload(nt, u, xv)`.
+template <typename T, int NT, bool Q, bool V, typename XLoad>
+__device__ __forceinline__ void mma_step(float (&acc)[NT][4], const StepLoads& cur, uint32_t base, uint32_t kend,
+                                         const unsigned char* table, uint32_t lane_col, const float* code2_s,
+                                         float offset, XLoad xload) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const bool ok = base + u < kend;  // no branch: the U blocks interleave
+    uint4 xv[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xload(nt, u, xv[nt]);
+    uint32_t fa[8], fb[8];  // byte i of the lane's 8 -> its code pair
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t wa_ = i < 4 ? cur.qa[u].x : cur.qa[u].y, wb_ = i < 4 ? cur.qb[u].x : cur.qb[u].y;
+      const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
+      fa[i] = *reinterpret_cast<const uint32_t*>(table + __byte_perm(wa_, lane_col, sel));
+      fb[i] = *reinterpret_cast<const uint32_t*>(table + __byte_perm(wb_, lane_col, sel));
+    }
+    const float ama = ok ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, offset) : 0.0f;
+    const float amb = ok ? block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, offset) : 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
+                              xv[nt][1].x, xv[nt][1].y, xv[nt][1].z, xv[nt][1].w};
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t a[4] = {fa[2 * j], fb[2 * j], fa[2 * j + 1], fb[2 * j + 1]};
+        mma16816<T>(d, a, xw[2 * j], xw[2 * j + 1]);
+      }
+      // D: (row g, x rows 2t, 2t+1), (row g+8, the same)
+      acc[nt][0] = __fmaf_rn(d[0], ama, acc[nt][0]);
+      acc[nt][1] = __fmaf_rn(d[1], ama, acc[nt][1]);
+      acc[nt][2] = __fmaf_rn(d[2], amb, acc[nt][2]);
+      acc[nt][3] = __fmaf_rn(d[3], amb, acc[nt][3]);
+    }
+  }
+}
+
+// NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
+// V: vectorized absmax loads (see issue()), XS: x staged in shared memory (the trial).
+template <typename T, int NT, int S, bool Q, bool V, bool XS>
+__global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
+                                                                const float* __restrict__ code, int N, int chunk,
+                                                                float* __restrict__ ws, int* __restrict__ counters,
+                                                                Epilogue ep, T* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char table[];
+  __shared__ float partial[kWarps][32][4 * NT];
+  __shared__ float code2_s[256];
+  __shared__ int is_last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  {
+    const float c = __ldg(code + (lane & 15));  // lane holds code[lane mod 16]
+    for (int b = warp; b < 256; b += kWarps) {
+      const float hi = __shfl_sync(kAll, c, b >> 4), lo = __shfl_sync(kAll, c, b & 15);
+      // the high nibble is the earlier weight: the pair's low half
+      *reinterpret_cast<uint32_t*>(table + b * 256 + lane * 4) = pair_bits<T>(hi, lo);
+    }
+    if (Q) {
+      for (int i = threadIdx.x; i < 256; i += kWarps * 32) code2_s[i] = __ldg(op.code2 + i);
+    }
+  }
+  const int g = lane >> 2, t = lane & 3;
+  const int part = warp % S;
+  constexpr int per_block = kWarps / S;  // row groups a block
+  const int groups = (N + 15) / 16;
+  const int group = blockIdx.x * per_block + warp / S;
+  const bool live = group < groups;  // a spare warp repeats the last group, unstored
+  const int n0 = (live ? group : groups - 1) * 16;
+  const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
+  const uint32_t row_bytes = K / 2, row_blocks = K / 64;
+  const uint32_t kbeg = blockIdx.y * chunk, kend = min(kbeg + chunk, row_blocks);
+  const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
+  const uint8_t* wb = op.packed + rb * row_bytes + 8 * t;
+  const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
+  const uint32_t lane_col = lane * 4;
+  bool xok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xok[nt] = nt * 8 + g < M;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+  if constexpr (!XS) {
+    const T* xr[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xr[nt] = x + static_cast<int64_t>(xok[nt] ? nt * 8 + g : 0) * K + 16 * t;
+    StepLoads cur;
+    uint32_t base = kbeg + part * kU;
+    if (base < kend) issue<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, op);
+    __syncthreads();  // the tables
+    for (; base < kend; base += S * kU) {
+      StepLoads nxt;
+      issue<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, op);
+      mma_step<T, NT, Q, V>(acc, cur, base, kend, table, lane_col, code2_s, op.offset,
+                            [&](int nt, int u, uint4 (&xv)[2]) {
+                              const uint32_t blk = base + u < kend ? base + u : kend - 1;
+                              const uint4* p = reinterpret_cast<const uint4*>(xr[nt] + 64 * blk);
+                              xv[0] = xok[nt] ? __ldg(p) : make_uint4(0, 0, 0, 0);
+                              xv[1] = xok[nt] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+                            });
+      cur = nxt;
+    }
+  } else {
+    // XS: the block walks its K range one sub-chunk (XB = S·kU blocks) at a time, all warps
+    // together: warp part p takes the sub-chunk's blocks p·kU .. p·kU + kU - 1, the same
+    // blocks in the same order as the loop above, so the sums are bit for bit the same.
+    using XSt = XStage<S>;
+    T* xs = reinterpret_cast<T*>(table + kTableBytes);
+    constexpr int kStage = NT * 8 * XSt::kRow;  // elements a stage
+    const uint32_t nsub = (kend - kbeg + XSt::kXB - 1) / XSt::kXB;
+    StepLoads cur;
+    {
+      const uint32_t b0 = kbeg + part * kU;
+      issue<Q, V>(cur, b0 < kend ? b0 : kbeg, kend, wa, wb, ra_b, rb_b, op);
+    }
+    stage_x<T, NT, S>(xs, x, M, K, kbeg, kend);
+    cp_async_commit();
+    __syncthreads();  // the tables (the stage is waited for in the loop)
+    for (uint32_t c = 0; c < nsub; ++c) {
+      const uint32_t sb = kbeg + c * XSt::kXB, base = sb + part * kU;
+      if (c + 1 < nsub) stage_x<T, NT, S>(xs + ((c + 1) & 1) * kStage, x, M, K, sb + XSt::kXB, kend);
+      cp_async_commit();  // an empty group on the last sub-chunk keeps the wait below uniform
+      StepLoads nxt;
+      {
+        const uint32_t nb = c + 1 < nsub ? base + XSt::kXB : base;
+        issue<Q, V>(nxt, nb < kend ? nb : kbeg, kend, wa, wb, ra_b, rb_b, op);
+      }
+      cp_async_wait_1();  // this thread's copies of sub-chunk c have landed
+      __syncthreads();    // and everyone's
+      const T* st = xs + (c & 1) * kStage + part * kU * 64 + 16 * t;
+      mma_step<T, NT, Q, V>(acc, cur, base, kend, table, lane_col, code2_s, op.offset,
+                            [&](int nt, int u, uint4 (&xv)[2]) {
+                              const uint4* p =
+                                  reinterpret_cast<const uint4*>(st + (nt * 8 + g) * XSt::kRow + 64 * u);
+                              xv[0] = xok[nt] ? p[0] : make_uint4(0, 0, 0, 0);
+                              xv[1] = xok[nt] ? p[1] : make_uint4(0, 0, 0, 0);
+                            });
+      __syncthreads();  // stage c & 1 is free before sub-chunk c + 2 is copied into it
+      cur = nxt;
+    }
+  }
+  if (S > 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][lane][4 * nt + i] = acc[nt][i];
+    __syncthreads();
+    if (part == 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float v = acc[nt][i];
+          for (int p = 1; p < S; ++p) v += partial[warp + p][lane][4 * nt + i];
+          acc[nt][i] = v;
+        }
+    }
+  }
+  const int r0 = n0 + g, r1 = n0 + g + 8;
+  if (gridDim.y == 1) {
+    if (part == 0 && live) finish<T, NT>(acc, n0, M, N, ep, y);
+    return;
+  }
+  // K split over the grid: fp32 partials to ws[blockIdx.y][m][n] (L2, not L1: another SM reads them)
+  float* wk = ws + static_cast<int64_t>(blockIdx.y) * M * N;
+  if (part == 0 && live) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
+        if (m < M && n < N) __stcg(wk + static_cast<int64_t>(m) * N + n, acc[nt][i]);
+      }
+    }
+  }
+  __threadfence();  // the partials are visible before the counter says so
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(counters + blockIdx.x, 1);
+    is_last = done == static_cast<int>(gridDim.y) - 1;
+    if (is_last) counters[blockIdx.x] = 0;  // left at zero for the next launch (and graph replays)
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  // the last block: all its threads sum the partials of its rows, each output in grid order
+  // (one output a thread: the L2 reads of many outputs are in flight together)
+  const int nb = blockIdx.x * per_block * 16, rows = min(per_block * 16, N - nb);
+  for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
+    const int m = e / rows, n = nb + e % rows;
+    float v = 0.0f;
+    for (int ky = 0; ky < static_cast<int>(gridDim.y); ++ky) {
+      v += __ldcg(ws + (static_cast<int64_t>(ky) * M + m) * N + n);
+    }
+    y[static_cast<int64_t>(m) * N + n] = from_f32<T>(epilogue_one<T>(v, m, n, ep));
+  }
+}
+
+template <typename T, int NT, int S, bool Q, bool V, bool XS>
+void launch(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
+            int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+  const int groups = (N + 15) / 16;
+  constexpr int per_block = kWarps / S;
+  const int blocks = (groups + per_block - 1) / per_block;
+  const int row_blocks = K / 64;
+  // a whole number of steps (keeps V's alignment); XS: of sub-chunks
+  constexpr int step = XS ? XStage<S>::kXB : kU;
+  int chunk = (row_blocks + kb - 1) / kb;
+  chunk = (chunk + step - 1) / step * step;
+  const int ky = (row_blocks + chunk - 1) / chunk;
+  const int smem = kTableBytes + (XS ? 2 * NT * 8 * XStage<S>::kRow * static_cast<int>(sizeof(T)) : 0);
+  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XS>;
+  int dev = 0;
+  FQ_CUDA_CHECK(cudaGetDevice(&dev));
+  static bool opted_in[64] = {};
+  if (dev >= 64 || !opted_in[dev]) {
+    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (dev < 64) opted_in[dev] = true;
+  }
+  kernel<<<dim3(blocks, ky), kWarps * 32, smem, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws, counters,
+                                                     ep, static_cast<T*>(y));
+  FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma (trial)");
+}
+
+template <typename T, int NT, bool Q, bool V, bool XS>
+void launch_split(int split, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
+                  float* ws, int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+  if (split == 2) return launch<T, NT, 2, Q, V, XS>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  if (split == 4) return launch<T, NT, 4, Q, V, XS>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  throw std::invalid_argument("trial: the in-block K split must be 2 or 4, got " + std::to_string(split));
+}
+
+template <typename T, bool XS>
+void launch_dtype(bool two_tiles, bool nested, bool vec, int split, const void* x, int M, int K, const Operands& op,
+                  const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep, void* y,
+                  cudaStream_t s) {
+#define FQ_MMA_ARGS split, x, M, K, op, code, N, kb, ws, counters, ep, y, s
+  if (two_tiles) {
+    if (nested) return vec ? launch_split<T, 2, true, true, XS>(FQ_MMA_ARGS) : launch_split<T, 2, true, false, XS>(FQ_MMA_ARGS);
+    return vec ? launch_split<T, 2, false, true, XS>(FQ_MMA_ARGS) : launch_split<T, 2, false, false, XS>(FQ_MMA_ARGS);
+  }
+  if (nested) return vec ? launch_split<T, 1, true, true, XS>(FQ_MMA_ARGS) : launch_split<T, 1, true, false, XS>(FQ_MMA_ARGS);
+  return vec ? launch_split<T, 1, false, true, XS>(FQ_MMA_ARGS) : launch_split<T, 1, false, false, XS>(FQ_MMA_ARGS);
+#undef FQ_MMA_ARGS
+}
+
+}  // namespace
+
+// The package entry point's contract and checks, with `xs` choosing the trial path.
+void trial_decode(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
+                  const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int64_t blocksize2,
+                  int64_t N, const void* xa, int64_t xa_stride, const void* lora_b, int rank, float scale,
+                  const void* bias, void* y, int dtype, int split, int kb, float* ws, int* counters, int64_t stream,
+                  bool xs) {
+  if (M < 1 || M > 16) throw std::invalid_argument("trial: x must have 1 to 16 rows, got " + std::to_string(M));
+  if (K % 64 != 0 || K <= 0 || N <= 0) throw std::invalid_argument("trial: K must be a positive multiple of 64");
+  if (kb < 1 || kb > 64) throw std::invalid_argument("trial: the grid's K split must be 1..64");
+  if (kb > 1 && (ws == nullptr || counters == nullptr)) throw std::invalid_argument("trial: kb > 1 needs ws, counters");
+  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
+    throw std::invalid_argument("trial: x and the packed weight must be 16-byte aligned");
+  }
+  if (N > int64_t{INT32_MAX} / (K / 2)) throw std::invalid_argument("trial: the packed weight must be under 2 GiB");
+  const bool nested = qabsmax != nullptr;
+  int shift2 = 0;
+  while ((int64_t{1} << shift2) < blocksize2) ++shift2;
+  if (nested && (int64_t{1} << shift2) != blocksize2) throw std::invalid_argument("trial: nested block size not 2^n");
+  const int64_t row_blocks = K / 64;
+  const void* abs_base = nested ? static_cast<const void*>(qabsmax) : static_cast<const void*>(absmax);
+  const bool vec = row_blocks % kU == 0 && (!nested || blocksize2 % kU == 0) &&
+                   reinterpret_cast<uintptr_t>(abs_base) % (nested ? 4 : 16) == 0;
+  const Operands op{packed, absmax, qabsmax, code2, absmax2, offset, shift2};
+  const Epilogue ep{xa, static_cast<int>(xa_stride), lora_b, rank, scale, bias};
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const bool two = M > 8;
+#define FQ_TRIAL_ARGS two, nested, vec, split, x, M, K, op, code, N, kb, ws, counters, ep, y, s
+  switch (dtype) {
+    case kF16:
+      return xs ? launch_dtype<__half, true>(FQ_TRIAL_ARGS) : launch_dtype<__half, false>(FQ_TRIAL_ARGS);
+    case kBF16:
+      return xs ? launch_dtype<__nv_bfloat16, true>(FQ_TRIAL_ARGS) : launch_dtype<__nv_bfloat16, false>(FQ_TRIAL_ARGS);
+    default:
+      throw std::invalid_argument("trial: x must be fp16 or bf16");
+  }
+#undef FQ_TRIAL_ARGS
+}
+
+}  // namespace fq
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+template <typename P> static P* as_ptr(int64_t v) { return reinterpret_cast<P*>(static_cast<uintptr_t>(v)); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", [](int64_t x, int64_t M, int64_t K, int64_t packed, int64_t code, int64_t absmax, int64_t qabsmax,
+                     int64_t code2, int64_t absmax2, float offset, int64_t blocksize2, int64_t N, int64_t xa,
+                     int64_t xa_stride, int64_t lora_b, int rank, float scale, int64_t bias, int64_t y, int dtype,
+                     int split, int kb, int64_t ws, int64_t counters, int64_t stream, bool xs) {
+    fq::trial_decode(as_ptr<const void>(x), M, K, as_ptr<const uint8_t>(packed), as_ptr<const float>(code),
+                     as_ptr<const float>(absmax), as_ptr<const uint8_t>(qabsmax), as_ptr<const float>(code2),
+                     as_ptr<const float>(absmax2), offset, blocksize2, N, as_ptr<const void>(xa), xa_stride,
+                     as_ptr<const void>(lora_b), rank, scale, as_ptr<const void>(bias), as_ptr<void>(y), dtype, split,
+                     kb, as_ptr<float>(ws), as_ptr<int>(counters), stream, xs);
+  });
+}
+#endif
