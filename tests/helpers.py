@@ -10,7 +10,7 @@ _DEFAULTS = dict(vocab_size=211, hidden_size=72, intermediate_size=100, num_hidd
 
 
 def hf_config(family: str = "llama", **overrides):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     kwargs = {**_DEFAULTS, **overrides}
     if family == "llama":
@@ -22,6 +22,20 @@ def hf_config(family: str = "llama", **overrides):
         kwargs.setdefault("head_dim", 16)
         kwargs.setdefault("hidden_activation", "gelu_pytorch_tanh")
         return GemmaConfig(**kwargs)
+    if family == "gemma2":  # softcaps and windows small enough to matter at test sizes
+        kwargs.setdefault("head_dim", 16)
+        kwargs.setdefault("sliding_window", 6)
+        kwargs.setdefault("query_pre_attn_scalar", 20)
+        kwargs.setdefault("attn_logit_softcapping", 2.0)
+        kwargs.setdefault("final_logit_softcapping", 3.0)
+        cfg = Gemma2Config(**kwargs)
+        cfg._attn_implementation = "eager"  # transformers' soft-capping path
+        return cfg
+    if family == "qwen2":
+        return Qwen2Config(**kwargs)
+    if family == "qwen3":
+        kwargs.setdefault("head_dim", 16)
+        return Qwen3Config(**kwargs)
     raise ValueError(family)
 
 

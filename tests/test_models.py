@@ -37,7 +37,14 @@ def _compare(hf, ours, ids, **kw):
     ("llama", dict(tie_word_embeddings=True, head_dim=10)),          # explicit head_dim, tied (Llama 3.2)
     ("mistral", dict(sliding_window=7)),                              # window shorter than the sequence
     ("gemma", dict()),                                                # tied, 1 + w norms, GeGLU, √h scale
-], ids=["gqa1", "gqa2", "gqa4", "tied-headdim", "mistral-window", "gemma"])
+    ("gemma2", dict(num_hidden_layers=3)),        # sandwich norms, soft-caps, every other layer slides
+    ("qwen2", dict()),                                                # q, k, v biases
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),  # layer 1 slides
+    ("qwen3", dict()),                                                # q and k RMS-normed per head
+    ("qwen3", dict(attention_bias=True, tie_word_embeddings=True)),   # biases on all four, tied
+    ("llama", dict(attention_bias=True)),                             # q, k, v and o biases
+], ids=["gqa1", "gqa2", "gqa4", "tied-headdim", "mistral-window", "gemma", "gemma2", "qwen2", "qwen2-window",
+        "qwen3", "qwen3-bias-tied", "llama-bias"])
 def test_logits_match_transformers(tmp_path, family, overrides):
     hf = write_hf_model(tmp_path, family, **overrides)
     ours = _load(tmp_path)
@@ -67,7 +74,7 @@ def test_transformers5_rope_parameters_form(tmp_path):
     assert ours.cfg.rope_type == "llama3" and ours.cfg.rope["factor"] == 8.0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "qwen2", "qwen3"])
 def test_loss_and_input_embedding_gradients_match(tmp_path, family):
     hf = write_hf_model(tmp_path, family)
     ours = _load(tmp_path)
@@ -119,3 +126,45 @@ def test_num_items_in_batch_gives_sum_over_count(tmp_path):
     mean = ours(ids, labels=ids).loss
     summed = ours(ids, labels=ids, num_items_in_batch=1).loss
     assert torch.allclose(summed, mean * 2 * 12, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family,config,want", [
+    # configs written before transformers 5 have no layer_types: its rules decide them
+    ("gemma2", dict(num_hidden_layers=4, sliding_window=9), (9, None, 9, None)),
+    ("qwen2", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=9, max_window_layers=3),
+     (None, None, None, 9)),
+    ("qwen2", dict(num_hidden_layers=4, use_sliding_window=False, sliding_window=9), ()),
+    ("mistral", dict(num_hidden_layers=2, sliding_window=9), (9, 9)),
+    ("mistral", dict(num_hidden_layers=2, sliding_window=None), ()),
+    ("llama", dict(num_hidden_layers=2), ()),
+])
+def test_layer_windows_without_layer_types(tmp_path, family, config, want):
+    import json
+
+    from fastqlora.models.config import read_config
+
+    write_hf_model(tmp_path, family, **config)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw.pop("layer_types", None)
+    path.write_text(json.dumps(raw))
+    assert read_config(tmp_path).layer_windows == want
+
+
+def test_config_errors_name_the_key_and_file(tmp_path):
+    import json
+
+    from fastqlora.models.config import read_config
+
+    write_hf_model(tmp_path, "gemma2", num_hidden_layers=2)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "layer_types": ["sliding_attention", "chunked_attention"]}))
+    with pytest.raises(ValueError, match=r"layer_types \(.*config\.json\) must be a list of .*'chunked_attention'"):
+        read_config(tmp_path)
+    path.write_text(json.dumps({**raw, "layer_types": ["sliding_attention"]}))
+    with pytest.raises(ValueError, match=r"layer_types in .*config\.json lists 1 layers but num_hidden_layers=2"):
+        read_config(tmp_path)
+    write_hf_model(tmp_path, "llama", mlp_bias=True)
+    with pytest.raises(ValueError, match=r"mlp_bias=true \(.*config\.json\) is not supported"):
+        read_config(tmp_path)

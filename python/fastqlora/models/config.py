@@ -2,9 +2,12 @@
 
 Families differ only in fields (gpt-fast style), never in subclasses:
 ``norm_offset`` (Gemma's ``1 + w``), ``act`` (SwiGLU "silu" or GeGLU "gelu_tanh"),
-``embed_scale`` (Gemma's √hidden), ``sliding_window``, ``attn_softcap`` and
-``final_softcap`` (Gemma 2), ``attn_scale`` (Gemma's ``query_pre_attn_scalar``),
-``attention_bias`` (Qwen 2), ``tie_word_embeddings``.
+``embed_scale`` (Gemma's √hidden), ``layer_windows`` (each layer's sliding window or None:
+Mistral's every layer, Gemma 2's every other one, Qwen's past ``max_window_layers``),
+``attn_softcap`` and ``final_softcap`` (Gemma 2), ``attn_scale`` (Gemma's
+``query_pre_attn_scalar``), ``attention_bias`` / ``o_bias`` (Qwen 2's q, k, v biases),
+``qk_norm`` (Qwen 3's per-head RMSNorm of q and k before RoPE), ``sandwich_norms`` (Gemma 2's
+norms after attention and around the MLP), ``tie_word_embeddings``.
 """
 from __future__ import annotations
 
@@ -16,13 +19,21 @@ from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
-# model_type -> the family switches that config.json does not spell out.
+# model_type -> the family switches that config.json does not spell out. The biases:
+# None reads config.json's ``attention_bias`` (transformers' own rule for that family),
+# a bool is what the family's modeling code fixes whatever the config says.
+_BASE = {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False, "qkv_bias": None, "o_bias": None,
+         "qk_norm": False, "sandwich_norms": False}
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False},
-    "mistral": {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False},
-    "gemma": {"norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True},
+    "llama": dict(_BASE),
+    "mistral": {**_BASE, "qkv_bias": False, "o_bias": False},
+    "gemma": {**_BASE, "norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True},
+    "gemma2": {**_BASE, "norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True, "sandwich_norms": True},
+    "qwen2": {**_BASE, "qkv_bias": True, "o_bias": False},
+    "qwen3": {**_BASE, "qk_norm": True},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -42,11 +53,15 @@ class ModelConfig:
     norm_offset: float = 0.0
     act: str = "silu"
     embed_scale: float = 1.0
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window of the layers that slide (layer_windows)
+    layer_windows: tuple[int | None, ...] = ()  # each layer's window; () = every layer full
     attn_softcap: float | None = None
     final_softcap: float | None = None
     attn_scale: float | None = None  # None: head_dim ** -0.5
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k and v projections
+    o_bias: bool = False  # the output projection
+    qk_norm: bool = False
+    sandwich_norms: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -60,6 +75,10 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return self.rope["rope_type"]
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: it attends to every earlier token)."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
     def validate(self) -> ModelConfig:
         where = f" in {self.source}" if self.source else ""
@@ -86,8 +105,11 @@ class ModelConfig:
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if key not in self.rope:
                     raise ValueError(f"rope scaling 'llama3'{where} needs '{key}'")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window={self.sliding_window}{where} must be positive or null")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"sliding_window={self.sliding_window!r}{where} must be a positive integer or null")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"layer_types{where} lists {len(self.layer_windows)} layers but num_hidden_layers="
+                             f"{self.num_layers}")
         return self
 
 
@@ -107,6 +129,30 @@ def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str) -> tuple[tuple, int | None]:
+    """(each layer's sliding window or None, the window), by transformers' rules: config.json's
+    ``layer_types`` when it has them; else Mistral slides every layer, Gemma 2 the even ones
+    (0, 2, ...), Qwen those from ``max_window_layers`` on when ``use_sliding_window``."""
+    qwen = model_type in ("qwen2", "qwen3")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not qwen) else None
+    if model_type in ("llama", "gemma") or window is None:
+        return (), None
+    types = cfg.get("layer_types")
+    if types is None:
+        if model_type == "mistral":
+            types = ["sliding_attention"] * layers
+        elif model_type == "gemma2":
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        else:
+            first = cfg.get("max_window_layers", layers)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    bad = [t for t in types if t not in LAYER_TYPES] if isinstance(types, list) else [types]
+    if bad:
+        raise ValueError(f"layer_types{where} must be a list of {' / '.join(LAYER_TYPES)}; got {bad[0]!r}")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    return (windows if any(w is not None for w in windows) else ()), window
+
+
 def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     where = f" ({source})" if source else ""
     model_type = cfg.get("model_type")
@@ -117,10 +163,13 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         if key not in cfg:
             raise ValueError(f"config field {key!r} is missing{where}")
     family = FAMILIES[model_type]
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"mlp_bias=true{where} is not supported (the MLP projections here have no bias)")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     scalar = cfg.get("query_pre_attn_scalar")
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    windows, window = _layer_windows(cfg, model_type, cfg["num_hidden_layers"], where)
+    bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
         model_type=model_type,
         vocab_size=cfg["vocab_size"],
@@ -133,15 +182,19 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         rope=_rope_parameters(cfg),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "gemma")),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
         norm_offset=family["norm_offset"],
         act=family["act"],
         embed_scale=math.sqrt(cfg["hidden_size"]) if family["scale_embeddings"] else 1.0,
-        sliding_window=window if model_type == "mistral" else None,
+        sliding_window=window,
+        layer_windows=windows,
         attn_softcap=cfg.get("attn_logit_softcapping"),
         final_softcap=cfg.get("final_logit_softcapping"),
         attn_scale=scalar**-0.5 if scalar else None,
-        attention_bias=bool(cfg.get("attention_bias", False)),
+        attention_bias=bias if family["qkv_bias"] is None else family["qkv_bias"],
+        o_bias=bias if family["o_bias"] is None else family["o_bias"],
+        qk_norm=family["qk_norm"],
+        sandwich_norms=family["sandwich_norms"],
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),

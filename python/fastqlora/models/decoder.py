@@ -47,14 +47,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0, dtype=None, device=None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.window(layer)
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         self.q_proj = FrozenLinear(h, cfg.num_heads * d, bias, dtype, device)
         self.k_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
         self.v_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
-        self.o_proj = FrozenLinear(cfg.num_heads * d, h, False, dtype, device)
+        self.o_proj = FrozenLinear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
+        if cfg.qk_norm:  # Qwen 3: each head of q and k RMS-normalized over head_dim before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
 
     def _qkv(self, x: torch.Tensor, cos, sin, position_ids):
         B, S, _ = x.shape
@@ -68,6 +72,11 @@ class Attention(nn.Module):
             q, k = q.clone(), k.clone()
         else:
             q, k, v = (p(x) for p in projs)
+        if c.qk_norm:
+            # cloned: RoPE rotates in place, which autograd forbids on a view of a custom
+            # Function's output (the RMSNorm kernel's)
+            q = self.q_norm(q.view(B, S, c.num_heads, c.head_dim)).view(B, S, -1).clone()
+            k = self.k_norm(k.view(B, S, c.num_kv_heads, c.head_dim)).view(B, S, -1).clone()
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
         # q and k as the projections' own [B, S, H·D] outputs: one RoPE launch for both
         q, k = ops.apply_rope_qk(q, k, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, position_ids)
@@ -77,7 +86,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         c = self.cfg
         q, k, v = self._qkv(x, ctx.cos, ctx.sin, ctx.position_ids)
-        o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=c.sliding_window,
+        o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=self.window,
                           softcap=c.attn_softcap, cu_seqlens=ctx.cu_seqlens,
                           max_seqlen=ctx.max_seqlen)
         return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
@@ -88,7 +97,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin, position_ids)
         k_all, v_all = cache.append(layer, k, v)
         o = cached_attention(q, k_all, v_all, cache.valid, start=cache.length, scale=c.scale,
-                             sliding_window=c.sliding_window, softcap=c.attn_softcap)
+                             sliding_window=self.window, softcap=c.attn_softcap)
         return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
 
 
@@ -110,31 +119,51 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
+    """``h + attn(norm(h))``, then ``h + mlp(norm(h))``; with Gemma 2's sandwich norms the
+    attention output is normalized too (``post_attention_layernorm``) and the MLP runs between
+    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, dtype=None, device=None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
-        self.self_attn = Attention(cfg, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)  # noqa: E731
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer, dtype, device)
+        self.post_attention_layernorm = norm()
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg, dtype, device)
 
+    def _attn_out(self, a: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm(a) if self.sandwich else a
+
+    def _mlp_modules(self) -> list[nn.Module]:
+        if self.sandwich:
+            return [self.pre_feedforward_layernorm, self.mlp, self.post_feedforward_layernorm]
+        return [self.post_attention_layernorm, self.mlp]
+
     def _mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        if self.sandwich:
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         return self.mlp(self.post_attention_layernorm(h))
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
+        h = h + self._attn_out(self.self_attn(self.input_layernorm(h), ctx))
         tokens = h.numel() // h.shape[-1]
         if torch.is_grad_enabled() and tokens > MLP_TILE_ABOVE:
             # long sequences: the MLP's intermediates (gate, up, product and their
             # gradients, ~8 × intermediate bytes a token) live for one tile at a time
-            params = [p for m in (self.mlp, self.post_attention_layernorm) for p in m.parameters() if p.requires_grad]
+            params = [p for m in self._mlp_modules() for p in m.parameters() if p.requires_grad]
             per_token = 8 * self.mlp.gate_proj.out_features * h.element_size()
             return h + tiled_apply(self._mlp_block, h, params=params, bytes_per_token=per_token,
                                   budget_bytes=MLP_TILE_BYTES)
         return h + self._mlp_block(h)
 
     def forward_cached(self, h, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:
-        h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, position_ids, cache, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self._attn_out(self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, position_ids,
+                                                             cache, layer))
+        return h + self._mlp_block(h)
 
 
 class Embedding(nn.Embedding):
@@ -162,5 +191,5 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
