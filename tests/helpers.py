@@ -10,7 +10,8 @@ _DEFAULTS = dict(vocab_size=211, hidden_size=72, intermediate_size=100, num_hidd
 
 
 def hf_config(family: str = "llama", **overrides):
-    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
 
     kwargs = {**_DEFAULTS, **overrides}
     if family == "llama":
@@ -30,6 +31,19 @@ def hf_config(family: str = "llama", **overrides):
         kwargs.setdefault("final_logit_softcapping", 3.0)
         cfg = Gemma2Config(**kwargs)
         cfg._attn_implementation = "eager"  # transformers' soft-capping path
+        return cfg
+    if family == "gemma3_text":  # local and global RoPE differ (theta, and a linear scaling)
+        kwargs.setdefault("head_dim", 16)
+        kwargs.setdefault("sliding_window", 6)
+        kwargs.setdefault("query_pre_attn_scalar", 20)
+        kwargs.setdefault("rope_parameters", {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                              "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                 "rope_theta": 1_000_000.0}})
+        layers = kwargs.get("num_hidden_layers", 3)
+        kwargs.setdefault("layer_types", ["sliding_attention" if i % 3 != 1 else "full_attention"
+                                          for i in range(layers)])
+        cfg = Gemma3TextConfig(**kwargs)
+        cfg._attn_implementation = "eager"
         return cfg
     if family == "qwen2":
         return Qwen2Config(**kwargs)

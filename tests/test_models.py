@@ -43,8 +43,10 @@ def _compare(hf, ours, ids, **kw):
     ("qwen3", dict()),                                                # q and k RMS-normed per head
     ("qwen3", dict(attention_bias=True, tie_word_embeddings=True)),   # biases on all four, tied
     ("llama", dict(attention_bias=True)),                             # q, k, v and o biases
+    ("gemma3_text", dict(num_hidden_layers=3)),   # q/k norms, sandwich norms, local and global RoPE
+    ("gemma3_text", dict(num_hidden_layers=4, tie_word_embeddings=False)),
 ], ids=["gqa1", "gqa2", "gqa4", "tied-headdim", "mistral-window", "gemma", "gemma2", "qwen2", "qwen2-window",
-        "qwen3", "qwen3-bias-tied", "llama-bias"])
+        "qwen3", "qwen3-bias-tied", "llama-bias", "gemma3", "gemma3-untied"])
 def test_logits_match_transformers(tmp_path, family, overrides):
     hf = write_hf_model(tmp_path, family, **overrides)
     ours = _load(tmp_path)
@@ -74,7 +76,7 @@ def test_transformers5_rope_parameters_form(tmp_path):
     assert ours.cfg.rope_type == "llama3" and ours.cfg.rope["factor"] == 8.0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"])
 def test_loss_and_input_embedding_gradients_match(tmp_path, family):
     hf = write_hf_model(tmp_path, family)
     ours = _load(tmp_path)
@@ -131,6 +133,7 @@ def test_num_items_in_batch_gives_sum_over_count(tmp_path):
 @pytest.mark.parametrize("family,config,want", [
     # configs written before transformers 5 have no layer_types: its rules decide them
     ("gemma2", dict(num_hidden_layers=4, sliding_window=9), (9, None, 9, None)),
+    ("gemma3_text", dict(num_hidden_layers=7, sliding_window=9, layer_types=None), (9,) * 5 + (None, 9)),
     ("qwen2", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=9, max_window_layers=3),
      (None, None, None, 9)),
     ("qwen2", dict(num_hidden_layers=4, use_sliding_window=False, sliding_window=9), ()),
@@ -167,4 +170,29 @@ def test_config_errors_name_the_key_and_file(tmp_path):
         read_config(tmp_path)
     write_hf_model(tmp_path, "llama", mlp_bias=True)
     with pytest.raises(ValueError, match=r"mlp_bias=true \(.*config\.json\) is not supported"):
+        read_config(tmp_path)
+
+
+def test_gemma3_config_before_transformers_5(tmp_path):
+    """Gemma 3 configs on the Hub from before transformers 5: rope_theta + rope_scaling for the
+    full layers, rope_local_base_freq for the sliding ones, sliding_window_pattern."""
+    import json
+
+    from fastqlora.models.config import read_config
+
+    write_hf_model(tmp_path, "gemma3_text", num_hidden_layers=4)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    for key in ("layer_types", "rope_parameters"):
+        raw.pop(key, None)
+    raw.update(rope_theta=500_000.0, rope_local_base_freq=20_000.0, sliding_window_pattern=2,
+               rope_scaling={"rope_type": "linear", "factor": 8.0})
+    path.write_text(json.dumps(raw))
+    cfg = read_config(tmp_path)
+    assert cfg.rope == {"rope_type": "linear", "factor": 8.0, "rope_theta": 500_000.0}
+    assert cfg.rope_local == {"rope_type": "default", "rope_theta": 20_000.0}
+    assert cfg.layer_windows == (6, None, 6, None)
+    assert [cfg.local_rope(i) for i in range(4)] == [True, False, True, False]
+    path.write_text(json.dumps({**raw, "use_bidirectional_attention": True}))
+    with pytest.raises(ValueError, match=r"use_bidirectional_attention=true .*config\.json.* not supported"):
         read_config(tmp_path)

@@ -68,6 +68,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else FrozenLinear(
             cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         self.rope = RotaryTables(cfg)
+        self.rope_local = RotaryTables(cfg, cfg.rope_local) if cfg.rope_local is not None else None
         self.gradient_checkpointing: str = "off"  # "off", "checkpoint" or "offload"
         self.return_logits_with_loss = False
 
@@ -159,9 +160,11 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = h.shape[:2]
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
-        cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
+        n = int(position_ids.max()) + 1
+        cos, sin = self.rope.get(n, h.device)
+        local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
         max_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else None
-        h = self._run_layers(h, Context(cos, sin, position_ids, cu, max_len))
+        h = self._run_layers(h, Context(cos, sin, position_ids, cu, max_len, local))
         return self.model.norm(h)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
@@ -194,9 +197,11 @@ class CausalLM(nn.Module):
 
     def _step(self, ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         h = self.model.embed_tokens(ids)
-        cos, sin = self.rope.get(int(position_ids.max()) + 1, h.device)
+        n = int(position_ids.max()) + 1
+        cos, sin = self.rope.get(n, h.device)
+        local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
         for i, layer in enumerate(self.model.layers):
-            h = layer.forward_cached(h, cos, sin, position_ids, cache, i)
+            h = layer.forward_cached(h, cos, sin, position_ids, cache, i, local)
         cache.length += ids.shape[1]
         h = self.model.norm(h[:, -1:])
         logits = F.linear(h, self.lm_head_weight())[:, -1]

@@ -6,8 +6,9 @@ Families differ only in fields (gpt-fast style), never in subclasses:
 Mistral's every layer, Gemma 2's every other one, Qwen's past ``max_window_layers``),
 ``attn_softcap`` and ``final_softcap`` (Gemma 2), ``attn_scale`` (Gemma's
 ``query_pre_attn_scalar``), ``attention_bias`` / ``o_bias`` (Qwen 2's q, k, v biases),
-``qk_norm`` (Qwen 3's per-head RMSNorm of q and k before RoPE), ``sandwich_norms`` (Gemma 2's
-norms after attention and around the MLP), ``tie_word_embeddings``.
+``qk_norm`` (Qwen 3's and Gemma 3's per-head RMSNorm of q and k before RoPE),
+``sandwich_norms`` (Gemma 2's and 3's norms after attention and around the MLP),
+``rope_local`` (Gemma 3's own RoPE for the sliding layers), ``tie_word_embeddings``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma2": {**_BASE, "norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True, "sandwich_norms": True},
     "qwen2": {**_BASE, "qkv_bias": True, "o_bias": False},
     "qwen3": {**_BASE, "qk_norm": True},
+    "gemma3_text": {**_BASE, "norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True,
+                    "sandwich_norms": True, "qk_norm": True},
 }
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -49,6 +53,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     rope: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    rope_local: dict[str, Any] | None = None  # the sliding layers' RoPE when it differs (Gemma 3)
     tie_word_embeddings: bool = False
     norm_offset: float = 0.0
     act: str = "silu"
@@ -76,6 +81,10 @@ class ModelConfig:
     def rope_type(self) -> str:
         return self.rope["rope_type"]
 
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer ``layer`` rotates with ``rope_local`` (a sliding layer of Gemma 3)."""
+        return self.rope_local is not None and self.window(layer) is not None
+
     def window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: it attends to every earlier token)."""
         return self.layer_windows[layer] if self.layer_windows else None
@@ -94,23 +103,50 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim}{where} must be even for rotary embeddings")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps={self.rms_norm_eps}{where} must be positive")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope type {self.rope_type!r}{where} is not supported; supported: {ROPE_TYPES}")
-        theta = self.rope.get("rope_theta")
-        if not isinstance(theta, (int, float)) or theta <= 0:
-            raise ValueError(f"rope_theta={theta!r}{where} must be a positive number")
-        if self.rope_type in ("linear", "dynamic", "llama3") and not self.rope.get("factor", 0) > 0:
-            raise ValueError(f"rope scaling {self.rope_type!r}{where} needs a positive 'factor'")
-        if self.rope_type == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                if key not in self.rope:
-                    raise ValueError(f"rope scaling 'llama3'{where} needs '{key}'")
+        for name, rope in (("rope", self.rope), ("the sliding layers' rope", self.rope_local)):
+            if rope is not None:
+                _validate_rope(rope, name, where)
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"sliding_window={self.sliding_window!r}{where} must be a positive integer or null")
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_types{where} lists {len(self.layer_windows)} layers but num_hidden_layers="
                              f"{self.num_layers}")
         return self
+
+
+def _validate_rope(rope: dict[str, Any], name: str, where: str) -> None:
+    kind = rope.get("rope_type")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r}{where} is not supported; supported: {ROPE_TYPES}")
+    theta = rope.get("rope_theta")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise ValueError(f"rope_theta={theta!r} ({name}){where} must be a positive number")
+    if kind in ("linear", "dynamic", "llama3") and not rope.get("factor", 0) > 0:
+        raise ValueError(f"rope scaling {kind!r}{where} needs a positive 'factor'")
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in rope:
+                raise ValueError(f"rope scaling 'llama3'{where} needs '{key}'")
+
+
+def _gemma3_ropes(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gemma 3's (full-attention rope, sliding rope): transformers 5 keeps one dict per layer
+    type in ``rope_parameters``; older configs give ``rope_theta`` (+ ``rope_scaling``) for the
+    full layers and ``rope_local_base_freq`` for the sliding ones."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 1_000_000.0)}
+        local = {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+    full.setdefault("rope_theta", 1_000_000.0)
+    local.setdefault("rope_theta", 10_000.0)
+    for p in (full, local):
+        if "type" in p and "rope_type" not in p:
+            p["rope_type"] = p.pop("type")
+        p.setdefault("rope_type", "default")
+    return full, local
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +168,8 @@ def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
 def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str) -> tuple[tuple, int | None]:
     """(each layer's sliding window or None, the window), by transformers' rules: config.json's
     ``layer_types`` when it has them; else Mistral slides every layer, Gemma 2 the even ones
-    (0, 2, ...), Qwen those from ``max_window_layers`` on when ``use_sliding_window``."""
+    (0, 2, ...), Gemma 3 all but every ``sliding_window_pattern``-th, Qwen those from
+    ``max_window_layers`` on when ``use_sliding_window``."""
     qwen = model_type in ("qwen2", "qwen3")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not qwen) else None
     if model_type in ("llama", "gemma") or window is None:
@@ -143,6 +180,9 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str
             types = ["sliding_attention"] * layers
         elif model_type == "gemma2":
             types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is full
+            pattern = cfg.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
         else:
             first = cfg.get("max_window_layers", layers)
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -165,6 +205,14 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     family = FAMILIES[model_type]
     if cfg.get("mlp_bias"):
         raise ValueError(f"mlp_bias=true{where} is not supported (the MLP projections here have no bias)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError(f"use_bidirectional_attention=true{where} is not supported: this library trains "
+                         f"causal language models")
+    rope_local = None
+    if model_type == "gemma3_text":
+        rope, rope_local = _gemma3_ropes(cfg)
+    else:
+        rope = _rope_parameters(cfg)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     scalar = cfg.get("query_pre_attn_scalar")
@@ -181,8 +229,9 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rope=_rope_parameters(cfg),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
+        rope=rope,
+        rope_local=rope_local,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type in _GEMMA)),
         norm_offset=family["norm_offset"],
         act=family["act"],
         embed_scale=math.sqrt(cfg["hidden_size"]) if family["scale_embeddings"] else 1.0,

@@ -34,6 +34,7 @@ class Context:
     position_ids: torch.Tensor  # [B, S]
     cu_seqlens: torch.Tensor | None  # over the flattened B·S tokens; None: each row one sequence
     max_seqlen: int | None = None  # longest sequence in cu_seqlens (spares the kernels a sync)
+    local: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of cfg.rope_local (Gemma 3)
 
 
 class RMSNorm(nn.Module):
@@ -51,6 +52,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.window = cfg.window(layer)
+        self.local_rope = cfg.local_rope(layer)  # Gemma 3's sliding layers rotate with their own tables
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         self.q_proj = FrozenLinear(h, cfg.num_heads * d, bias, dtype, device)
         self.k_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
@@ -82,19 +84,28 @@ class Attention(nn.Module):
         q, k = ops.apply_rope_qk(q, k, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, position_ids)
         return q, k, v
 
+    def _tables(self, cos, sin, local):
+        if self.local_rope:
+            if local is None:
+                raise ValueError("this layer rotates with the model's rope_local tables; pass them")
+            return local
+        return cos, sin
+
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, S, _ = x.shape
         c = self.cfg
-        q, k, v = self._qkv(x, ctx.cos, ctx.sin, ctx.position_ids)
+        cos, sin = self._tables(ctx.cos, ctx.sin, ctx.local)
+        q, k, v = self._qkv(x, cos, sin, ctx.position_ids)
         o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=self.window,
                           softcap=c.attn_softcap, cu_seqlens=ctx.cu_seqlens,
                           max_seqlen=ctx.max_seqlen)
         return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
 
-    def forward_cached(self, x: torch.Tensor, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, cos, sin, position_ids, cache: KVCache, layer: int,
+                       local=None) -> torch.Tensor:
         B, S, _ = x.shape
         c = self.cfg
-        q, k, v = self._qkv(x, cos, sin, position_ids)
+        q, k, v = self._qkv(x, *self._tables(cos, sin, local), position_ids)
         k_all, v_all = cache.append(layer, k, v)
         o = cached_attention(q, k_all, v_all, cache.valid, start=cache.length, scale=c.scale,
                              sliding_window=self.window, softcap=c.attn_softcap)
@@ -160,9 +171,9 @@ class DecoderLayer(nn.Module):
                                   budget_bytes=MLP_TILE_BYTES)
         return h + self._mlp_block(h)
 
-    def forward_cached(self, h, cos, sin, position_ids, cache: KVCache, layer: int) -> torch.Tensor:
+    def forward_cached(self, h, cos, sin, position_ids, cache: KVCache, layer: int, local=None) -> torch.Tensor:
         h = h + self._attn_out(self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, position_ids,
-                                                             cache, layer))
+                                                             cache, layer, local))
         return h + self._mlp_block(h)
 
 

@@ -21,10 +21,11 @@ def _base_inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
     return 1.0 / (theta**exps)
 
 
-def inv_freq_for(cfg: ModelConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim/2], attention scaling) for ``cfg``'s rope type.
+def inv_freq_for(cfg: ModelConfig, seq_len: int | None = None, device=None,
+                 rope: dict | None = None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [head_dim/2], attention scaling) for ``rope`` (default: ``cfg.rope``).
     ``seq_len`` matters only for dynamic NTK."""
-    p = cfg.rope
+    p = rope if rope is not None else cfg.rope
     kind, theta, dim = p["rope_type"], float(p["rope_theta"]), cfg.head_dim
     if kind == "default":
         return _base_inv_freq(theta, dim, device), 1.0
@@ -88,14 +89,16 @@ def _yarn(cfg: ModelConfig, p: dict, theta: float, dim: int, device) -> tuple[to
 
 
 class RotaryTables:
-    """cos/sin tables for one model, grown on demand and (for dynamic NTK) recomputed
-    the way transformers' ``dynamic_rope_update`` does: the frequencies follow the
-    longest sequence seen and reset when a sequence within the original length comes."""
+    """cos/sin tables for one model (or, with ``rope``, for its layers that use that rope:
+    Gemma 3's sliding layers), grown on demand and (for dynamic NTK) recomputed the way
+    transformers' ``dynamic_rope_update`` does: the frequencies follow the longest sequence
+    seen and reset when a sequence within the original length comes."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, rope: dict | None = None) -> None:
         self.cfg = cfg
+        self.params = rope if rope is not None else cfg.rope
         # on the CPU explicitly: models are built under torch.device('meta')
-        self.inv_freq, self.scaling = inv_freq_for(cfg, device="cpu")
+        self.inv_freq, self.scaling = inv_freq_for(cfg, device="cpu", rope=self.params)
         self.original_inv_freq = self.inv_freq
         self.max_seq_len_cached = cfg.max_position_embeddings
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -103,7 +106,7 @@ class RotaryTables:
     def _update_dynamic(self, seq_len: int) -> None:
         original = self.cfg.max_position_embeddings
         if seq_len > self.max_seq_len_cached:
-            self.inv_freq, self.scaling = inv_freq_for(self.cfg, seq_len, device="cpu")
+            self.inv_freq, self.scaling = inv_freq_for(self.cfg, seq_len, device="cpu", rope=self.params)
             self.max_seq_len_cached = seq_len
             self._tables.clear()
         if seq_len < original and self.max_seq_len_cached > original:
@@ -113,7 +116,7 @@ class RotaryTables:
 
     def get(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables covering positions ``0..seq_len-1`` (at least) on ``device``."""
-        if self.cfg.rope_type == "dynamic":
+        if self.params["rope_type"] == "dynamic":
             self._update_dynamic(seq_len)
         cached = self._tables.get(device)
         if cached is not None and cached[0].shape[0] >= seq_len:
