@@ -196,6 +196,9 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str
 def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     where = f" ({source})" if source else ""
     model_type = cfg.get("model_type")
+    if model_type == "gemma3" and "text_config" in cfg:
+        raise ValueError(f"model_type 'gemma3'{where} is Gemma 3's image-text checkpoint, which is not supported; "
+                         f"the text-only Gemma 3 checkpoints (model_type 'gemma3_text', e.g. gemma-3-1b) are")
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r}{where} is not supported; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
