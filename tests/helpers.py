@@ -70,6 +70,32 @@ def write_hf_model(path: Path, family: str = "llama", seed: int = 0, dtype: torc
     return model
 
 
+def write_hf_gemma3_image_text(path: Path, seed: int = 0, **text_overrides):
+    """A random Gemma 3 image-text model (tiny SigLIP tower) written to ``path``; returned in
+    eval mode with transformers' eager attention."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=6,
+                query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+                **text_overrides)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                       boi_token_index=297, eoi_token_index=298)
+    cfg._attn_implementation = "eager"
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

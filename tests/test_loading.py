@@ -117,8 +117,11 @@ def test_errors_name_the_file_and_key(tmp_path):
     cfg_file.write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     with pytest.raises(ValueError, match=r"'gpt_neox'.*config\.json.*supported model types: llama, mistral, gemma, gemma2, qwen2, qwen3, gemma3_text"):
         _load(tmp_path)
-    cfg_file.write_text(json.dumps({**cfg, "model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}))
-    with pytest.raises(ValueError, match=r"'gemma3'.*config\.json.*image-text.*'gemma3_text'"):
+    cfg_file.write_text(json.dumps({**cfg, "model_type": "gemma3", "text_config": {"model_type": "llama"}}))
+    with pytest.raises(ValueError, match=r"text_config\.model_type 'llama' .*config\.json.* should be 'gemma3_text'"):
+        _load(tmp_path)
+    cfg_file.write_text(json.dumps({**cfg, "model_type": "gemma3"}))
+    with pytest.raises(ValueError, match=r"model_type 'gemma3' .*config\.json.* needs a text_config"):
         _load(tmp_path)
     cfg_file.write_text(json.dumps({**cfg, "num_key_value_heads": 4}))
     with pytest.raises(ValueError, match=r"num_attention_heads=6 in .*config\.json is not a multiple of "

@@ -10,6 +10,7 @@ written for it runs after changing the import alone.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 from .checkpointing import resolve_mode
 from .export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, save_merged
 from .loading import load_model, resolve_model_path
-from .lora import LINEAR_TARGETS, attach_lora, load_adapter_state_dict, validate_targets
+from .lora import (LINEAR_TARGETS, OTHER_TARGETS, attach_lora, load_adapter_state_dict, module_name_from_peft,
+                   validate_targets)
 from .models.causal_lm import CausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -46,7 +48,7 @@ class FastModel(CausalLM):
         if save_method not in ("merged_16bit", "merged_4bit_forced"):
             raise ValueError(f"save_method {save_method!r} is not supported; use 'merged_16bit'")
         dtype = dtype or (self.dtype if self.dtype != torch.float32 else torch.float32)
-        save_merged(self, save_directory, self.cfg.raw, tokenizer, dtype, max_shard_size)
+        save_merged(self, save_directory, self.cfg.wrapper_raw or self.cfg.raw, tokenizer, dtype, max_shard_size)
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -76,7 +78,7 @@ def load_adapter_weights(model: torch.nn.Module, directory: str | Path) -> None:
     extra = {k: v for k, v in tensors.items() if ".lora_" not in k}
     with torch.no_grad():
         for key, value in extra.items():
-            name = key.removeprefix("base_model.model.").removesuffix(".weight")
+            name = module_name_from_peft(model, key).removesuffix(".weight")
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -180,7 +182,16 @@ def _from_adapter(path: Path, max_seq_length: int, dtype, load_in_4bit: bool, de
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length, dtype, load_in_4bit, device, token)
     targets = cfg.get("target_modules") or list(LINEAR_TARGETS)
     if isinstance(targets, str):
-        targets = list(LINEAR_TARGETS) if targets == "all-linear" else [targets]
+        allowed = LINEAR_TARGETS + OTHER_TARGETS
+        if targets in ("all-linear", "all"):
+            targets = list(LINEAR_TARGETS)
+        elif targets in allowed:
+            targets = [targets]
+        else:  # a PEFT regex (what image-text models' adapters use): the projections it names
+            targets = [t for t in allowed if re.search(rf"(?<![A-Za-z0-9_]){t}(?![A-Za-z0-9_])", targets)]
+            if not targets:
+                raise ValueError(f"{path / ADAPTER_CONFIG}: target_modules {cfg['target_modules']!r} names none "
+                                 f"of {list(allowed)}")
     model = FastLanguageModel.get_peft_model(
         model, r=cfg["r"], target_modules=list(targets), lora_alpha=cfg.get("lora_alpha", cfg["r"]),
         lora_dropout=cfg.get("lora_dropout", 0.0), use_rslora=cfg.get("use_rslora", False),

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .lora import LoraAdapter, LoraEmbeddingAdapter, adapter_state_dict, iter_adapters
+from .lora import LoraAdapter, LoraEmbeddingAdapter, adapter_state_dict, iter_adapters, peft_key
 from .models.linear import FrozenLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -26,9 +26,8 @@ def trainable_module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole modules trained in place (``modules_to_save``), under PEFT's key names."""
     out = {}
     for name in getattr(model, "modules_to_save", None) or []:
-        module = model.get_submodule("lm_head" if name == "lm_head" else f"model.{name}")
-        out[f"base_model.model.{'lm_head' if name == 'lm_head' else 'model.' + name}.weight"] = (
-            module.weight.detach())
+        path = "lm_head" if name == "lm_head" else f"model.{name}"
+        out[f"{peft_key(model, path)}.weight"] = model.get_submodule(path).weight.detach()
     return out
 
 
@@ -41,6 +40,12 @@ def save_adapter(model: nn.Module, directory: str | Path, peft_config: dict) -> 
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
+    if getattr(getattr(model, "cfg", None), "wrapper", None):
+        # names alone would make PEFT adapt the vision tower's q/k/v too: a regex (PEFT matches a
+        # string in full) keeps the adapters to the language model, under either transformers
+        # version's module paths
+        names = "|".join(peft_config["target_modules"])
+        peft_config = {**peft_config, "target_modules": rf".*language_model.*\.({names})"}
     (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return directory
 
@@ -68,13 +73,43 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype):
             yield key, p.detach().to(dtype).cpu()
 
 
+def checkpoint_tensors(model: nn.Module, dtype: torch.dtype):
+    """:func:`merged_tensors` under the names of the checkpoint the model came from: for an
+    image-text checkpoint (Gemma 3) the text model's tensors under ``language_model.``, then the
+    tensors it did not load (vision tower, projector) copied from its files."""
+    cfg = getattr(model, "cfg", None)
+    if not getattr(cfg, "wrapper", None):
+        yield from merged_tensors(model, dtype)
+        return
+    for key, t in merged_tensors(model, dtype):
+        yield "language_model." + key, t
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for f, key, _ in model.passthrough:
+        by_file.setdefault(Path(f), []).append(key)
+    for f, keys in by_file.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} (the checkpoint this model was loaded from) is gone: its "
+                                    f"{len(keys)} vision tensors cannot be copied into the merged checkpoint")
+        with safe_open(str(f), framework="pt") as handle:
+            for key in keys:
+                t = handle.get_tensor(key)
+                yield key, (t.to(dtype) if t.is_floating_point() else t)
+
+
 def save_merged(model: nn.Module, directory: str | Path, config: dict, tokenizer=None,
                 dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
     directory = Path(directory)
+    quantized = [key for _, key, q in getattr(model, "passthrough", []) if q]
+    if quantized:
+        raise ValueError(f"tensor {quantized[0]} outside the text model is stored in 4 bits in the checkpoint this "
+                         f"model was loaded from, so a 16-bit merged checkpoint cannot include it; merge onto the "
+                         f"16-bit original checkpoint instead (load it, load the adapter, save_pretrained_merged)")
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, t in merged_tensors(model, dtype):
+    for key, t in checkpoint_tensors(model, dtype):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -6,6 +6,10 @@ to NF4 and its 16-bit copy dropped before the next is read, so peak memory stays
 near the final model plus one weight. Pre-quantized bnb-4bit checkpoints load
 without re-quantizing. The model is built on the meta device first, so nothing is
 allocated twice. Every error names the file and the key.
+
+An image-text checkpoint (Gemma 3) loads as its text model: its language-model tensors are
+renamed to the text model's keys (``text_key``) and the rest (vision tower, projector) is left
+on disk, listed in ``model.passthrough`` for the merged export to copy.
 """
 from __future__ import annotations
 
@@ -23,6 +27,21 @@ from .quant import QUANT_STATE_KEY, NF4Tensor
 
 _NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + QUANT_STATE_KEY)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# an image-text checkpoint's names for its text model's tensors -> ours (transformers 4's hub
+# layout first, then transformers 5's module paths)
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+def text_key(cfg: ModelConfig, key: str) -> str | None:
+    """Our key for checkpoint tensor ``key``; None for a tensor outside the text model (the
+    vision tower of an image-text checkpoint)."""
+    if cfg.wrapper is None:
+        return key
+    for prefix, ours in _TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return ours + key[len(prefix):]
+    return None
 
 
 def default_device() -> torch.device:
@@ -115,17 +134,22 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, load_in_4bit:
         model = model_cls(cfg, dtype=dtype)
     expected = _expected_keys(model)
     seen: set[str] = set()
+    passthrough: list[tuple[Path, str, bool]] = []  # (file, key, pre-quantized) outside the text model
     for f, handle, keys in iter_tensors(weight_files(path)):
         keyset = set(keys)
         for key in keys:
             if key.endswith(_NF4_SUFFIXES) or key.endswith(_IGNORED_SUFFIXES):
                 continue
-            if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            name = text_key(cfg, key)
+            if name is None:
+                passthrough.append((f, key, f"{key}.{QUANT_STATE_KEY}" in keyset))
                 continue
-            if key not in expected:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            if name not in expected:
                 raise ValueError(f"unexpected tensor {key} in {f}: it matches no parameter of a "
                                  f"{cfg.model_type} model with this config")
-            module, attr = expected[key]
+            module, attr = expected[name]
             if isinstance(module, FrozenLinear) and f"{key}.{QUANT_STATE_KEY}" in keyset:
                 q = NF4Tensor.from_checkpoint({k: _get(handle, f, k) for k in keys if k.startswith(key)},
                                               key[: -len(".weight")], str(f))
@@ -138,16 +162,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, load_in_4bit:
                 t = t.to(device=device, dtype=dtype)
                 if isinstance(module, FrozenLinear) and attr == "weight":
                     # the lm_head stays 16-bit, as transformers + bitsandbytes keep it
-                    quantize = load_in_4bit and key != "lm_head.weight"
+                    quantize = load_in_4bit and name != "lm_head.weight"
                     module.set_nf4(NF4Tensor.quantize(t)) if quantize else module.set_weight(t)
                 else:
                     setattr(module, attr, nn.Parameter(t, requires_grad=False))
                 del t
-            seen.add(key)
+            seen.add(name)
     missing = [k for k in expected if k not in seen]
     if missing:
         raise ValueError(f"tensor {missing[0]} is missing from the checkpoint in {path} "
                          f"({len(missing)} missing in all)")
+    model.passthrough = passthrough
     return model
 
 

@@ -158,11 +158,33 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def peft_key(model: nn.Module, name: str) -> str:
+    """PEFT's key prefix for module ``name`` of ``model``: inside an image-text model (Gemma 3)
+    the text model's modules sit under ``model.language_model``, as transformers names them."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "wrapper", None) and name.startswith("model."):
+        name = "model.language_model." + name[len("model."):]
+    return PEFT_PREFIX + name
+
+
+def module_name_from_peft(model: nn.Module, key: str) -> str:
+    """The inverse of :func:`peft_key` (also for transformers 4's ``language_model.model.``)."""
+    name = key.removeprefix(PEFT_PREFIX)
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "wrapper", None):
+        for prefix in ("model.language_model.", "language_model.model."):
+            if name.startswith(prefix):
+                return "model." + name[len(prefix):]
+        if name.startswith("language_model.lm_head"):
+            return name.removeprefix("language_model.")
+    return name
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors under PEFT's key names."""
     out: dict[str, torch.Tensor] = {}
     for name, _, adapter in iter_adapters(model):
-        key = PEFT_PREFIX + name
+        key = peft_key(model, name)
         if isinstance(adapter, LoraAdapter):
             out[f"{key}.lora_A.weight"] = adapter.lora_A.detach()
             out[f"{key}.lora_B.weight"] = adapter.lora_B.detach()
@@ -178,8 +200,10 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     where = f" in {source}" if source else ""
     expected = adapter_state_dict(model)
     lora_keys = {k for k in tensors if ".lora_" in k}
-    # PEFT sometimes writes the adapter name into the key (".lora_A.default.weight").
-    normalized = {k.replace(".default.weight", ".weight").replace(".default", ""): k for k in lora_keys}
+    # PEFT sometimes writes the adapter name into the key (".lora_A.default.weight"), and
+    # adapters of an image-text model may use either transformers version's module paths.
+    normalized = {peft_key(model, module_name_from_peft(model, k.replace(".default.weight", ".weight")
+                                                        .replace(".default", ""))): k for k in lora_keys}
     missing = [k for k in expected if k not in normalized]
     if missing:
         raise ValueError(f"adapter tensor {missing[0]} is missing{where} ({len(missing)} missing in all)")
@@ -200,7 +224,7 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
 
 def _adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for name, _, adapter in iter_adapters(model):
-        key = PEFT_PREFIX + name
+        key = peft_key(model, name)
         if isinstance(adapter, LoraAdapter):
             yield f"{key}.lora_A.weight", adapter.lora_A
             yield f"{key}.lora_B.weight", adapter.lora_B

@@ -69,6 +69,7 @@ class CausalLM(nn.Module):
             cfg.hidden_size, cfg.vocab_size, False, dtype, device)
         self.rope = RotaryTables(cfg)
         self.rope_local = RotaryTables(cfg, cfg.rope_local) if cfg.rope_local is not None else None
+        self.passthrough: list = []  # (file, key, pre-quantized): an image-text checkpoint's other tensors
         self.gradient_checkpointing: str = "off"  # "off", "checkpoint" or "offload"
         self.return_logits_with_loss = False
 

@@ -9,6 +9,10 @@ Mistral's every layer, Gemma 2's every other one, Qwen's past ``max_window_layer
 ``qk_norm`` (Qwen 3's and Gemma 3's per-head RMSNorm of q and k before RoPE),
 ``sandwich_norms`` (Gemma 2's and 3's norms after attention and around the MLP),
 ``rope_local`` (Gemma 3's own RoPE for the sliding layers), ``tie_word_embeddings``.
+
+An image-text checkpoint whose text model is one of these families (Gemma 3's ``gemma3``) is
+read as that text model: ``wrapper`` names the outer type and ``wrapper_raw`` keeps its
+config.json, so that loading, adapters and merged checkpoints use the outer model's names.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
                     "sandwich_norms": True, "qk_norm": True},
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
+# image-text model_type -> the model_type of its text_config (the model trained here)
+WRAPPERS: dict[str, str] = {"gemma3": "gemma3_text"}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -71,6 +77,8 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     source: str = ""  # the config file, for error messages
+    wrapper: str | None = None  # the image-text model_type this text model was read from
+    wrapper_raw: dict[str, Any] = field(default_factory=dict, repr=False)  # its config.json
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read
 
     @property
@@ -193,12 +201,37 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str
     return (windows if any(w is not None for w in windows) else ()), window
 
 
+def _text_model_config(cfg: dict[str, Any], model_type: str, source: str) -> ModelConfig:
+    """The text model of an image-text checkpoint. Its ``text_config`` lists only what differs
+    from transformers' defaults for the text type (Gemma 3 4B's omits the vocabulary and the head
+    count), so transformers' config class fills in the rest."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    where = f" ({source})" if source else ""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"model_type {model_type!r}{where} needs a text_config object")
+    text_type = WRAPPERS[model_type]
+    if text.get("model_type", text_type) != text_type:
+        raise ValueError(f"text_config.model_type {text.get('model_type')!r}{where} should be {text_type!r}")
+    fields = {k: v for k, v in text.items() if k != "model_type"}
+    fields.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    try:
+        full = AutoConfig.for_model(text_type, **fields).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"text_config{where} is not a valid {text_type} config: {exc}") from None
+    full["model_type"] = text_type
+    inner = config_from_dict(full, f"{source} text_config" if source else "text_config")
+    return dataclasses.replace(inner, source=source, wrapper=model_type, wrapper_raw=dict(cfg))
+
+
 def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     where = f" ({source})" if source else ""
     model_type = cfg.get("model_type")
-    if model_type == "gemma3" and "text_config" in cfg:
-        raise ValueError(f"model_type 'gemma3'{where} is Gemma 3's image-text checkpoint, which is not supported; "
-                         f"the text-only Gemma 3 checkpoints (model_type 'gemma3_text', e.g. gemma-3-1b) are")
+    if model_type in WRAPPERS:
+        return _text_model_config(cfg, model_type, source)
     if model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r}{where} is not supported; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
