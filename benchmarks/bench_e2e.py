@@ -15,6 +15,10 @@ ops, FASTQLORA_NF4_FUSED=1). Each runs in its own process with its environment s
 
     python benchmarks/bench_e2e.py --shapes llama-3-8b:2x2048,llama-3-8b:1x2048 \
         --shapes llama-3.2-1b:2x2048,llama-3.2-1b:8x2048 --out results/e2e.json
+    python benchmarks/bench_e2e.py --shapes qwen2.5-7b:2x2048,qwen3-8b:2x2048,gemma-2-9b:1x2048,gemma-3-4b-text:2x2048
+
+Shapes are random_checkpoint.py's (Llama 3/3.2, Qwen 2.5 and 3, Gemma 2 and 3's text model);
+Gemma 2's baseline runs transformers' eager attention (its SDPA path drops the soft-cap).
 
 Floor (8B, 2×2048): 6·N_active·T FLOPs for a full backward would be 6·8e9·4096 ≈ 2.0e14;
 with a frozen base the weight-gradient matmuls are skipped (≈ 4·N·T) plus recompute of
@@ -67,8 +71,11 @@ def run_baseline(ckpt: str, batch: int, seq: int, warmup: int, steps: int) -> di
     t0 = time.perf_counter()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
+    # Gemma 2's soft-capped attention is eager in transformers (its SDPA path has no soft-cap)
+    family = json.loads((Path(ckpt) / "config.json").read_text()).get("model_type")
+    attn = "eager" if family == "gemma2" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", device_map={"": 0})
+                                                 attn_implementation=attn, device_map={"": 0})
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,

@@ -14,21 +14,45 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+# name -> (family config, config.json fields). The family sets the tensors a layer has.
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 SHAPES = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                       max_position_embeddings=131072,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                       max_position_embeddings=131072, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                         max_position_embeddings=131072,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                         max_position_embeddings=131072, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                       tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                       rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=131072, max_window_layers=28),
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     tie_word_embeddings=False, max_position_embeddings=40960, rope_theta=1_000_000.0,
+                     rms_norm_eps=1e-6, attention_bias=False),
+    "gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=10000.0,
+                       rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                       hidden_activation="gelu_pytorch_tanh"),
+    "gemma-3-4b-text": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                            num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=1_000_000.0,
+                            rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                            rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
+                            sliding_window_pattern=6, hidden_activation="gelu_pytorch_tanh"),
 }
+_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the checkpoint and its shape, by the family's layer layout (q/k/v biases
+    for Qwen 2, per-head q/k norms for Qwen 3 and Gemma 3, sandwich norms for Gemma 2 and 3)."""
+    family = cfg.get("model_type", "llama")
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     out = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
@@ -39,6 +63,13 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
                 (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                 (p + "mlp.down_proj.weight", (h, i))]
+        if family == "qwen2":
+            out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
+                    (p + "self_attn.v_proj.bias", (kv,))]
+        if family in ("qwen3", "gemma3_text"):
+            out += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,))]
+        if family in ("gemma2", "gemma3_text"):
+            out += [(p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,))]
     out.append(("model.norm.weight", (h,)))
     if not cfg["tie_word_embeddings"]:
         out.append(("lm_head.weight", (cfg["vocab_size"], h)))
@@ -55,9 +86,10 @@ def write_random_checkpoint(path: str | Path, shape: str = "llama-3-8b", dtype: 
     g = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+    gemma = cfg.get("model_type", "llama").startswith("gemma")
     for name, shp in tensor_shapes(cfg):
-        if name.endswith("norm.weight"):
-            t = torch.ones(shp, dtype=dtype)
+        if name.endswith("norm.weight"):  # unit scale: 1, or 0 under Gemma's 1 + w
+            t = torch.zeros(shp, dtype=dtype) if gemma else torch.ones(shp, dtype=dtype)
         else:
             t = (torch.randn(shp, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
         nbytes = t.numel() * t.element_size()
@@ -75,9 +107,12 @@ def write_random_checkpoint(path: str | Path, shape: str = "llama-3-8b", dtype: 
             total += v.numel() * v.element_size()
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "attention_bias": False, "bos_token_id": 128000,
-              "eos_token_id": 128001, "torch_dtype": str(dtype).removeprefix("torch."), **cfg}
+    family = cfg.get("model_type", "llama")
+    config = {"architectures": [_ARCH[family]], "model_type": family, "hidden_act": "silu",
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "bos_token_id": 1, "eos_token_id": 2,
+              "torch_dtype": str(dtype).removeprefix("torch."), **cfg}
+    if family == "llama":
+        config.update(attention_bias=False, bos_token_id=128000, eos_token_id=128001)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
 
