@@ -61,13 +61,18 @@ def write_hf_model(path: Path, family: str = "llama", seed: int = 0, dtype: torc
     torch.manual_seed(seed)
     cfg = hf_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-    if randomize_norms:  # norms start at 1 (or 0 for Gemma): make them matter
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.add_(torch.randn_like(p) * 0.1)
+    if randomize_norms:
+        _randomize_norms(model)
     model.save_pretrained(path, safe_serialization=True)
     return model
+
+
+def _randomize_norms(model) -> None:
+    """Norms start at 1 (or 0 under Gemma's 1 + w): make them matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
 
 
 def write_hf_gemma3_image_text(path: Path, seed: int = 0, **text_overrides):
@@ -88,10 +93,7 @@ def write_hf_gemma3_image_text(path: Path, seed: int = 0, **text_overrides):
                        boi_token_index=297, eoi_token_index=298)
     cfg._attn_implementation = "eager"
     model = Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    _randomize_norms(model)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
