@@ -74,11 +74,11 @@ def _trainer(cfg):
 def _interrupt_at(trainer, monkeypatch, call):
     real, calls = trainer.train_step, {"n": 0}
 
-    def flaky(batches):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == call:
             raise KeyboardInterrupt
-        return real(batches)
+        return real(*args)
 
     monkeypatch.setattr(trainer, "train_step", flaky)
 

@@ -41,7 +41,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             kind = float
         else:
             kind = str
-        p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
+        # --lora-r too: torchrun's own parser rejects "--r" as an ambiguous abbreviation of its flags
+        flags = (flag, "--lora-r") if f.name == "r" else (flag,)
+        p.add_argument(*flags, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                        help=f"(default: {f.default if f.default is not dataclasses.MISSING else 'required'})")
 
 
@@ -61,10 +63,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import FastLanguageModel
     from .train import Trainer
 
+    from .train import distributed
+
     cfg = _train_config(args)
+    # under torchrun: join the process group, one GPU a process
+    group, device = distributed.setup(cfg.device)
     model, tokenizer = FastLanguageModel.from_pretrained(
         cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
-        device=cfg.device,
+        device=device,
     )
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -76,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = trainer.train()
     except KeyboardInterrupt:
         return 130
-    print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}; adapter in {cfg.output_dir}/adapter")
+    if group is None or group.main:
+        print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}; "
+              f"adapter in {cfg.output_dir}/adapter")
     return 0
 
 

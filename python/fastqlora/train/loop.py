@@ -2,8 +2,11 @@
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches whose losses are
 sums divided by the label-token count of the whole step (``num_items_in_batch``), so
-accumulation gives the loss and gradients of one large batch. Checkpoints resume
-exactly; Ctrl-C saves the adapter before leaving.
+accumulation gives the loss and gradients of one large batch. Under torchrun each of the
+``world`` processes trains ``batch_size`` rows of every global micro-batch of
+``world · batch_size`` rows and the gradients are summed once a step (``distributed.py``):
+again the loss and gradients of the whole global batch. Checkpoints resume exactly (the
+same number of processes); Ctrl-C saves the adapter before leaving.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import load_dataset
@@ -58,6 +62,8 @@ class Trainer:
     def __init__(self, model, tokenizer, cfg: TrainConfig, rows=None) -> None:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.device = next(p.device for p in model.parameters())
+        self.group = distributed.current()  # None: this process trains alone
+        self.world = self.group.world if self.group is not None else 1
         if rows is None:
             examples = load_dataset(cfg.dataset, tokenizer, cfg.max_seq_length, cfg.completion_only)
             rows = (pack_examples(examples, cfg.max_seq_length, cfg.seed) if cfg.packing
@@ -68,22 +74,33 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters: call FastLanguageModel.get_peft_model first")
+        if self.group is not None:
+            distributed.broadcast_parameters(self.params)
         self.optimizer = build_optimizer(self.params, cfg, self.device)
-        steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * cfg.gradient_accumulation_steps))
+        steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * self.world * cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         self.step = 0
         self.position = (0, 0)  # (epoch, batch index) of the next micro-batch
         self.history: list[dict[str, float]] = []
 
     # -- state -------------------------------------------------------------------------
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files and shows progress (the only one, or rank 0)."""
+        return self.group is None or self.group.main
+
     def state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "position": self.position,
-                "history": self.history, "config": asdict(self.cfg)}
+                "history": self.history, "config": asdict(self.cfg), "world_size": self.world}
 
     def resume_from(self, checkpoint: str | Path) -> None:
         from ..api import load_adapter_weights
 
         state = load_trainer_state(checkpoint)
+        if state.get("world_size", 1) != self.world:
+            raise ValueError(f"{checkpoint} was written by {state.get('world_size', 1)} training processes and "
+                             f"this run has {self.world}: resume with the same number (its data position counts "
+                             f"global batches of that many processes' rows)")
         load_adapter_weights(self.model, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.position = state["step"], tuple(state["position"])
@@ -91,7 +108,18 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self) -> Path:
-        return save_checkpoint(self.cfg.output_dir, self.step, self.model, self.state())
+        path = Path(self.cfg.output_dir) / f"checkpoint-{self.step}"
+        if self.main:
+            path = save_checkpoint(self.cfg.output_dir, self.step, self.model, self.state())
+        if self.group is not None:
+            distributed.barrier()  # the checkpoint is complete before any process goes on
+        return path
+
+    def _save_adapter(self) -> None:
+        if self.main:
+            self.model.save_pretrained(Path(self.cfg.output_dir) / "adapter")
+        if self.group is not None:
+            distributed.barrier()
 
     # -- the loop ----------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -101,14 +129,23 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
-        num_items = sum(count_label_tokens(b) for b in micro_batches)
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor] | None], num_items: int | None = None) -> float:
+        """One optimizer step over this process's micro-batches (None: no rows here this
+        time). ``num_items``: the label tokens of the whole (global) step; by default those of
+        ``micro_batches``."""
+        if num_items is None:
+            num_items = sum(count_label_tokens(b) for b in micro_batches if b is not None)
         self.model.train()
         total = 0.0
         for mb in micro_batches:
+            if mb is None:
+                continue
             out = self.model(**_to_device(mb, self.device), num_items_in_batch=max(num_items, 1))
             out.loss.backward()
             total += float(out.loss.detach())
+        if self.group is not None:
+            distributed.sum_gradients(self.params)
+            total = distributed.sum_value(total, self.device)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -122,20 +159,25 @@ class Trainer:
         elif self.step == 0:
             random.seed(cfg.seed)  # dropout and sampling replay the same way run after run
             torch.manual_seed(cfg.seed)
-        batches = iterate_batches(self.rows, cfg.batch_size, cfg.seed, *self.position)
-        progress = Progress(self.total_steps, self.step, enabled=cfg.progress, device=self.device)
+        rank = self.group.rank if self.group is not None else 0
+        batches = iterate_batches(self.rows, cfg.batch_size * self.world, cfg.seed, *self.position)
+        progress = Progress(self.total_steps, self.step, enabled=cfg.progress and self.main, device=self.device)
         try:
             while self.step < self.total_steps:
                 lr = self._set_lr()
-                micro, tokens, position = [], 0, self.position
+                micro, tokens, num_items, position = [], 0, 0, self.position
                 for _ in range(cfg.gradient_accumulation_steps):
                     epoch, index, rows = next(batches)
-                    batch = collate([self.rows[i] for i in rows], self.pad_id)
-                    tokens += int(batch["attention_mask"].sum())
-                    micro.append(batch)
+                    # every process sees the whole global micro-batch (the same rows, the same
+                    # count of label tokens) and trains its own slice of it
+                    slices = [rows[r * cfg.batch_size:(r + 1) * cfg.batch_size] for r in range(self.world)]
+                    parts = [collate([self.rows[i] for i in sl], self.pad_id) if sl else None for sl in slices]
+                    tokens += sum(int(b["attention_mask"].sum()) for b in parts if b is not None)
+                    num_items += sum(count_label_tokens(b) for b in parts if b is not None)
+                    micro.append(parts[rank])
                     position = (epoch, index + 1)
                 t0 = time.perf_counter()
-                loss = self.train_step(micro)
+                loss = self.train_step(micro, num_items)
                 dt = time.perf_counter() - t0
                 # only a finished step moves the data position (a checkpoint taken on
                 # interruption then replays the unfinished step)
@@ -147,15 +189,16 @@ class Trainer:
                     self.save()
         except KeyboardInterrupt:
             progress.close()
-            path = self.save()
-            self.model.save_pretrained(Path(cfg.output_dir) / "adapter")
-            print(f"\ninterrupted at step {self.step}: adapter saved to {Path(cfg.output_dir) / 'adapter'}, "
-                  f"resumable checkpoint at {path} (rerun with --resume)")
+            if self.main:  # the others may be gone already: no barrier
+                path = save_checkpoint(cfg.output_dir, self.step, self.model, self.state())
+                self.model.save_pretrained(Path(cfg.output_dir) / "adapter")
+                print(f"\ninterrupted at step {self.step}: adapter saved to {Path(cfg.output_dir) / 'adapter'}, "
+                      f"resumable checkpoint at {path} (rerun with --resume)")
             raise
         progress.close()
         self.save()
-        self.model.save_pretrained(Path(cfg.output_dir) / "adapter")
-        if cfg.plot:
+        self._save_adapter()
+        if cfg.plot and self.main:
             from .plot import plot_loss
 
             plot_loss(self.history, Path(cfg.output_dir) / "loss.png")

@@ -1,0 +1,54 @@
+"""Data-parallel training under torchrun (two processes, gloo on the CPU): the adapter and
+the loss curve equal one process training the same global batches; files are written once;
+a checkpoint resumes only with the number of processes that wrote it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import rel_err
+from safetensors.torch import load_file
+
+from fastqlora.cli import main as cli_main
+from fastqlora.demo import data_dir
+
+MODEL = str(data_dir() / "demo_model")
+DATA = str(data_dir() / "demo.jsonl")
+
+
+def _args(out, batch_size: int, steps: int = 3, resume: bool = False) -> list[str]:
+    return ["train", "--model", MODEL, "--dataset", DATA, "--output-dir", str(out), "--max-seq-length", "128",
+            "--max-steps", str(steps), "--batch-size", str(batch_size), "--lora-r", "4", "--learning-rate", "2e-3",
+            "--gradient-accumulation-steps", "2", "--use-gradient-checkpointing", "true", "--progress", "false",
+            "--plot", "false", "--device", "cpu", "--load-in-4bit", "false", "--completion-only", "true",
+            "--save-steps", "2", "--resume", "true" if resume else "false"]
+
+
+def _torchrun(out, batch_size: int, steps: int = 3, resume: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "fastqlora.cli", *_args(out, batch_size, steps, resume)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_train_what_one_trains_on_the_global_batch(tmp_path):
+    run = _torchrun(tmp_path / "two", batch_size=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("trained 3 steps") == 1  # only rank 0 reports
+    assert cli_main(_args(tmp_path / "one", batch_size=2)) == 0
+    two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    assert two.keys() == one.keys()
+    for k in one:
+        assert rel_err(two[k], one[k]) < 1e-4, k
+    h_two = torch.load(tmp_path / "two" / "checkpoint-3" / "trainer_state.pt", weights_only=False)["history"]
+    h_one = torch.load(tmp_path / "one" / "checkpoint-3" / "trainer_state.pt", weights_only=False)["history"]
+    for a, b in zip(h_two, h_one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["tokens"] == b["tokens"]
+    # a checkpoint written by two processes resumes with two, not one
+    assert cli_main(_args(tmp_path / "two", batch_size=2, steps=4, resume=True)) == 2
