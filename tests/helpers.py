@@ -45,6 +45,12 @@ def hf_config(family: str = "llama", **overrides):
         cfg = Gemma3TextConfig(**kwargs)
         cfg._attn_implementation = "eager"
         return cfg
+    if family == "phi3":
+        from transformers import Phi3Config
+
+        kwargs.setdefault("pad_token_id", 0)
+        kwargs.setdefault("eos_token_id", 2)
+        return Phi3Config(**kwargs)
     if family == "qwen2":
         return Qwen2Config(**kwargs)
     if family == "qwen3":

@@ -12,10 +12,15 @@ from fastqlora.lora import LINEAR_TARGETS, iter_adapters
 peft = pytest.importorskip("peft")
 
 
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
 def _pair(tmp_path, r=6, alpha=10, use_rslora=False, family="llama", targets=LINEAR_TARGETS):
-    """transformers+PEFT and fastqlora on the same weights with the same (non-zero) adapters."""
+    """transformers+PEFT and fastqlora on the same weights with the same (non-zero) adapters.
+    Ours always gets ``targets``; PEFT gets Phi-3's fused names for Phi-3 (ours maps to them)."""
     hf = write_hf_model(tmp_path, family)
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
+    peft_targets = PHI3_TARGETS if family == "phi3" else list(targets)
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=peft_targets,
                           use_rslora=use_rslora, task_type="CAUSAL_LM")
     ref = peft.get_peft_model(hf, cfg)
     ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,
@@ -44,8 +49,9 @@ def _grads(ref, ours):
 
 @pytest.mark.parametrize("r,alpha,rslora,family", [(6, 10, False, "llama"), (4, 16, True, "llama"),
                                                   (6, 10, False, "gemma2"), (6, 10, False, "qwen2"),
-                                                  (6, 10, False, "qwen3"), (6, 10, False, "gemma3_text")],
-                         ids=["r6-a10", "rslora", "gemma2", "qwen2", "qwen3", "gemma3"])
+                                                  (6, 10, False, "qwen3"), (6, 10, False, "gemma3_text"),
+                                                  (6, 10, False, "phi3")],
+                         ids=["r6-a10", "rslora", "gemma2", "qwen2", "qwen3", "gemma3", "phi3"])
 def test_loss_and_lora_gradients_match_peft(tmp_path, r, alpha, rslora, family):
     ref, ours = _pair(tmp_path, r, alpha, rslora, family=family)
     ids = torch.randint(0, 211, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -57,7 +63,7 @@ def test_loss_and_lora_gradients_match_peft(tmp_path, r, alpha, rslora, family):
     loss_got.backward()
     assert abs(loss_got.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
     pairs = _grads(ref, ours)
-    assert len(pairs) == 2 * 7 * 2
+    assert len(pairs) == 2 * (4 if family == "phi3" else 7) * 2
     for got, want in pairs:
         assert rel_err(got, want) < 1e-5
     trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
@@ -108,7 +114,7 @@ def test_adapter_files_round_trip_with_peft(tmp_path):
         assert rel_err(mine.eval()(ids).logits, want) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3"])
 def test_merged_checkpoint_loads_in_transformers(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
@@ -180,3 +186,12 @@ def test_bad_arguments_are_explained(tmp_path):
         FastLanguageModel.get_peft_model(model, bias="all")
     with pytest.raises(ValueError, match="no LoRA adapters"):
         model.save_pretrained(tmp_path / "x")
+
+
+def test_fused_projections_take_whole_groups(tmp_path):
+    write_hf_model(tmp_path, "phi3")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"q_proj, k_proj, v_proj as one projection \(qkv_proj\).*not q_proj"):
+        FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    assert model.peft_config["target_modules"] == ["qkv_proj", "down_proj"]

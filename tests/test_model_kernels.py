@@ -42,7 +42,8 @@ def _check_kernels_against_reference(model, loss_tol: float, grad_tol: float, **
 
 
 @pytest.mark.parametrize("family,checkpointing", [("llama", False), ("llama", True), ("gemma2", True),
-                                                  ("gemma3_text", True), ("qwen3", True), ("qwen2", False)])
+                                                  ("gemma3_text", True), ("qwen3", True), ("qwen2", False),
+                                                  ("phi3", True)])
 def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, family, checkpointing):
     # gemma2: sandwich norms, soft-capped attention and logits, a sliding layer; qwen3: q and k
     # normalized per head before the in-place RoPE; qwen2: q, k, v biases
@@ -73,6 +74,8 @@ def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, fa
     ("gemma3_text", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, vocab_size=1003, num_hidden_layers=3, sliding_window=100,
                          query_pre_attn_scalar=64)),
+    ("phi3", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=1003, sliding_window=100)),
 ])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_kernels_match_reference_ops(tmp_path, family, overrides, checkpointing):

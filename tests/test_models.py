@@ -45,8 +45,10 @@ def _compare(hf, ours, ids, **kw):
     ("llama", dict(attention_bias=True)),                             # q, k, v and o biases
     ("gemma3_text", dict(num_hidden_layers=3)),   # q/k norms, sandwich norms, local and global RoPE
     ("gemma3_text", dict(num_hidden_layers=4, tie_word_embeddings=False)),
+    ("phi3", dict()),                                                 # fused qkv_proj and gate_up_proj
+    ("phi3", dict(sliding_window=7)),
 ], ids=["gqa1", "gqa2", "gqa4", "tied-headdim", "mistral-window", "gemma", "gemma2", "qwen2", "qwen2-window",
-        "qwen3", "qwen3-bias-tied", "llama-bias", "gemma3", "gemma3-untied"])
+        "qwen3", "qwen3-bias-tied", "llama-bias", "gemma3", "gemma3-untied", "phi3", "phi3-window"])
 def test_logits_match_transformers(tmp_path, family, overrides):
     hf = write_hf_model(tmp_path, family, **overrides)
     ours = _load(tmp_path)
@@ -76,7 +78,7 @@ def test_transformers5_rope_parameters_form(tmp_path):
     assert ours.cfg.rope_type == "llama3" and ours.cfg.rope["factor"] == 8.0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3"])
 def test_loss_and_input_embedding_gradients_match(tmp_path, family):
     hf = write_hf_model(tmp_path, family)
     ours = _load(tmp_path)
@@ -138,6 +140,7 @@ def test_num_items_in_batch_gives_sum_over_count(tmp_path):
      (None, None, None, 9)),
     ("qwen2", dict(num_hidden_layers=4, use_sliding_window=False, sliding_window=9), ()),
     ("mistral", dict(num_hidden_layers=2, sliding_window=9), (9, 9)),
+    ("phi3", dict(num_hidden_layers=2, sliding_window=9), (9, 9)),
     ("mistral", dict(num_hidden_layers=2, sliding_window=None), ()),
     ("llama", dict(num_hidden_layers=2), ()),
 ])
@@ -195,4 +198,18 @@ def test_gemma3_config_before_transformers_5(tmp_path):
     assert [cfg.local_rope(i) for i in range(4)] == [True, False, True, False]
     path.write_text(json.dumps({**raw, "use_bidirectional_attention": True}))
     with pytest.raises(ValueError, match=r"use_bidirectional_attention=true .*config\.json.* not supported"):
+        read_config(tmp_path)
+
+
+def test_partial_rotary_is_refused_by_name(tmp_path):
+    import json
+
+    from fastqlora.models.config import read_config
+
+    write_hf_model(tmp_path, "phi3")
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw["rope_parameters"] = {**raw.get("rope_parameters", {}), "partial_rotary_factor": 0.75}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.75 .*config\.json.* not supported"):
         read_config(tmp_path)

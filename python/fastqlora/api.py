@@ -20,8 +20,8 @@ import torch
 from .checkpointing import resolve_mode
 from .export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, save_merged
 from .loading import load_model, resolve_model_path
-from .lora import (LINEAR_TARGETS, OTHER_TARGETS, attach_lora, load_adapter_state_dict, module_name_from_peft,
-                   validate_targets)
+from .lora import (FUSED_TARGETS, LINEAR_TARGETS, OTHER_TARGETS, attach_lora, load_adapter_state_dict,
+                   module_name_from_peft, targets_for, validate_targets)
 from .models.causal_lm import CausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -129,7 +129,8 @@ class FastLanguageModel:
         if getattr(model, "peft_config", None) is not None:
             raise ValueError("this model already has LoRA adapters")
         mode = resolve_mode(use_gradient_checkpointing)
-        targets = validate_targets(target_modules if target_modules is not None else list(LINEAR_TARGETS))
+        targets = targets_for(model, validate_targets(target_modules if target_modules is not None
+                                                      else list(LINEAR_TARGETS)))
         for p in model.parameters():
             p.requires_grad_(False)
         attach_lora(model, targets, r, lora_alpha, lora_dropout, use_rslora, seed=random_state)
@@ -182,7 +183,7 @@ def _from_adapter(path: Path, max_seq_length: int, dtype, load_in_4bit: bool, de
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length, dtype, load_in_4bit, device, token)
     targets = cfg.get("target_modules") or list(LINEAR_TARGETS)
     if isinstance(targets, str):
-        allowed = LINEAR_TARGETS + OTHER_TARGETS
+        allowed = LINEAR_TARGETS + FUSED_TARGETS + OTHER_TARGETS
         if targets in ("all-linear", "all"):
             targets = list(LINEAR_TARGETS)
         elif targets in allowed:

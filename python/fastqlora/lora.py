@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OTHER_TARGETS = ("embed_tokens", "lm_head")
+FUSED_TARGETS = ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections
+# a fused projection and the projections it holds: one adapter serves them together
+_FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -101,13 +104,34 @@ def validate_targets(target_modules: Iterable[str] | str) -> list[str]:
             list(LINEAR_TARGETS) if target_modules in ("all-linear", "all") else [target_modules]
         )
     targets = list(dict.fromkeys(target_modules))
-    allowed = LINEAR_TARGETS + OTHER_TARGETS
+    allowed = LINEAR_TARGETS + FUSED_TARGETS + OTHER_TARGETS
     unknown = [t for t in targets if t not in allowed]
     if unknown:
         raise ValueError(f"unknown target_modules {unknown}; choose from {list(allowed)} or 'all-linear'")
     if not targets:
         raise ValueError("target_modules is empty: name at least one projection, e.g. ['q_proj', 'v_proj']")
     return targets
+
+
+def targets_for(model: nn.Module, targets: list[str]) -> list[str]:
+    """``targets`` in the model's own projection names: a model with fused projections
+    (Phi-3) takes q/k/v as ``qkv_proj`` and gate/up as ``gate_up_proj`` (all of a group or
+    none: one adapter spans the fused output); the others take the fused names apart."""
+    fused = bool(getattr(getattr(model, "cfg", None), "fused_projections", False))
+    out: list[str] = []
+    for name in targets:
+        group = next((g for g, parts in _FUSED_GROUPS.items() if name in parts), None)
+        if fused and group is not None:
+            missing = [p for p in _FUSED_GROUPS[group] if p not in targets]
+            if missing:
+                raise ValueError(f"this model computes {', '.join(_FUSED_GROUPS[group])} as one projection "
+                                 f"({group}): target all of them (or {group}), not {name} without {missing}")
+            name = group
+        elif not fused and name in _FUSED_GROUPS:
+            out.extend(_FUSED_GROUPS[name])
+            continue
+        out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def attach_lora(
@@ -123,7 +147,7 @@ def attach_lora(
 
     Targeted modules must expose an ``adapter`` slot (the model's FrozenLinear and
     Embedding modules do). Adapters are created on the host module's device."""
-    targets = set(validate_targets(target_modules))
+    targets = set(targets_for(model, validate_targets(target_modules)))
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)

@@ -8,7 +8,8 @@ Mistral's every layer, Gemma 2's every other one, Qwen's past ``max_window_layer
 ``query_pre_attn_scalar``), ``attention_bias`` / ``o_bias`` (Qwen 2's q, k, v biases),
 ``qk_norm`` (Qwen 3's and Gemma 3's per-head RMSNorm of q and k before RoPE),
 ``sandwich_norms`` (Gemma 2's and 3's norms after attention and around the MLP),
-``rope_local`` (Gemma 3's own RoPE for the sliding layers), ``tie_word_embeddings``.
+``rope_local`` (Gemma 3's own RoPE for the sliding layers), ``fused_projections`` (Phi-3's
+one ``qkv_proj`` and one ``gate_up_proj``), ``tie_word_embeddings``.
 
 An image-text checkpoint whose text model is one of these families (Gemma 3's ``gemma3``) is
 read as that text model: ``wrapper`` names the outer type and ``wrapper_raw`` keeps its
@@ -28,7 +29,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 # None reads config.json's ``attention_bias`` (transformers' own rule for that family),
 # a bool is what the family's modeling code fixes whatever the config says.
 _BASE = {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False, "qkv_bias": None, "o_bias": None,
-         "qk_norm": False, "sandwich_norms": False}
+         "qk_norm": False, "sandwich_norms": False, "fused_projections": False}
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(_BASE),
     "mistral": {**_BASE, "qkv_bias": False, "o_bias": False},
@@ -38,6 +39,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": {**_BASE, "qk_norm": True},
     "gemma3_text": {**_BASE, "norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True,
                     "sandwich_norms": True, "qk_norm": True},
+    "phi3": {**_BASE, "qkv_bias": False, "o_bias": False, "fused_projections": True},
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 # image-text model_type -> the model_type of its text_config (the model trained here)
@@ -73,6 +75,7 @@ class ModelConfig:
     o_bias: bool = False  # the output projection
     qk_norm: bool = False
     sandwich_norms: bool = False
+    fused_projections: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -176,7 +179,7 @@ def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
 def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str) -> tuple[tuple, int | None]:
     """(each layer's sliding window or None, the window), by transformers' rules: config.json's
     ``layer_types`` when it has them; else Mistral slides every layer, Gemma 2 the even ones
-    (0, 2, ...), Gemma 3 all but every ``sliding_window_pattern``-th, Qwen those from
+    (0, 2, ...), Phi-3 every layer, Gemma 3 all but every ``sliding_window_pattern``-th, Qwen those from
     ``max_window_layers`` on when ``use_sliding_window``."""
     qwen = model_type in ("qwen2", "qwen3")
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not qwen) else None
@@ -184,7 +187,7 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str
         return (), None
     types = cfg.get("layer_types")
     if types is None:
-        if model_type == "mistral":
+        if model_type in ("mistral", "phi3"):
             types = ["sliding_attention"] * layers
         elif model_type == "gemma2":
             types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
@@ -249,6 +252,10 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         rope, rope_local = _gemma3_ropes(cfg)
     else:
         rope = _rope_parameters(cfg)
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial}{where} is not supported (RoPE here rotates the whole "
+                         f"head)")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     scalar = cfg.get("query_pre_attn_scalar")
@@ -280,6 +287,7 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         o_bias=bias if family["o_bias"] is None else family["o_bias"],
         qk_norm=family["qk_norm"],
         sandwich_norms=family["sandwich_norms"],
+        fused_projections=family["fused_projections"],
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),

@@ -54,9 +54,12 @@ class Attention(nn.Module):
         self.window = cfg.window(layer)
         self.local_rope = cfg.local_rope(layer)  # Gemma 3's sliding layers rotate with their own tables
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = FrozenLinear(h, cfg.num_heads * d, bias, dtype, device)
-        self.k_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
-        self.v_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
+        if cfg.fused_projections:  # Phi-3: q, k and v as one projection (and one adapter)
+            self.qkv_proj = FrozenLinear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias, dtype, device)
+        else:
+            self.q_proj = FrozenLinear(h, cfg.num_heads * d, bias, dtype, device)
+            self.k_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
+            self.v_proj = FrozenLinear(h, cfg.num_kv_heads * d, bias, dtype, device)
         self.o_proj = FrozenLinear(cfg.num_heads * d, h, cfg.o_bias, dtype, device)
         if cfg.qk_norm:  # Qwen 3: each head of q and k RMS-normalized over head_dim before RoPE
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
@@ -65,6 +68,13 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, cos, sin, position_ids):
         B, S, _ = x.shape
         c = self.cfg
+        if c.fused_projections:  # one launch rotates q and k inside the fused output; no copies
+            qkv = ops.apply_rope_qkv(self.qkv_proj(x), c.num_heads, c.num_kv_heads, c.head_dim, cos, sin,
+                                     position_ids)
+            nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            return (qkv[..., :nq].unflatten(-1, (c.num_heads, c.head_dim)),
+                    qkv[..., nq:nq + nk].unflatten(-1, (c.num_kv_heads, c.head_dim)),
+                    qkv[..., nq + nk:].unflatten(-1, (c.num_kv_heads, c.head_dim)))
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if fused_nf4_enabled(x) and all(p.adapter is None or hasattr(p.adapter, "lora_A") for p in projs):
             from ..ops.lora_fused import lora_projections  # one read of x, one thin LoRA product
@@ -116,11 +126,19 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype=None, device=None) -> None:
         super().__init__()
         self.act = cfg.act
-        self.gate_proj = FrozenLinear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
-        self.up_proj = FrozenLinear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
+        self.intermediate = cfg.intermediate_size
+        self.fused = cfg.fused_projections
+        if self.fused:  # Phi-3: gate and up as one projection, gate the first half
+            self.gate_up_proj = FrozenLinear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype, device)
+        else:
+            self.gate_proj = FrozenLinear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
+            self.up_proj = FrozenLinear(cfg.hidden_size, cfg.intermediate_size, False, dtype, device)
         self.down_proj = FrozenLinear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(ops.act_mul(gate, up, self.act))
         projs = (self.gate_proj, self.up_proj, self.down_proj)
         if fused_nf4_enabled(x) and all(p.adapter is None or hasattr(p.adapter, "lora_A") for p in projs):
             from ..ops.lora_mlp import lora_mlp  # one autograd Function, gate/up recomputed in backward
@@ -166,7 +184,7 @@ class DecoderLayer(nn.Module):
             # long sequences: the MLP's intermediates (gate, up, product and their
             # gradients, ~8 × intermediate bytes a token) live for one tile at a time
             params = [p for m in self._mlp_modules() for p in m.parameters() if p.requires_grad]
-            per_token = 8 * self.mlp.gate_proj.out_features * h.element_size()
+            per_token = 8 * self.mlp.intermediate * h.element_size()
             return h + tiled_apply(self._mlp_block, h, params=params, bytes_per_token=per_token,
                                   budget_bytes=MLP_TILE_BYTES)
         return h + self._mlp_block(h)

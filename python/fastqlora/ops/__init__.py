@@ -6,7 +6,7 @@ from .attention import attention
 from .cross_entropy import linear_cross_entropy
 from .dispatch import backend, current_backend, use_triton
 from .rms_norm import rms_norm
-from .rope import apply_rope, apply_rope_qk
+from .rope import apply_rope, apply_rope_qk, apply_rope_qkv
 
 __all__ = [
     "act_mul",
