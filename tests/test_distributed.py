@@ -52,3 +52,38 @@ def test_two_processes_train_what_one_trains_on_the_global_batch(tmp_path):
         assert a["tokens"] == b["tokens"]
     # a checkpoint written by two processes resumes with two, not one
     assert cli_main(_args(tmp_path / "two", batch_size=2, steps=4, resume=True)) == 2
+
+
+_HF_TRAINER = r"""
+import os, sys, torch
+from fastqlora import FastLanguageModel
+from transformers import Trainer, TrainingArguments
+model, _ = FastLanguageModel.from_pretrained(sys.argv[1], load_in_4bit=False, device="cpu", dtype=torch.float32)
+model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+g = torch.Generator().manual_seed(0)
+data = [{"input_ids": torch.randint(3, 200, (20,), generator=g)} for _ in range(8)]
+for d in data:
+    d["labels"] = d["input_ids"].clone()
+args = TrainingArguments(output_dir=sys.argv[2], per_device_train_batch_size=2, max_steps=3, use_cpu=True,
+                         ddp_backend="gloo", report_to=[], save_strategy="no", learning_rate=1e-3)
+Trainer(model=model, args=args, train_dataset=data).train()
+torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+           os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def test_transformers_trainer_under_torchrun(tmp_path):
+    """transformers' Trainer wraps the model in DDP itself: its gradient hooks work through
+    the model's own checkpointing, and the ranks' adapters stay equal."""
+    script = tmp_path / "hf_trainer.py"
+    script.write_text(_HF_TRAINER)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), MODEL, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.endswith("lora_B"))  # it trained
