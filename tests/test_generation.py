@@ -31,6 +31,28 @@ def test_greedy_equals_transformers(tmp_path, family, overrides):
     assert torch.equal(got, want)
 
 
+def test_longrope_generation_crossing_the_original_context(tmp_path):
+    """9 + 12 tokens cross Phi-3's original context (16 here), where longrope switches to its
+    long factors: the cache is recomputed there, and the tokens are those of transformers'
+    model run on the whole sequence at every step (its cached generate, 5.17, departs from
+    that model at the switch, so the uncached greedy loop is the reference)."""
+    g = torch.Generator().manual_seed(5)
+    hf = write_hf_model(tmp_path, "phi3", head_dim=16, hidden_size=96, max_position_embeddings=64,
+                        original_max_position_embeddings=16,
+                        rope_scaling={"rope_type": "longrope", "long_factor": (1 + torch.rand(8, generator=g) * 3).tolist(),
+                                      "short_factor": (1 + torch.rand(8, generator=g) * 0.5).tolist()})
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,
+                                                device="cpu")
+    FastLanguageModel.for_inference(ours)
+    ids = torch.randint(3, 211, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = ids
+    with torch.no_grad():
+        for _ in range(12):
+            want = torch.cat([want, hf(want).logits[:, -1].argmax(-1)[:, None]], dim=1)
+    got = ours.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(got, want)
+
+
 def test_stops_at_eos_and_pads_finished_rows(tmp_path):
     write_hf_model(tmp_path, "llama")
     ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,

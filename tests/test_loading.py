@@ -127,8 +127,8 @@ def test_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"num_attention_heads=6 in .*config\.json is not a multiple of "
                                          r"num_key_value_heads=4"):
         _load(tmp_path)
-    cfg_file.write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2}}))
-    with pytest.raises(ValueError, match=r"rope type 'longrope'"):
+    cfg_file.write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4, "factor": 2}}))
+    with pytest.raises(ValueError, match=r"rope type 'mrope'"):
         _load(tmp_path)
     cfg_file.unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json"):

@@ -56,6 +56,21 @@ def test_logits_match_transformers(tmp_path, family, overrides):
     assert _compare(hf, ours, ids) < 1e-5
 
 
+def test_phi3_longrope_matches_transformers(tmp_path):
+    """Phi-3's long-context RoPE: the short factors up to the original context, the long ones
+    past it (and back), cos/sin scaled by √(1 + ln s / ln L₀)."""
+    g = torch.Generator().manual_seed(5)
+    scaling = {"rope_type": "longrope", "long_factor": (1 + torch.rand(8, generator=g) * 3).tolist(),
+               "short_factor": (1 + torch.rand(8, generator=g) * 0.5).tolist()}
+    hf = write_hf_model(tmp_path, "phi3", head_dim=16, hidden_size=96, max_position_embeddings=64,
+                        original_max_position_embeddings=16, rope_scaling=scaling)
+    ours = _load(tmp_path)
+    assert ours.cfg.rope_type == "longrope"
+    for n in (12, 29, 10):  # short, long, short again
+        ids = torch.randint(0, hf.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(n))
+        assert _compare(hf, ours, ids) < 1e-5, n
+
+
 @pytest.mark.parametrize("rope", list(ROPES))
 def test_rope_scalings_match_transformers(tmp_path, rope):
     hf = write_hf_model(tmp_path, "llama", max_position_embeddings=24, **ROPES[rope])

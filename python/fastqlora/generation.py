@@ -109,7 +109,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     logits = model.prefill(input_ids, attention_mask, cache)
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
+    switch = getattr(model, "rope_switch_length", None)
+    for step in range(max_new_tokens):
         logits = logits.float()
         if do_sample:
             probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
@@ -122,5 +123,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             done |= torch.isin(nxt, eos)
         if bool(done.all()):
             break
-        logits = model.decode(nxt[:, None], cache)
+        if switch is not None and S + step + 1 == switch + 1 and cache.length <= switch:
+            # the sequence now reaches past the original context, where longrope rotates with its
+            # long factors: recompute every key with them, as transformers' generate does
+            seq = torch.cat(out, dim=1)
+            prompt_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            mask = torch.cat([prompt_mask.to(seq.device), torch.ones_like(seq[:, S:])], dim=1)
+            cache = model.allocate_cache(B, S + max_new_tokens)
+            logits = model.prefill(seq, mask, cache)
+        else:
+            logits = model.decode(nxt[:, None], cache)
     return torch.cat(out, dim=1)

@@ -192,6 +192,14 @@ class CausalLM(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # -- generation -------------------------------------------------------------------
+    @property
+    def rope_switch_length(self) -> int | None:
+        """With longrope, the original context past which RoPE changes factors (generation
+        then recomputes its cache once); None otherwise."""
+        if self.cfg.rope_type == "longrope":
+            return int(self.cfg.rope["original_max_position_embeddings"])
+        return None
+
     def allocate_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.cfg
         return KVCache.allocate(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, self.device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 # model_type -> the family switches that config.json does not spell out. The biases:
 # None reads config.json's ``attention_bias`` (transformers' own rule for that family),
@@ -138,6 +138,10 @@ def _validate_rope(rope: dict[str, Any], name: str, where: str) -> None:
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in rope:
                 raise ValueError(f"rope scaling 'llama3'{where} needs '{key}'")
+    if kind == "longrope":
+        for key in ("long_factor", "short_factor"):
+            if not isinstance(rope.get(key), list):
+                raise ValueError(f"rope scaling 'longrope'{where} needs '{key}', a list of head_dim / 2 numbers")
 
 
 def _gemma3_ropes(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -170,7 +174,7 @@ def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
         params["rope_type"] = params.pop("type")
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    if params["rope_type"] in ("llama3", "yarn"):
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings",
                           cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048)))
     return params

@@ -5,7 +5,9 @@ tables ``[positions, head_dim/2]`` (fp32, attention scaling folded in) that the
 The inverse frequencies follow transformers' ``modeling_rope_utils`` formulas: default
 ``θ^(-2i/d)``; linear divides them by ``factor``; dynamic NTK raises the base for
 sequences past the original length; llama3 rescales low and middle frequencies;
-yarn blends interpolated and extrapolated frequencies and scales cos/sin.
+yarn blends interpolated and extrapolated frequencies and scales cos/sin; longrope (Phi-3's
+long-context models) divides each frequency by its own factor, the short list up to the
+original context and the long list past it, and scales cos/sin by √(1 + ln s / ln L₀).
 """
 from __future__ import annotations
 
@@ -41,7 +43,24 @@ def inv_freq_for(cfg: ModelConfig, seq_len: int | None = None, device=None,
         return _llama3(p, _base_inv_freq(theta, dim, device)), 1.0
     if kind == "yarn":
         return _yarn(cfg, p, theta, dim, device)
+    if kind == "longrope":
+        return _longrope(cfg, p, theta, dim, seq_len, device)
     raise ValueError(f"unsupported rope type {kind!r}")
+
+
+def _longrope(cfg: ModelConfig, p: dict, theta: float, dim: int, seq_len: int | None,
+              device) -> tuple[torch.Tensor, float]:
+    orig = p["original_max_position_embeddings"]
+    factor = p.get("factor") or cfg.max_position_embeddings / orig
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    ext = p["long_factor"] if seq_len and seq_len > orig else p["short_factor"]
+    if len(ext) != dim // 2:
+        raise ValueError(f"longrope factors have {len(ext)} entries; head_dim {dim} needs {dim // 2}")
+    ext = torch.tensor(ext, dtype=torch.float32, device=device)
+    return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)), \
+        float(attention_factor)
 
 
 def _llama3(p: dict, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -114,10 +133,22 @@ class RotaryTables:
             self.max_seq_len_cached = original
             self._tables.clear()
 
+    def _update_longrope(self, seq_len: int) -> None:
+        # as transformers' longrope_frequency_update: the long factors while the positions
+        # reach past the original context, the short ones otherwise
+        long = seq_len > self.params["original_max_position_embeddings"]
+        if long != getattr(self, "_long", False):
+            self._long = long
+            self.inv_freq, self.scaling = inv_freq_for(self.cfg, seq_len if long else None, device="cpu",
+                                                       rope=self.params)
+            self._tables.clear()
+
     def get(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables covering positions ``0..seq_len-1`` (at least) on ``device``."""
         if self.params["rope_type"] == "dynamic":
             self._update_dynamic(seq_len)
+        elif self.params["rope_type"] == "longrope":
+            self._update_longrope(seq_len)
         cached = self._tables.get(device)
         if cached is not None and cached[0].shape[0] >= seq_len:
             return cached
