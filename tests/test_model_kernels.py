@@ -43,11 +43,13 @@ def _check_kernels_against_reference(model, loss_tol: float, grad_tol: float, **
 
 @pytest.mark.parametrize("family,checkpointing", [("llama", False), ("llama", True), ("gemma2", True),
                                                   ("gemma3_text", True), ("qwen3", True), ("qwen2", False),
-                                                  ("phi3", True)])
+                                                  ("phi3", True), ("phi3-partial", True)])
 def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, family, checkpointing):
     # gemma2: sandwich norms, soft-capped attention and logits, a sliding layer; qwen3: q and k
     # normalized per head before the in-place RoPE; qwen2: q, k, v biases
     extra = dict(num_hidden_layers=3, sliding_window=7) if family.startswith("gemma") else {}
+    if family == "phi3-partial":  # RoPE on the first 3/4 of each head, in place on the fused qkv
+        family, extra = "phi3", dict(partial_rotary_factor=0.75)
     model = _lora_model(tmp_path, family, torch.float32, kernel_device, 4, checkpointing, max_position_embeddings=64,
                         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=16, vocab_size=101, **extra)

@@ -216,15 +216,11 @@ def test_gemma3_config_before_transformers_5(tmp_path):
         read_config(tmp_path)
 
 
-def test_partial_rotary_is_refused_by_name(tmp_path):
-    import json
-
-    from fastqlora.models.config import read_config
-
-    write_hf_model(tmp_path, "phi3")
-    path = tmp_path / "config.json"
-    raw = json.loads(path.read_text())
-    raw["rope_parameters"] = {**raw.get("rope_parameters", {}), "partial_rotary_factor": 0.75}
-    path.write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.75 .*config\.json.* not supported"):
-        read_config(tmp_path)
+@pytest.mark.parametrize("factor", [0.75, 0.5])
+def test_partial_rotary_matches_transformers(tmp_path, factor):
+    """Phi-4-mini rotates the first 3/4 of each head; the rest passes through."""
+    hf = write_hf_model(tmp_path, "phi3", head_dim=16, hidden_size=96, partial_rotary_factor=factor)
+    ours = _load(tmp_path)
+    assert ours.cfg.rotary_dim == int(16 * factor)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(8))
+    assert _compare(hf, ours, ids) < 1e-5

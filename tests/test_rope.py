@@ -117,3 +117,36 @@ def test_llama8b_shape_bf16():
     with backend("triton"):
         q1, k1 = apply_rope(q.clone(), k.clone(), cos, sin, pos)
     assert rel_err(q1, q2) < 1e-2 and rel_err(k1, k2) < 1e-2
+
+
+@pytest.mark.parametrize("B,S,Hq,Hk,D", [(1, 1, 3, 1, 16), (2, 13, 6, 2, 24), (1, 37, 4, 4, 64)], ids=str)
+def test_partial_rotary_in_place_on_a_fused_projection(kernel_device, B, S, Hq, Hk, D):
+    """Tables narrower than head_dim / 2 (Phi-4-mini: 3/4 of each head rotates): the kernel
+    rotates dimensions i and i + R/2 for i < R/2 and leaves R.. as they were, both ways."""
+    R = (3 * D // 4) // 2 * 2
+    for dtype in _dtypes(kernel_device):
+        g = torch.Generator().manual_seed(S + D)
+        qkv = torch.randn(B, S, (Hq + 2 * Hk) * D, generator=g).to(kernel_device, dtype).requires_grad_(True)
+        pos = torch.randint(0, 50, (B, S), generator=g).to(kernel_device)
+        cos, sin = _tables(64, R // 2, kernel_device)
+        with backend("triton"):
+            out = apply_rope_qkv(qkv * 1, Hq, Hk, D, cos, sin, pos)
+        heads = out[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D))
+        before = qkv.detach()[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D))
+        assert torch.equal(heads[..., R:], before[..., R:])  # the tail passes through
+        ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+        x = before.to(ref_dtype)
+        c = cos.to(ref_dtype)[pos].unsqueeze(2)
+        s = sin.to(ref_dtype)[pos].unsqueeze(2)
+        x1, x2 = x[..., : R // 2], x[..., R // 2:R]
+        want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        assert rel_err(heads[..., :R], want) < TOL[dtype]
+        dy = torch.randn(out.shape, generator=g).to(kernel_device, dtype)
+        (out * dy).sum().backward()
+        # the backward is the rotation by -theta on the rotated share, identity elsewhere
+        gh = qkv.grad[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D)).to(ref_dtype)
+        d = dy[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D)).to(ref_dtype)
+        d1, d2 = d[..., : R // 2], d[..., R // 2:R]
+        assert rel_err(gh[..., :R], torch.cat([d1 * c + d2 * s, d2 * c - d1 * s], dim=-1)) < TOL[dtype]
+        assert torch.equal(qkv.grad[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D))[..., R:],
+                           dy[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D))[..., R:])

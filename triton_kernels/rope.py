@@ -1,7 +1,8 @@
 """Rotary embedding applied in place to q and k in one launch.
 
 For each token (b, s) at position p = position_ids[b, s], and each head, the pair
-(x₁, x₂) = (x[i], x[i + D/2]) rotates by θ_i(p):
+(x₁, x₂) = (x[i], x[i + R/2]) rotates by θ_i(p), i < R/2, where R/2 is the tables' width
+(R = D, or the rotated share of a partial-rotary model; dimensions R.. are not touched):
     forward:   x₁' = x₁·cos − x₂·sin,   x₂' = x₂·cos + x₁·sin
 The map is a rotation, so its Jacobian is its transpose, the rotation by −θ:
     backward:  d₁ = g₁·cos + g₂·sin,    d₂ = g₂·cos − g₁·sin
@@ -63,10 +64,12 @@ def _rope_kernel(Q, K, COS, SIN, POS, seq_len, q_sb, q_ss, q_sh, k_sb, k_ss, k_s
 def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
           backward: bool = False, num_warps: int | None = None) -> None:
     """Rotate q [B,S,Hq,D] and k [B,S,Hk,D] in place (unit stride on D; any other strides).
-    cos/sin: fp32 [P, D/2] contiguous; position_ids [B, S]."""
+    cos/sin: fp32 [P, R/2] contiguous, R <= D the rotated dimensions; position_ids [B, S]."""
     B, S, Hq, D = q.shape
     Hk = k.shape[2]
-    half = D // 2
+    half = cos.shape[-1]
+    if 2 * half > D:
+        raise ValueError(f"rope tables have {half} frequencies, more than head_dim {D} / 2")
     pos = position_ids.expand(B, S).contiguous()
     block_d = triton.next_power_of_2(half)
     _rope_kernel[(B * S,)](q, k, cos, sin, pos, S, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),

@@ -76,6 +76,7 @@ class ModelConfig:
     qk_norm: bool = False
     sandwich_norms: bool = False
     fused_projections: bool = False
+    partial_rotary_factor: float = 1.0  # the share of each head that RoPE rotates (Phi-4-mini: 0.75)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -91,6 +92,11 @@ class ModelConfig:
     @property
     def rope_type(self) -> str:
         return self.rope["rope_type"]
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that RoPE rotates (all unless partial)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def local_rope(self, layer: int) -> bool:
         """Whether layer ``layer`` rotates with ``rope_local`` (a sliding layer of Gemma 3)."""
@@ -112,6 +118,9 @@ class ModelConfig:
                              f"num_key_value_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim}{where} must be even for rotary embeddings")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor}{where} must leave an even, "
+                             f"non-zero number of rotated dimensions of head_dim={self.head_dim}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps={self.rms_norm_eps}{where} must be positive")
         for name, rope in (("rope", self.rope), ("the sliding layers' rope", self.rope_local)):
@@ -257,9 +266,7 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     else:
         rope = _rope_parameters(cfg)
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor={partial}{where} is not supported (RoPE here rotates the whole "
-                         f"head)")
+    partial = 1.0 if partial is None else float(partial)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     scalar = cfg.get("query_pre_attn_scalar")
@@ -292,6 +299,7 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         qk_norm=family["qk_norm"],
         sandwich_norms=family["sandwich_norms"],
         fused_projections=family["fused_projections"],
+        partial_rotary_factor=partial,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),

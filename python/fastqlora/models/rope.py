@@ -1,5 +1,5 @@
 """Rotary embedding frequencies for the scalings that checkpoints use, and the cos/sin
-tables ``[positions, head_dim/2]`` (fp32, attention scaling folded in) that the
+tables ``[positions, rotary_dim/2]`` (fp32, attention scaling folded in) that the
 ``apply_rope`` op gathers by position id.
 
 The inverse frequencies follow transformers' ``modeling_rope_utils`` formulas: default
@@ -25,10 +25,10 @@ def _base_inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
 
 def inv_freq_for(cfg: ModelConfig, seq_len: int | None = None, device=None,
                  rope: dict | None = None) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim/2], attention scaling) for ``rope`` (default: ``cfg.rope``).
+    """(inverse frequencies [rotary_dim/2], attention scaling) for ``rope`` (default: ``cfg.rope``).
     ``seq_len`` matters only for dynamic NTK."""
     p = rope if rope is not None else cfg.rope
-    kind, theta, dim = p["rope_type"], float(p["rope_theta"]), cfg.head_dim
+    kind, theta, dim = p["rope_type"], float(p["rope_theta"]), cfg.rotary_dim
     if kind == "default":
         return _base_inv_freq(theta, dim, device), 1.0
     if kind == "linear":

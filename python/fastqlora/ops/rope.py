@@ -1,8 +1,9 @@
 """Rotary position embedding applied to q and k, ``[batch, seq, heads, head_dim]``.
 
-The rotation pairs dimension ``i`` with ``i + head_dim/2`` (transformers'
-``rotate_half``). ``cos`` and ``sin`` are per-position tables ``[max_pos, head_dim/2]``
-in fp32 (attention scaling already folded in), gathered by ``position_ids`` so that
+The rotation pairs dimension ``i`` with ``i + R/2`` (transformers' ``rotate_half``) for the
+first ``R`` dimensions of each head: ``R = head_dim`` unless the model rotates only part of
+it (Phi-4-mini), the rest passing through. ``cos`` and ``sin`` are per-position tables
+``[max_pos, R/2]`` in fp32 (attention scaling already folded in), gathered by ``position_ids`` so that
 packed rows can restart positions. On CUDA one Triton launch rotates q and k in place
 (``fastqlora.triton_kernels.rope``); its backward is the rotation by −θ.
 """
@@ -14,7 +15,9 @@ from .dispatch import use_triton
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    half = cos.shape[-1]
+    if 2 * half < x.shape[-1]:  # partial rotary: the tail passes through
+        return torch.cat([_rotate(x[..., :2 * half], cos, sin), x[..., 2 * half:]], dim=-1)
     x1, x2 = x[..., :half], x[..., half:]
     cos_full = torch.cat([cos, cos], dim=-1)
     sin_full = torch.cat([sin, sin], dim=-1)
@@ -118,7 +121,7 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads
         if t.shape[-1] != h * head_dim:
             raise ValueError(f"{name} has width {t.shape[-1]}, expected {h} heads x {head_dim} = {h * head_dim}")
     if (use_triton(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
-            and q.dtype == k.dtype and head_dim % 2 == 0 and cos.shape[-1] * 2 == head_dim):
+            and q.dtype == k.dtype and head_dim % 2 == 0 and cos.shape[-1] * 2 <= head_dim):
         q, k = _RoPEPairInPlace.apply(q, k, cos.contiguous(), sin.contiguous(), position_ids,
                                       (num_heads, num_kv_heads, head_dim))
         return q.view(B, S, num_heads, head_dim), k.view(B, S, num_kv_heads, head_dim)
@@ -133,8 +136,8 @@ def apply_rope(
     The Triton path works in place on q and k and returns them."""
     if q.shape[-1] % 2 or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q and k need one even head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    if cos.shape[-1] * 2 != q.shape[-1]:
-        raise ValueError(f"rope tables have {cos.shape[-1]} frequencies for head_dim {q.shape[-1]}")
+    if cos.shape[-1] * 2 > q.shape[-1]:
+        raise ValueError(f"rope tables have {cos.shape[-1]} frequencies, more than head_dim {q.shape[-1]} / 2")
     if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == k.dtype:
         cos, sin = cos.contiguous(), sin.contiguous()
         if q._base is None and k._base is None:
