@@ -81,9 +81,24 @@ def _randomize_norms(model) -> None:
                 p.add_(torch.randn_like(p) * 0.1)
 
 
-def write_hf_gemma3_image_text(path: Path, seed: int = 0, **text_overrides):
-    """A random Gemma 3 image-text model (tiny SigLIP tower) written to ``path``; returned in
-    eval mode with transformers' eager attention."""
+def write_hf_image_text(path: Path, family: str = "gemma3", seed: int = 0, **text_overrides):
+    """A random image-text model (``gemma3``: SigLIP tower; ``mistral3``: Pixtral tower, both
+    tiny) written to ``path``; returned in eval mode with transformers' eager attention."""
+    if family == "mistral3":
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        torch.manual_seed(seed)
+        text = dict(model_type="mistral", vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                    tie_word_embeddings=False, **text_overrides)
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14, head_dim=16)
+        cfg = Mistral3Config(text_config=text, vision_config=vision, image_token_index=299, tie_word_embeddings=False)
+        cfg._attn_implementation = "eager"
+        model = Mistral3ForConditionalGeneration(cfg).eval()
+        _randomize_norms(model)
+        model.save_pretrained(path, safe_serialization=True)
+        return model
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(seed)

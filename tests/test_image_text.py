@@ -1,14 +1,14 @@
-"""Gemma 3's image-text checkpoints (model_type gemma3) trained as their text model: logits
-against transformers' Gemma3ForConditionalGeneration on text, adapters that PEFT loads onto
-that model (and back), and merged checkpoints that transformers loads whole, vision tower
-included (fp32, CPU)."""
+"""Image-text checkpoints (Gemma 3's gemma3, Mistral Small 3.1's mistral3) trained as their
+text model: logits against transformers' image-text model on text, adapters that PEFT loads
+onto that model (and back), and merged checkpoints that transformers loads whole, vision
+tower included (fp32, CPU)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from helpers import rel_err, write_hf_gemma3_image_text
+from helpers import rel_err, write_hf_image_text
 
 from fastqlora import FastLanguageModel
 from fastqlora.lora import iter_adapters
@@ -26,11 +26,16 @@ def _ids(seed=0, shape=(2, 23)):
     return torch.randint(0, 290, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_text_logits_match_transformers(tmp_path):
-    hf = write_hf_gemma3_image_text(tmp_path)
+FAMILIES = ["gemma3", "mistral3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_logits_match_transformers(tmp_path, family):
+    hf = write_hf_image_text(tmp_path, family)
     ours = _ours(tmp_path).eval()
-    assert ours.cfg.wrapper == "gemma3" and ours.cfg.model_type == "gemma3_text"
-    assert ours.cfg.layer_windows == (6, None, 6) and ours.cfg.rope_local["rope_theta"] == 10000.0
+    assert ours.cfg.wrapper == family and ours.cfg.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral"}[family]
+    if family == "gemma3":
+        assert ours.cfg.layer_windows == (6, None, 6) and ours.cfg.rope_local["rope_theta"] == 10000.0
     assert ours.passthrough and all(k.startswith(("vision_tower.", "multi_modal_projector."))
                                     for _, k, _ in ours.passthrough)
     ids = _ids()
@@ -38,8 +43,9 @@ def test_text_logits_match_transformers(tmp_path):
         assert rel_err(ours(ids).logits, hf(input_ids=ids).logits) < 1e-5
 
 
-def test_adapter_loads_in_peft_on_the_image_text_model_and_back(tmp_path):
-    hf = write_hf_gemma3_image_text(tmp_path / "base")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_loads_in_peft_on_the_image_text_model_and_back(tmp_path, family):
+    hf = write_hf_image_text(tmp_path / "base", family)
     ours = FastLanguageModel.get_peft_model(_ours(tmp_path / "base"), r=4, lora_alpha=8,
                                             use_gradient_checkpointing=False)
     with torch.no_grad():
@@ -63,7 +69,7 @@ def test_adapter_loads_in_peft_on_the_image_text_model_and_back(tmp_path):
 
 
 def test_peft_adapter_of_the_image_text_model_loads_here(tmp_path):
-    hf = write_hf_gemma3_image_text(tmp_path / "base")
+    hf = write_hf_image_text(tmp_path / "base")
     lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)",
                            task_type="CAUSAL_LM")
     ref = peft.get_peft_model(hf, lcfg)
@@ -83,20 +89,20 @@ def test_peft_adapter_of_the_image_text_model_loads_here(tmp_path):
         assert rel_err(mine.eval()(ids).logits, ref.eval()(input_ids=ids).logits) < 1e-5
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_merged_checkpoint_is_the_whole_image_text_model(tmp_path, load_in_4bit):
+@pytest.mark.parametrize("family,load_in_4bit", [("gemma3", False), ("gemma3", True), ("mistral3", False)])
+def test_merged_checkpoint_is_the_whole_image_text_model(tmp_path, family, load_in_4bit):
     from safetensors.torch import load_file
-    from transformers import Gemma3ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    hf = write_hf_gemma3_image_text(tmp_path / "base")
+    hf = write_hf_image_text(tmp_path / "base", family)
     ours = FastLanguageModel.get_peft_model(_ours(tmp_path / "base", load_in_4bit=load_in_4bit), r=4,
                                             lora_alpha=8, use_gradient_checkpointing=False)
     with torch.no_grad():
         for _, _, a in iter_adapters(ours):
             a.lora_B.normal_(0, 0.05)
     ours.save_pretrained_merged(tmp_path / "merged", dtype=torch.float32)
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "gemma3"
-    merged = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == family
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
     ids = _ids(4)
     with torch.no_grad():
         assert rel_err(merged(input_ids=ids).logits, ours.eval()(ids).logits) < 1e-5
@@ -114,7 +120,7 @@ def test_prequantized_image_text_checkpoint(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, Gemma3ForConditionalGeneration
 
-    write_hf_gemma3_image_text(tmp_path / "base")
+    write_hf_image_text(tmp_path / "base")
     q = Gemma3ForConditionalGeneration.from_pretrained(
         tmp_path / "base", dtype=torch.float32, device_map={"": "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

@@ -11,7 +11,8 @@ Mistral's every layer, Gemma 2's every other one, Qwen's past ``max_window_layer
 ``rope_local`` (Gemma 3's own RoPE for the sliding layers), ``fused_projections`` (Phi-3's
 one ``qkv_proj`` and one ``gate_up_proj``), ``tie_word_embeddings``.
 
-An image-text checkpoint whose text model is one of these families (Gemma 3's ``gemma3``) is
+An image-text checkpoint whose text model is one of these families (Gemma 3's ``gemma3``,
+Mistral Small 3.1's ``mistral3``) is
 read as that text model: ``wrapper`` names the outer type and ``wrapper_raw`` keeps its
 config.json, so that loading, adapters and merged checkpoints use the outer model's names.
 """
@@ -43,7 +44,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 # image-text model_type -> the model_type of its text_config (the model trained here)
-WRAPPERS: dict[str, str] = {"gemma3": "gemma3_text"}
+WRAPPERS: dict[str, str] = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -233,7 +234,9 @@ def _text_model_config(cfg: dict[str, Any], model_type: str, source: str) -> Mod
     if text.get("model_type", text_type) != text_type:
         raise ValueError(f"text_config.model_type {text.get('model_type')!r}{where} should be {text_type!r}")
     fields = {k: v for k, v in text.items() if k != "model_type"}
-    fields.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    # the outer model's flag decides (transformers ties by it: a tied checkpoint has no lm_head)
+    if "tie_word_embeddings" in cfg:
+        fields["tie_word_embeddings"] = cfg["tie_word_embeddings"]
     try:
         full = AutoConfig.for_model(text_type, **fields).to_dict()
     except (TypeError, ValueError) as exc:
