@@ -51,6 +51,15 @@ def hf_config(family: str = "llama", **overrides):
         kwargs.setdefault("pad_token_id", 0)
         kwargs.setdefault("eos_token_id", 2)
         return Phi3Config(**kwargs)
+    if family in ("granite", "smollm3", "olmo2"):
+        from transformers import AutoConfig
+
+        if family == "granite":  # scales far from 1 so that each one matters
+            for key, value in dict(embedding_multiplier=3.0, residual_multiplier=0.3, attention_multiplier=0.2,
+                                   logits_scaling=4.0).items():
+                kwargs.setdefault(key, value)
+        kwargs.setdefault("pad_token_id", 0)
+        return AutoConfig.for_model(family, **kwargs)
     if family == "qwen2":
         return Qwen2Config(**kwargs)
     if family == "qwen3":

@@ -12,7 +12,8 @@ from fastqlora.generation import filter_logits
 @pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 5}),
                                               ("gemma", {}), ("gemma2", {"num_hidden_layers": 3}),
                                               ("gemma3_text", {"num_hidden_layers": 3}), ("qwen2", {}),
-                                              ("qwen3", {}), ("phi3", {"sliding_window": 5})])
+                                              ("qwen3", {}), ("phi3", {"sliding_window": 5}), ("granite", {}),
+                                              ("smollm3", {"num_hidden_layers": 4}), ("olmo2", {})])
 def test_greedy_equals_transformers(tmp_path, family, overrides):
     hf = write_hf_model(tmp_path, family, **overrides)
     ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32,

@@ -23,7 +23,8 @@ def _load(path, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3", "granite",
+                                    "smollm3", "olmo2"])
 def test_4bit_matches_transformers_with_bitsandbytes_weights(tmp_path, family):
     hf = write_hf_model(tmp_path, family, **SMALL)
     ours = _load(tmp_path, load_in_4bit=True)
@@ -115,7 +116,7 @@ def test_errors_name_the_file_and_key(tmp_path):
     cfg_file = tmp_path / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
-    with pytest.raises(ValueError, match=r"'gpt_neox'.*config\.json.*supported model types: llama, mistral, gemma, gemma2, qwen2, qwen3, gemma3_text, phi3"):
+    with pytest.raises(ValueError, match=r"'gpt_neox'.*config\.json.*supported model types: llama, mistral, gemma, gemma2, qwen2, qwen3, gemma3_text, phi3, granite, smollm3, olmo2"):
         _load(tmp_path)
     cfg_file.write_text(json.dumps({**cfg, "model_type": "gemma3", "text_config": {"model_type": "llama"}}))
     with pytest.raises(ValueError, match=r"text_config\.model_type 'llama' .*config\.json.* should be 'gemma3_text'"):

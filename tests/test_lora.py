@@ -50,8 +50,10 @@ def _grads(ref, ours):
 @pytest.mark.parametrize("r,alpha,rslora,family", [(6, 10, False, "llama"), (4, 16, True, "llama"),
                                                   (6, 10, False, "gemma2"), (6, 10, False, "qwen2"),
                                                   (6, 10, False, "qwen3"), (6, 10, False, "gemma3_text"),
-                                                  (6, 10, False, "phi3")],
-                         ids=["r6-a10", "rslora", "gemma2", "qwen2", "qwen3", "gemma3", "phi3"])
+                                                  (6, 10, False, "phi3"), (6, 10, False, "granite"),
+                                                  (6, 10, False, "smollm3"), (6, 10, False, "olmo2")],
+                         ids=["r6-a10", "rslora", "gemma2", "qwen2", "qwen3", "gemma3", "phi3", "granite", "smollm3",
+                              "olmo2"])
 def test_loss_and_lora_gradients_match_peft(tmp_path, r, alpha, rslora, family):
     ref, ours = _pair(tmp_path, r, alpha, rslora, family=family)
     ids = torch.randint(0, 211, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -114,7 +116,8 @@ def test_adapter_files_round_trip_with_peft(tmp_path):
         assert rel_err(mine.eval()(ids).logits, want) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3", "granite", "smollm3",
+                                    "olmo2"])
 def test_merged_checkpoint_loads_in_transformers(tmp_path, family):
     from transformers import AutoModelForCausalLM
 

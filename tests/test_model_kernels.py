@@ -43,13 +43,16 @@ def _check_kernels_against_reference(model, loss_tol: float, grad_tol: float, **
 
 @pytest.mark.parametrize("family,checkpointing", [("llama", False), ("llama", True), ("gemma2", True),
                                                   ("gemma3_text", True), ("qwen3", True), ("qwen2", False),
-                                                  ("phi3", True), ("phi3-partial", True)])
+                                                  ("phi3", True), ("phi3-partial", True), ("granite", True),
+                                                  ("smollm3", True), ("olmo2", True)])
 def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, family, checkpointing):
     # gemma2: sandwich norms, soft-capped attention and logits, a sliding layer; qwen3: q and k
     # normalized per head before the in-place RoPE; qwen2: q, k, v biases
     extra = dict(num_hidden_layers=3, sliding_window=7) if family.startswith("gemma") else {}
     if family == "phi3-partial":  # RoPE on the first 3/4 of each head, in place on the fused qkv
         family, extra = "phi3", dict(partial_rotary_factor=0.75)
+    if family == "smollm3":  # layer 3 without RoPE
+        extra = dict(num_hidden_layers=4)
     model = _lora_model(tmp_path, family, torch.float32, kernel_device, 4, checkpointing, max_position_embeddings=64,
                         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=16, vocab_size=101, **extra)
@@ -78,6 +81,12 @@ def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, fa
                          query_pre_attn_scalar=64)),
     ("phi3", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=1003, sliding_window=100)),
+    ("granite", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=1003)),
+    ("smollm3", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=1003, num_hidden_layers=4)),
+    ("olmo2", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=1003)),
 ])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_kernels_match_reference_ops(tmp_path, family, overrides, checkpointing):

@@ -47,8 +47,13 @@ def _compare(hf, ours, ids, **kw):
     ("gemma3_text", dict(num_hidden_layers=4, tie_word_embeddings=False)),
     ("phi3", dict()),                                                 # fused qkv_proj and gate_up_proj
     ("phi3", dict(sliding_window=7)),
+    ("granite", dict()),                          # embedding, residual, attention and logit scales
+    ("smollm3", dict(num_hidden_layers=4)),                          # layer 3 without RoPE
+    ("smollm3", dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=5)),  # it slides
+    ("olmo2", dict()),                            # post norms, q/k normalized over all heads
 ], ids=["gqa1", "gqa2", "gqa4", "tied-headdim", "mistral-window", "gemma", "gemma2", "qwen2", "qwen2-window",
-        "qwen3", "qwen3-bias-tied", "llama-bias", "gemma3", "gemma3-untied", "phi3", "phi3-window"])
+        "qwen3", "qwen3-bias-tied", "llama-bias", "gemma3", "gemma3-untied", "phi3", "phi3-window", "granite",
+        "smollm3", "smollm3-window", "olmo2"])
 def test_logits_match_transformers(tmp_path, family, overrides):
     hf = write_hf_model(tmp_path, family, **overrides)
     ours = _load(tmp_path)
@@ -93,7 +98,8 @@ def test_transformers5_rope_parameters_form(tmp_path):
     assert ours.cfg.rope_type == "llama3" and ours.cfg.rope["factor"] == 8.0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3", "granite",
+                                    "smollm3", "olmo2"])
 def test_loss_and_input_embedding_gradients_match(tmp_path, family):
     hf = write_hf_model(tmp_path, family)
     ours = _load(tmp_path)
@@ -156,6 +162,8 @@ def test_num_items_in_batch_gives_sum_over_count(tmp_path):
     ("qwen2", dict(num_hidden_layers=4, use_sliding_window=False, sliding_window=9), ()),
     ("mistral", dict(num_hidden_layers=2, sliding_window=9), (9, 9)),
     ("phi3", dict(num_hidden_layers=2, sliding_window=9), (9, 9)),
+    ("smollm3", dict(num_hidden_layers=8, use_sliding_window=True, sliding_window=9, no_rope_layers=None),
+     (None, None, None, 9, None, None, None, 9)),
     ("mistral", dict(num_hidden_layers=2, sliding_window=None), ()),
     ("llama", dict(num_hidden_layers=2), ()),
 ])

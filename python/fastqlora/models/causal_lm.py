@@ -158,7 +158,7 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self._inputs(self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         B, S = h.shape[:2]
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
         n = int(position_ids.max()) + 1
@@ -180,16 +180,31 @@ class CausalLM(nn.Module):
         loss = None
         if labels is not None:
             shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            loss = ops.linear_cross_entropy(h, w, shifted, ignore_index=IGNORE_INDEX, num_items=num_items_in_batch,
+            # Granite's logits / s, as (h / s)·Wᵀ: the fused loss never holds the logits
+            # (the same numbers when s is a power of two, as Granite's are)
+            hs = h if self.cfg.logits_scaling == 1.0 else h / self.cfg.logits_scaling
+            loss = ops.linear_cross_entropy(hs, w, shifted, ignore_index=IGNORE_INDEX, num_items=num_items_in_batch,
                                             softcap=self.cfg.final_softcap)
         if return_logits is None:
             return_logits = labels is None or self.return_logits_with_loss
         logits = None
         if return_logits:
-            logits = F.linear(h, w)
-            if self.cfg.final_softcap is not None:
-                logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+            logits = self._head(h, w)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _inputs(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Granite multiplies the input embeddings in the model, given ones included."""
+        m = self.cfg.input_multiplier
+        return embeds if m == 1.0 else embeds * m
+
+    def _head(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Logits as transformers computes them: h·Wᵀ, Granite's division, the final soft-cap."""
+        logits = F.linear(h, w)
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
+        if self.cfg.final_softcap is not None:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        return logits
 
     # -- generation -------------------------------------------------------------------
     @property
@@ -205,7 +220,7 @@ class CausalLM(nn.Module):
         return KVCache.allocate(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
     def _step(self, ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        h = self.model.embed_tokens(ids)
+        h = self._inputs(self.model.embed_tokens(ids))
         n = int(position_ids.max()) + 1
         cos, sin = self.rope.get(n, h.device)
         local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
@@ -213,10 +228,7 @@ class CausalLM(nn.Module):
             h = layer.forward_cached(h, cos, sin, position_ids, cache, i, local)
         cache.length += ids.shape[1]
         h = self.model.norm(h[:, -1:])
-        logits = F.linear(h, self.lm_head_weight())[:, -1]
-        if self.cfg.final_softcap is not None:
-            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
-        return logits
+        return self._head(h, self.lm_head_weight())[:, -1]
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         B, S = input_ids.shape

@@ -9,7 +9,10 @@ Mistral's every layer, Gemma 2's every other one, Qwen's past ``max_window_layer
 ``qk_norm`` (Qwen 3's and Gemma 3's per-head RMSNorm of q and k before RoPE),
 ``sandwich_norms`` (Gemma 2's and 3's norms after attention and around the MLP),
 ``rope_local`` (Gemma 3's own RoPE for the sliding layers), ``fused_projections`` (Phi-3's
-one ``qkv_proj`` and one ``gate_up_proj``), ``tie_word_embeddings``.
+one ``qkv_proj`` and one ``gate_up_proj``), ``rope_layers`` (SmolLM3's layers without RoPE),
+``input_multiplier`` / ``residual_multiplier`` / ``logits_scaling`` (Granite's scales), ``post_norms`` and
+``qk_norm_full`` (OLMo 2: norms on each block's output instead of its input, q and k
+normalized over the whole projection), ``tie_word_embeddings``.
 
 An image-text checkpoint whose text model is one of these families (Gemma 3's ``gemma3``,
 Mistral Small 3.1's ``mistral3``) is
@@ -30,7 +33,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # None reads config.json's ``attention_bias`` (transformers' own rule for that family),
 # a bool is what the family's modeling code fixes whatever the config says.
 _BASE = {"norm_offset": 0.0, "act": "silu", "scale_embeddings": False, "qkv_bias": None, "o_bias": None,
-         "qk_norm": False, "sandwich_norms": False, "fused_projections": False}
+         "qk_norm": False, "sandwich_norms": False, "fused_projections": False, "post_norms": False}
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(_BASE),
     "mistral": {**_BASE, "qkv_bias": False, "o_bias": False},
@@ -41,6 +44,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3_text": {**_BASE, "norm_offset": 1.0, "act": "gelu_tanh", "scale_embeddings": True,
                     "sandwich_norms": True, "qk_norm": True},
     "phi3": {**_BASE, "qkv_bias": False, "o_bias": False, "fused_projections": True},
+    "granite": dict(_BASE),
+    "smollm3": dict(_BASE),
+    "olmo2": {**_BASE, "qkv_bias": False, "o_bias": False, "post_norms": True},
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 # image-text model_type -> the model_type of its text_config (the model trained here)
@@ -78,6 +84,12 @@ class ModelConfig:
     sandwich_norms: bool = False
     fused_projections: bool = False
     partial_rotary_factor: float = 1.0  # the share of each head that RoPE rotates (Phi-4-mini: 0.75)
+    rope_layers: tuple[bool, ...] = ()  # per layer, whether it applies RoPE; () = every layer does
+    input_multiplier: float = 1.0  # Granite: the model multiplies its input embeddings (given ones too)
+    residual_multiplier: float = 1.0  # Granite: h + m·block(h)
+    logits_scaling: float = 1.0  # Granite: logits / s
+    post_norms: bool = False  # OLMo 2: h + norm(block(h)), no input norms
+    qk_norm_full: bool = False  # OLMo 2: q and k RMS-normalized over all heads at once
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -98,6 +110,9 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """The leading dimensions of each head that RoPE rotates (all unless partial)."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.rope_layers[layer] if self.rope_layers else True
 
     def local_rope(self, layer: int) -> bool:
         """Whether layer ``layer`` rotates with ``rope_local`` (a sliding layer of Gemma 3)."""
@@ -129,6 +144,9 @@ class ModelConfig:
                 _validate_rope(rope, name, where)
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"sliding_window={self.sliding_window!r}{where} must be a positive integer or null")
+        if self.rope_layers and len(self.rope_layers) != self.num_layers:
+            raise ValueError(f"no_rope_layers{where} lists {len(self.rope_layers)} layers but num_hidden_layers="
+                             f"{self.num_layers}")
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_types{where} lists {len(self.layer_windows)} layers but num_hidden_layers="
                              f"{self.num_layers}")
@@ -195,7 +213,7 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str
     ``layer_types`` when it has them; else Mistral slides every layer, Gemma 2 the even ones
     (0, 2, ...), Phi-3 every layer, Gemma 3 all but every ``sliding_window_pattern``-th, Qwen those from
     ``max_window_layers`` on when ``use_sliding_window``."""
-    qwen = model_type in ("qwen2", "qwen3")
+    qwen = model_type in ("qwen2", "qwen3", "smollm3")  # windows only with use_sliding_window
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", not qwen) else None
     if model_type in ("llama", "gemma") or window is None:
         return (), None
@@ -208,6 +226,8 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, layers: int, where: str
         elif model_type == "gemma3_text":  # every sliding_window_pattern-th layer is full
             pattern = cfg.get("sliding_window_pattern", 6)
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        elif model_type == "smollm3":  # the layers without RoPE slide
+            types = ["full_attention" if r else "sliding_attention" for r in _smollm3_rope_layers(cfg, layers)]
         else:
             first = cfg.get("max_window_layers", layers)
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
@@ -246,6 +266,16 @@ def _text_model_config(cfg: dict[str, Any], model_type: str, source: str) -> Mod
     return dataclasses.replace(inner, source=source, wrapper=model_type, wrapper_raw=dict(cfg))
 
 
+def _smollm3_rope_layers(cfg: dict[str, Any], layers: int) -> tuple[bool, ...]:
+    """SmolLM3's ``no_rope_layers`` (despite the name, 1 = the layer applies RoPE), or its
+    default: every ``no_rope_layer_interval``-th layer without."""
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", 4)
+        flags = [int((i + 1) % interval != 0) for i in range(layers)]
+    return tuple(bool(f) for f in flags)
+
+
 def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     where = f" ({source})" if source else ""
     model_type = cfg.get("model_type")
@@ -275,6 +305,7 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
     scalar = cfg.get("query_pre_attn_scalar")
     windows, window = _layer_windows(cfg, model_type, cfg["num_hidden_layers"], where)
     bias = bool(cfg.get("attention_bias", False))
+    granite = model_type == "granite"
     return ModelConfig(
         model_type=model_type,
         vocab_size=cfg["vocab_size"],
@@ -292,11 +323,18 @@ def config_from_dict(cfg: dict[str, Any], source: str = "") -> ModelConfig:
         norm_offset=family["norm_offset"],
         act=family["act"],
         embed_scale=math.sqrt(cfg["hidden_size"]) if family["scale_embeddings"] else 1.0,
+        input_multiplier=float(cfg.get("embedding_multiplier", 1.0)) if granite else 1.0,
+        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)) if granite else 1.0,
+        logits_scaling=float(cfg.get("logits_scaling", 1.0)) if granite else 1.0,
+        rope_layers=_smollm3_rope_layers(cfg, cfg["num_hidden_layers"]) if model_type == "smollm3" else (),
+        post_norms=family["post_norms"],
+        qk_norm_full=model_type == "olmo2",
         sliding_window=window,
         layer_windows=windows,
         attn_softcap=cfg.get("attn_logit_softcapping"),
         final_softcap=cfg.get("final_logit_softcapping"),
-        attn_scale=scalar**-0.5 if scalar else None,
+        attn_scale=(float(cfg["attention_multiplier"]) if granite and "attention_multiplier" in cfg
+                    else scalar**-0.5 if scalar else None),
         attention_bias=bias if family["qkv_bias"] is None else family["qkv_bias"],
         o_bias=bias if family["o_bias"] is None else family["o_bias"],
         qk_norm=family["qk_norm"],

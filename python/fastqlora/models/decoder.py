@@ -53,6 +53,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.window = cfg.window(layer)
         self.local_rope = cfg.local_rope(layer)  # Gemma 3's sliding layers rotate with their own tables
+        self.rope = cfg.uses_rope(layer)  # SmolLM3 leaves every fourth layer without RoPE
         h, d, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
         if cfg.fused_projections:  # Phi-3: q, k and v as one projection (and one adapter)
             self.qkv_proj = FrozenLinear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias, dtype, device)
@@ -64,6 +65,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen 3: each head of q and k RMS-normalized over head_dim before RoPE
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
+        elif cfg.qk_norm_full:  # OLMo 2: over all heads of the projection at once
+            self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
 
     def _qkv(self, x: torch.Tensor, cos, sin, position_ids):
         B, S, _ = x.shape
@@ -84,12 +88,16 @@ class Attention(nn.Module):
             q, k = q.clone(), k.clone()
         else:
             q, k, v = (p(x) for p in projs)
+        # the normed q and k are cloned: RoPE rotates in place, which autograd forbids on a
+        # view of a custom Function's output (the RMSNorm kernel returns one)
         if c.qk_norm:
-            # cloned: RoPE rotates in place, which autograd forbids on a view of a custom
-            # Function's output (the RMSNorm kernel's)
             q = self.q_norm(q.view(B, S, c.num_heads, c.head_dim)).view(B, S, -1).clone()
             k = self.k_norm(k.view(B, S, c.num_kv_heads, c.head_dim)).view(B, S, -1).clone()
+        elif c.qk_norm_full:
+            q, k = self.q_norm(q).clone(), self.k_norm(k).clone()
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
+        if not self.rope:
+            return q.view(B, S, c.num_heads, c.head_dim), k.view(B, S, c.num_kv_heads, c.head_dim), v
         # q and k as the projections' own [B, S, H·D] outputs: one RoPE launch for both
         q, k = ops.apply_rope_qk(q, k, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, position_ids)
         return q, k, v
@@ -150,35 +158,50 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """``h + attn(norm(h))``, then ``h + mlp(norm(h))``; with Gemma 2's sandwich norms the
     attention output is normalized too (``post_attention_layernorm``) and the MLP runs between
-    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``."""
+    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``; with OLMo 2's post norms
+    only the outputs are normalized (``h + norm(attn(h))``); Granite scales each block's output
+    by ``residual_multiplier``."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0, dtype=None, device=None) -> None:
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)  # noqa: E731
-        self.sandwich = cfg.sandwich_norms
-        self.input_layernorm = norm()
+        self.sandwich, self.post = cfg.sandwich_norms, cfg.post_norms
+        self.m = cfg.residual_multiplier
+        if not self.post:  # OLMo 2's blocks read h as it is
+            self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, dtype, device)
         self.post_attention_layernorm = norm()
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()
+        if self.sandwich or self.post:
             self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg, dtype, device)
 
+    def _attn_in(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.post else self.input_layernorm(h)
+
     def _attn_out(self, a: torch.Tensor) -> torch.Tensor:
-        return self.post_attention_layernorm(a) if self.sandwich else a
+        a = self.post_attention_layernorm(a) if (self.sandwich or self.post) else a
+        return a if self.m == 1.0 else a * self.m
 
     def _mlp_modules(self) -> list[nn.Module]:
         if self.sandwich:
             return [self.pre_feedforward_layernorm, self.mlp, self.post_feedforward_layernorm]
+        if self.post:
+            return [self.mlp, self.post_feedforward_layernorm]
         return [self.post_attention_layernorm, self.mlp]
 
     def _mlp_block(self, h: torch.Tensor) -> torch.Tensor:
         if self.sandwich:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return self.mlp(self.post_attention_layernorm(h))
+            out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        elif self.post:
+            out = self.post_feedforward_layernorm(self.mlp(h))
+        else:
+            out = self.mlp(self.post_attention_layernorm(h))
+        return out if self.m == 1.0 else out * self.m
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        h = h + self._attn_out(self.self_attn(self.input_layernorm(h), ctx))
+        h = h + self._attn_out(self.self_attn(self._attn_in(h), ctx))
         tokens = h.numel() // h.shape[-1]
         if torch.is_grad_enabled() and tokens > MLP_TILE_ABOVE:
             # long sequences: the MLP's intermediates (gate, up, product and their
@@ -190,7 +213,7 @@ class DecoderLayer(nn.Module):
         return h + self._mlp_block(h)
 
     def forward_cached(self, h, cos, sin, position_ids, cache: KVCache, layer: int, local=None) -> torch.Tensor:
-        h = h + self._attn_out(self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, position_ids,
+        h = h + self._attn_out(self.self_attn.forward_cached(self._attn_in(h), cos, sin, position_ids,
                                                              cache, layer, local))
         return h + self._mlp_block(h)
 
