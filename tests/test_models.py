@@ -170,7 +170,7 @@ def test_num_items_in_batch_gives_sum_over_count(tmp_path):
 def test_layer_windows_without_layer_types(tmp_path, family, config, want):
     import json
 
-    from fastqlora.models.config import read_config
+    from fastqlora.models.families import read_config
 
     write_hf_model(tmp_path, family, **config)
     path = tmp_path / "config.json"
@@ -183,7 +183,7 @@ def test_layer_windows_without_layer_types(tmp_path, family, config, want):
 def test_config_errors_name_the_key_and_file(tmp_path):
     import json
 
-    from fastqlora.models.config import read_config
+    from fastqlora.models.families import read_config
 
     write_hf_model(tmp_path, "gemma2", num_hidden_layers=2)
     path = tmp_path / "config.json"
@@ -204,7 +204,7 @@ def test_gemma3_config_before_transformers_5(tmp_path):
     full layers, rope_local_base_freq for the sliding ones, sliding_window_pattern."""
     import json
 
-    from fastqlora.models.config import read_config
+    from fastqlora.models.families import read_config
 
     write_hf_model(tmp_path, "gemma3_text", num_hidden_layers=4)
     path = tmp_path / "config.json"

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from .models.causal_lm import CausalLM
-from .models.config import ModelConfig, read_config
+from .models.config import ModelConfig
+from .models.families import read_config
 from .models.linear import FrozenLinear
 from .quant import QUANT_STATE_KEY, NF4Tensor
 
