@@ -17,7 +17,8 @@ ops, FASTQLORA_NF4_FUSED=1). Each runs in its own process with its environment s
         --shapes llama-3.2-1b:2x2048,llama-3.2-1b:8x2048 --out results/e2e.json
     python benchmarks/bench_e2e.py --shapes qwen2.5-7b:2x2048,qwen3-8b:2x2048,gemma-2-9b:1x2048,gemma-3-4b-text:2x2048
 
-Shapes are random_checkpoint.py's (Llama 3/3.2, Qwen 2.5 and 3, Gemma 2 and 3's text model);
+Shapes are random_checkpoint.py's (Llama 3/3.2, Qwen 2.5 and 3, Gemma 2 and 3's text model,
+Phi-3.5-mini, Granite 3.1 8B, OLMo 2 7B, SmolLM3 3B);
 Gemma 2's baseline runs transformers' eager attention (its SDPA path drops the soft-cap).
 
 Floor (8B, 2×2048): 6·N_active·T FLOPs for a full backward would be 6·8e9·4096 ≈ 2.0e14;

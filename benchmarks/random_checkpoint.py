@@ -44,25 +44,56 @@ SHAPES = {
                             rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
                             rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=1024,
                             sliding_window_pattern=6, hidden_activation="gelu_pytorch_tanh"),
+    "phi-3.5-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=96,
+                         tie_word_embeddings=False, max_position_embeddings=131072,
+                         original_max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                         sliding_window=262144, pad_token_id=32000, eos_token_id=32000,
+                         # the factors' values do not change the work; these are smooth stand-ins
+                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + i / 96 for i in range(48)],
+                                       "long_factor": [1.0 + i / 2 for i in range(48)]}),
+    "granite-3.1-8b": dict(model_type="granite", vocab_size=49155, hidden_size=4096, intermediate_size=12800,
+                           num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                           tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=10_000_000.0,
+                           rms_norm_eps=1e-5, embedding_multiplier=12.0, residual_multiplier=0.22,
+                           attention_multiplier=0.0078125, logits_scaling=16.0),
+    "olmo-2-7b": dict(model_type="olmo2", vocab_size=100352, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                      tie_word_embeddings=False, max_position_embeddings=4096, rope_theta=500000.0,
+                      rms_norm_eps=1e-6),
+    "smollm3-3b": dict(model_type="smollm3", vocab_size=128256, hidden_size=2048, intermediate_size=11008,
+                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+                       tie_word_embeddings=True, max_position_embeddings=65536, rope_theta=5_000_000.0,
+                       rms_norm_eps=1e-6, no_rope_layer_interval=4, use_sliding_window=False),
 }
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+         "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 
 
 def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the checkpoint and its shape, by the family's layer layout (q/k/v biases
-    for Qwen 2, per-head q/k norms for Qwen 3 and Gemma 3, sandwich norms for Gemma 2 and 3)."""
+    for Qwen 2, per-head q/k norms for Qwen 3 and Gemma 3, sandwich norms for Gemma 2 and 3,
+    fused projections for Phi-3, output norms and whole-projection q/k norms for OLMo 2)."""
     family = cfg.get("model_type", "llama")
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     out = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
-                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
-                (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+        if family == "phi3":  # fused projections
+            out += [(p + "self_attn.qkv_proj.weight", (q + 2 * kv, h)), (p + "mlp.gate_up_proj.weight", (2 * i, h))]
+        else:
+            out += [(p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "mlp.gate_proj.weight", (i, h)),
+                    (p + "mlp.up_proj.weight", (i, h))]
+        out += [(p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
                 (p + "mlp.down_proj.weight", (h, i))]
+        if family != "olmo2":  # OLMo 2 normalizes block outputs only
+            out.append((p + "input_layernorm.weight", (h,)))
+        if family == "olmo2":
+            out += [(p + "self_attn.q_norm.weight", (q,)), (p + "self_attn.k_norm.weight", (kv,)),
+                    (p + "post_feedforward_layernorm.weight", (h,))]
         if family == "qwen2":
             out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
                     (p + "self_attn.v_proj.bias", (kv,))]
