@@ -1,6 +1,6 @@
-"""Data-parallel training under torchrun (two processes, gloo on the CPU): the adapter and
-the loss curve equal one process training the same global batches; files are written once;
-a checkpoint resumes only with the number of processes that wrote it."""
+"""Data-parallel training under torchrun (two processes, gloo on the CPU): the adapter, the
+loss curve and the eval loss equal one process training the same global batches; files are
+written once; a checkpoint resumes only with the number of processes that wrote it."""
 from __future__ import annotations
 
 import os
@@ -24,7 +24,7 @@ def _args(out, batch_size: int, steps: int = 3, resume: bool = False) -> list[st
             "--max-steps", str(steps), "--batch-size", str(batch_size), "--lora-r", "4", "--learning-rate", "2e-3",
             "--gradient-accumulation-steps", "2", "--use-gradient-checkpointing", "true", "--progress", "false",
             "--plot", "false", "--device", "cpu", "--load-in-4bit", "false", "--completion-only", "true",
-            "--save-steps", "2", "--resume", "true" if resume else "false"]
+            "--save-steps", "2", "--resume", "true" if resume else "false", "--eval-split", "0.25"]
 
 
 def _torchrun(out, batch_size: int, steps: int = 3, resume: bool = False) -> subprocess.CompletedProcess:
@@ -50,6 +50,8 @@ def test_two_processes_train_what_one_trains_on_the_global_batch(tmp_path):
     for a, b in zip(h_two, h_one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["tokens"] == b["tokens"]
+    # the eval set split over the two processes gives the one-process eval loss
+    assert h_two[-1]["eval_loss"] == pytest.approx(h_one[-1]["eval_loss"], rel=1e-4)
     # a checkpoint written by two processes resumes with two, not one
     assert cli_main(_args(tmp_path / "two", batch_size=2, steps=4, resume=True)) == 2
 

@@ -126,3 +126,42 @@ def test_cli_train_generate_export(tmp_path, capsys):
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
     assert cli_main(["train", "--model", MODEL, "--dataset", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_eval_loss_is_the_token_mean_on_held_out_examples(tmp_path):
+    """eval_split holds examples out of training; the eval loss is the mean loss a label token
+    on them, computed here again row by row with the trained model."""
+    from fastqlora.train.data import split_examples
+
+    cfg = _cfg(tmp_path, eval_split=0.25, eval_steps=2, max_steps=4)
+    trainer = _trainer(cfg)
+    examples = load_dataset(DATA, trainer.tokenizer, 256, completion_only=True)
+    train, held = split_examples(examples, 0.25, cfg.seed)
+    assert len(held) == round(0.25 * len(examples)) and len(train) + len(held) == len(examples)
+    assert not {tuple(e.input_ids) for e in held} & {tuple(e.input_ids) for e in train}
+    # the trainer's rows are exactly those examples, packed: every token of each side once
+    assert sum(len(r) for r in trainer.eval_rows) == sum(len(e.input_ids) for e in held)
+    assert sum(len(r) for r in trainer.rows) == sum(len(e.input_ids) for e in train)
+    history = trainer.train()
+    assert [("eval_loss" in h) for h in history] == [False, True, False, True]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        trainer.model.eval()
+        for row in trainer.eval_rows:
+            b = collate([row], trainer.pad_id)
+            total += trainer.model(**b, num_items_in_batch=1).loss.item()
+            count += int((b["labels"][:, 1:] != -100).sum())
+    assert history[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_eval_dataset_and_its_errors(tmp_path):
+    cfg = _cfg(tmp_path, eval_dataset=DATA, max_steps=2)
+    history = _trainer(cfg).train()
+    assert "eval_loss" in history[-1] and "eval_loss" not in history[0]
+    with pytest.raises(ValueError, match="eval_dataset or eval_split, not both"):
+        _cfg(tmp_path, eval_dataset=DATA, eval_split=0.1)
+    with pytest.raises(ValueError, match=r"eval_split is a share"):
+        _cfg(tmp_path, eval_split=1.5)
+    trainer = _trainer(_cfg(tmp_path / "none", max_steps=1))
+    with pytest.raises(ValueError, match="there is no eval set"):
+        trainer.evaluate()

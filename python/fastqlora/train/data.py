@@ -11,6 +11,7 @@ Labels use -100 for tokens that do not train (transformers' ignore index).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,17 @@ def load_dataset(
     if not out:
         raise ValueError(f"no example in {path} has a token to train on within max_seq_length={max_seq_length}")
     return out
+
+
+def split_examples(examples: list[Example], share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): ``share`` of the examples (at least one) drawn reproducibly by
+    ``seed``; the held-out ones are never trained on."""
+    if not examples:
+        return examples, []
+    n = min(len(examples) - 1, max(1, round(share * len(examples))))
+    if n <= 0:
+        raise ValueError(f"eval_split needs at least two examples to hold one out; the dataset has {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed * 7_919 + 17).shuffle(order)
+    held = set(order[:n])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])

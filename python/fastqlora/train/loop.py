@@ -22,7 +22,7 @@ import torch
 from . import distributed
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import load_dataset
+from .data import load_dataset, split_examples
 from .packing import collate, count_label_tokens, iterate_batches, pack_examples, unpacked_rows
 from .progress import Progress
 
@@ -64,10 +64,17 @@ class Trainer:
         self.device = next(p.device for p in model.parameters())
         self.group = distributed.current()  # None: this process trains alone
         self.world = self.group.world if self.group is not None else 1
+        self.eval_rows = None
         if rows is None:
             examples = load_dataset(cfg.dataset, tokenizer, cfg.max_seq_length, cfg.completion_only)
-            rows = (pack_examples(examples, cfg.max_seq_length, cfg.seed) if cfg.packing
-                    else unpacked_rows(examples, cfg.max_seq_length))
+            held_out = []
+            if cfg.eval_dataset:
+                held_out = load_dataset(cfg.eval_dataset, tokenizer, cfg.max_seq_length, cfg.completion_only)
+            elif cfg.eval_split:
+                examples, held_out = split_examples(examples, cfg.eval_split, cfg.seed)
+            rows = self._rows(examples)
+            if held_out:
+                self.eval_rows = self._rows(held_out)
         self.rows = rows
         self.pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
                        else 0)
@@ -84,6 +91,36 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     # -- state -------------------------------------------------------------------------
+    def _rows(self, examples) -> list:
+        cfg = self.cfg
+        return (pack_examples(examples, cfg.max_seq_length, cfg.seed) if cfg.packing
+                else unpacked_rows(examples, cfg.max_seq_length))
+
+    @torch.no_grad()
+    def evaluate(self, rows=None) -> float:
+        """The mean loss a label token on ``rows`` (default: the eval set): every token weighs
+        the same however the rows are packed or split over processes."""
+        rows = self.eval_rows if rows is None else rows
+        if not rows:
+            raise ValueError("there is no eval set: give eval_dataset or eval_split")
+        was_training = self.model.training
+        self.model.eval()
+        rank = self.group.rank if self.group is not None else 0
+        total, count = 0.0, 0
+        try:
+            for start in range(rank * self.cfg.batch_size, len(rows), self.cfg.batch_size * self.world):
+                batch = collate(rows[start:start + self.cfg.batch_size], self.pad_id)
+                n = count_label_tokens(batch)
+                if n:  # num_items_in_batch=1: the loss is the sum over this batch's tokens
+                    total += float(self.model(**_to_device(batch, self.device), num_items_in_batch=1).loss)
+                    count += n
+        finally:
+            self.model.train(was_training)
+        if self.group is not None:
+            total = distributed.sum_value(total, self.device)
+            count = int(distributed.sum_value(float(count), self.device))
+        return total / max(count, 1)
+
     @property
     def main(self) -> bool:
         """Whether this process writes files and shows progress (the only one, or rank 0)."""
@@ -183,6 +220,11 @@ class Trainer:
                 # interruption then replays the unfinished step)
                 self.step, self.position = self.step + 1, position
                 record = {"step": self.step, "loss": loss, "lr": lr, "tokens": tokens, "seconds": dt}
+                last = self.step == self.total_steps
+                if self.eval_rows and ((cfg.eval_steps and self.step % cfg.eval_steps == 0) or last):
+                    record["eval_loss"] = self.evaluate()
+                    if self.main:
+                        progress.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}")
                 self.history.append(record)
                 progress.update(record)
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:

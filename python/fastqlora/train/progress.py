@@ -26,6 +26,13 @@ class Progress:
         self.bar.set_postfix(info, refresh=False)
         self.bar.update(1)
 
+    def write(self, line: str) -> None:
+        """A line above the bar (or on stdout without one)."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
