@@ -93,6 +93,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [h["step"] for h in history] == list(range(1, 7))
     for a, b in zip(history, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    # metrics.jsonl holds each step once, the replayed step 4 included, as the history does
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
 
 
 def test_interrupt_saves_the_adapter(tmp_path, monkeypatch):
@@ -165,3 +168,10 @@ def test_eval_dataset_and_its_errors(tmp_path):
     trainer = _trainer(_cfg(tmp_path / "none", max_steps=1))
     with pytest.raises(ValueError, match="there is no eval set"):
         trainer.evaluate()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
+    _trainer(_cfg(tmp_path, max_steps=7, save_steps=2, save_total_limit=2)).train()
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-6", "checkpoint-7"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 7

@@ -46,13 +46,28 @@ def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dic
     return final
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    output_dir = Path(output_dir)
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under ``output_dir``, oldest first."""
     if not output_dir.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
-    found = [(s, p) for s, p in found if (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+    return sorted((s, p) for s, p in found if (p / STATE_FILE).is_file())
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (keep = 0: none deleted); returns the
+    deleted folders."""
+    if keep <= 0:
+        return []
+    old = [p for _, p in _checkpoints(Path(output_dir))[:-keep]]
+    for p in old:
+        shutil.rmtree(p)
+    return old
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = _checkpoints(Path(output_dir))
+    return found[-1][1] if found else None
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class TrainConfig:
     # bookkeeping
     logging_steps: int = 1
     save_steps: int = 0  # 0: only at the end
+    save_total_limit: int = 0  # keep only the newest this many checkpoint-N folders (0: all)
     eval_dataset: str | None = None  # a JSONL file to measure the loss on (never trained on)
     eval_split: float = 0.0  # else: this share of the dataset's examples held out for it
     eval_steps: int = 0  # evaluate every this many steps (0: at the end only, when there is an eval set)
@@ -68,8 +69,8 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim must be one of {OPTIMIZERS}, got {self.optim!r}")
-        if self.warmup_steps < 0 or self.save_steps < 0 or self.eval_steps < 0:
-            raise ValueError("warmup_steps, save_steps and eval_steps must not be negative")
+        if self.warmup_steps < 0 or self.save_steps < 0 or self.eval_steps < 0 or self.save_total_limit < 0:
+            raise ValueError("warmup_steps, save_steps, save_total_limit and eval_steps must not be negative")
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split is a share of the examples, in [0, 1); got {self.eval_split}")
         if self.eval_dataset and self.eval_split:

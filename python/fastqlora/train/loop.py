@@ -10,6 +10,7 @@ same number of processes); Ctrl-C saves the adapter before leaving.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -20,11 +21,14 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import load_dataset, split_examples
 from .packing import collate, count_label_tokens, iterate_batches, pack_examples, unpacked_rows
 from .progress import Progress
+
+
+METRICS_FILE = "metrics.jsonl"  # under output_dir: each step's record, appended as it finishes
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -148,6 +152,7 @@ class Trainer:
         path = Path(self.cfg.output_dir) / f"checkpoint-{self.step}"
         if self.main:
             path = save_checkpoint(self.cfg.output_dir, self.step, self.model, self.state())
+            prune_checkpoints(self.cfg.output_dir, self.cfg.save_total_limit)
         if self.group is not None:
             distributed.barrier()  # the checkpoint is complete before any process goes on
         return path
@@ -197,6 +202,10 @@ class Trainer:
             random.seed(cfg.seed)  # dropout and sampling replay the same way run after run
             torch.manual_seed(cfg.seed)
         rank = self.group.rank if self.group is not None else 0
+        if self.main:  # the metrics file starts as the history so far (empty, or the resumed one)
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history),
+                                                            encoding="utf-8")
         batches = iterate_batches(self.rows, cfg.batch_size * self.world, cfg.seed, *self.position)
         progress = Progress(self.total_steps, self.step, enabled=cfg.progress and self.main, device=self.device)
         try:
@@ -227,6 +236,9 @@ class Trainer:
                         progress.write(f"step {self.step}: eval loss {record['eval_loss']:.4f}")
                 self.history.append(record)
                 progress.update(record)
+                if self.main:  # one JSON line a step, for watching a run from outside
+                    with open(Path(cfg.output_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                     self.save()
         except KeyboardInterrupt:
