@@ -1,4 +1,4 @@
-"""JSONL records -> token ids and labels; packing; batching; configs."""
+"""Dataset records (JSONL, JSON, Parquet) -> token ids and labels; packing; batching; configs."""
 from __future__ import annotations
 
 import json
@@ -114,3 +114,40 @@ def test_config_checks_and_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: m\nlearnig_rate: 1\n")
     with pytest.raises(ValueError, match="learnig_rate"):
         load_config_file(tmp_path / "bad.yaml")
+
+
+def test_sharegpt_conversations_read_as_messages(tok):
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital of Peru?"},
+             {"from": "gpt", "value": "Lima."}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima."}]
+    for completion_only in (True, False):
+        got = tokenize_record({"conversations": turns}, tok, completion_only)
+        want = tokenize_record({"messages": msgs}, tok, completion_only)
+        assert got.input_ids == want.input_ids and got.labels == want.labels
+    with pytest.raises(ValueError, match=r"conversations\[1\] is from 'robot'"):
+        tokenize_record({"conversations": [turns[0], {"from": "robot", "value": "x"}]}, tok, True)
+    with pytest.raises(ValueError, match=r"conversations\[0\] needs string fields 'from' and 'value'"):
+        tokenize_record({"conversations": [{"role": "user"}]}, tok, True)
+    with pytest.raises(ValueError, match=r"no assistant turn"):
+        tokenize_record({"conversations": turns[:2]}, tok, True)
+
+
+def test_json_and_parquet_datasets_equal_jsonl(tmp_path, tok):
+    records = [{"text": "hello world"}, {"instruction": "Capital of Chile?", "output": "Santiago."},
+               {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}]
+    want = load_dataset(_write(tmp_path / "d.jsonl", records), tok, 64, completion_only=True)
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    got = load_dataset(tmp_path / "d.json", tok, 64, completion_only=True)
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    # one table holds every form: each row's fields are its non-null columns
+    keys = sorted({k for r in records for k in r})
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]), tmp_path / "d.parquet")
+    got = load_dataset(tmp_path / "d.parquet", tok, 64, completion_only=True)
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+    (tmp_path / "bad.json").write_text(json.dumps({"text": "not an array"}))
+    with pytest.raises(ValueError, match=r"bad\.json: a \.json dataset must be an array of records"):
+        load_dataset(tmp_path / "bad.json", tok, 64)

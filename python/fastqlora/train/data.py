@@ -1,9 +1,12 @@
-"""JSONL training data: read records, turn each into token ids and labels.
+"""Training data: read records (JSONL, a JSON array, or Parquet), turn each into token ids
+and labels.
 
-Three record forms, recognized by their fields:
+Four record forms, recognized by their fields:
 - ``{"text": ...}``: plain text, every token trains.
 - ``{"messages": [{"role", "content"}, ...]}``: a chat, rendered with the tokenizer's
   chat template; with ``completion_only`` only the assistant turns train.
+- ``{"conversations": [{"from", "value"}, ...]}``: ShareGPT's chats (human / gpt / system),
+  read as ``messages``.
 - ``{"instruction", "input"?, "output"}``: an Alpaca-style prompt and its answer; with
   ``completion_only`` only the answer trains.
 Labels use -100 for tokens that do not train (transformers' ignore index).
@@ -38,6 +41,44 @@ class Example:
         return len(self.input_ids)
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(record number, record) of a dataset file: JSONL (one object a line: the number is the
+    line), ``.json`` (an array of objects) or ``.parquet`` (one record a row; needs pyarrow)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); a .json dataset is one "
+                             f"array of records (use .jsonl for one record a line)") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json dataset must be an array of records, found {type(data).__name__}")
+        records = list(enumerate(data, 1))
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+        # a table has every column in every row: a record's fields are its non-null ones
+        rows = pq.read_table(path).to_pylist()
+        records = [(n, {k: v for k, v in row.items() if v is not None}) for n, row in enumerate(rows, 1)]
+    else:
+        return read_jsonl(path)
+    for n, rec in records:
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {n} is a {type(rec).__name__}, expected an object")
+        check_record(rec, f"{path}: record {n}")
+    if not records:
+        raise ValueError(f"dataset file {path} has no records")
+    return records
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of each non-blank line of a JSONL file; a malformed line is
     a ValueError naming the file and the line."""
@@ -62,8 +103,26 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def sharegpt_messages(turns: Any, where: str) -> list[dict[str, str]]:
+    """ShareGPT ``conversations`` as chat ``messages`` (human -> user, gpt -> assistant)."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: field 'conversations' must be a non-empty list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
+            raise ValueError(f"{where}: conversations[{i}] needs string fields 'from' and 'value'")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise ValueError(f"{where}: conversations[{i}] is from {t['from']!r}; expected one of "
+                             f"{sorted(SHAREGPT_ROLES)}")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return out
+
+
 def check_record(rec: dict[str, Any], where: str) -> str:
-    """The record's form ("text", "messages" or "instruction"); ValueError otherwise."""
+    """The record's form ("text", "messages" or "instruction"; ShareGPT ``conversations``
+    are checked and read as "messages"); ValueError otherwise."""
+    if "conversations" in rec and "messages" not in rec:
+        rec = {**rec, "messages": sharegpt_messages(rec["conversations"], where)}
     if "text" in rec:
         if not isinstance(rec["text"], str):
             raise ValueError(f"{where}: field 'text' must be a string")
@@ -86,8 +145,8 @@ def check_record(rec: dict[str, Any], where: str) -> str:
             raise ValueError(f"{where}: field 'input' must be a string")
         return "instruction"
     raise ValueError(
-        f"{where}: record has none of the fields 'text', 'messages' or 'instruction'/'output' "
-        f"(found {sorted(rec)})"
+        f"{where}: record has none of the fields 'text', 'messages', 'conversations' or "
+        f"'instruction'/'output' (found {sorted(rec)})"
     )
 
 
@@ -104,6 +163,8 @@ def _with_specials(tokenizer, prompt: list[int], answer: list[int]) -> tuple[lis
 
 
 def tokenize_record(rec: dict[str, Any], tokenizer, completion_only: bool, where: str = "") -> Example:
+    if "conversations" in rec and "messages" not in rec:
+        rec = {**rec, "messages": sharegpt_messages(rec["conversations"], where or "record")}
     kind = check_record(rec, where or "record")
     if kind == "text":
         ids, _ = _with_specials(tokenizer, [], _ids(tokenizer, rec["text"]))
@@ -153,12 +214,12 @@ def _tokenize_chat(messages: list[dict], tokenizer, completion_only: bool, where
 def load_dataset(
     path: str | Path, tokenizer, max_seq_length: int, completion_only: bool = False
 ) -> list[Example]:
-    """Tokenized examples of a JSONL file, truncated to ``max_seq_length``; examples with
-    nothing left to learn from are dropped."""
+    """Tokenized examples of a dataset file (see :func:`read_records`), truncated to
+    ``max_seq_length``; examples with nothing left to learn from are dropped."""
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
     out = []
-    for lineno, rec in read_jsonl(path):
+    for lineno, rec in read_records(path):
         ex = tokenize_record(rec, tokenizer, completion_only, f"{path}:{lineno}")
         ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
         if sum(label != IGNORE_INDEX for label in ex.labels[1:]) > 0:
