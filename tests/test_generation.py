@@ -93,3 +93,21 @@ def test_sampled_generation_is_reproducible(tmp_path):
     b = ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9,
                       generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == (2, 12)
+
+
+def test_generation_config_stop_tokens(tmp_path):
+    """An instruct model's end of turn lives in generation_config.json (Gemma's <end_of_turn>,
+    Llama 3's <|eot_id|>), not in config.json: generation stops there too."""
+    import json
+
+    write_hf_model(tmp_path, "llama", eos_token_id=None)
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    ids = torch.randint(3, 211, (1, 7), generator=torch.Generator().manual_seed(1))
+    free = ours.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert free.shape[1] == 12
+    first = int(free[0, 7])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [209, first]}))
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    assert ours.stop_ids() == [209, first] and ours.stop_ids([5]) == [209, first, 5]
+    stopped = ours.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert stopped.tolist() == free[:, :8].tolist()  # the stop token itself, then nothing

@@ -57,6 +57,20 @@ class FastModel(CausalLM):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
 
+def _generation_eos(path: Path) -> list[int]:
+    """The stop tokens of the folder's generation_config.json (instruct models list their
+    end-of-turn token there: Gemma's <end_of_turn>, Llama 3's <|eot_id|>); [] without one."""
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return []
+    try:
+        eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        warnings.warn(f"{f} is not a JSON object: its stop tokens are ignored", stacklevel=3)
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
+
+
 def _tokenizer(path: Path):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         warnings.warn(f"{path} has no tokenizer files: returning tokenizer=None", stacklevel=3)
@@ -111,6 +125,7 @@ class FastLanguageModel:
         model = load_model(path, dtype, load_in_4bit, device, model_cls=FastModel)
         model.name_or_path = str(model_name)
         model.max_seq_length = max_seq_length
+        model.generation_eos = _generation_eos(path)
         return model, _tokenizer(path)
 
     @staticmethod

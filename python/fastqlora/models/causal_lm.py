@@ -70,6 +70,7 @@ class CausalLM(nn.Module):
         self.rope = RotaryTables(cfg)
         self.rope_local = RotaryTables(cfg, cfg.rope_local) if cfg.rope_local is not None else None
         self.passthrough: list = []  # (file, key, pre-quantized): an image-text checkpoint's other tensors
+        self.generation_eos: list[int] = []  # generation_config.json's stop tokens (set by the loader)
         self.gradient_checkpointing: str = "off"  # "off", "checkpoint" or "offload"
         self.return_logits_with_loss = False
 
@@ -246,6 +247,13 @@ class CausalLM(nn.Module):
         cache.positions = cache.positions + n
         return self._step(tokens, pos, cache)
 
+    def stop_ids(self, extra: list[int | None] | None = None) -> list[int]:
+        """Every token that ends generation: config.json's eos, generation_config.json's (an
+        instruct model's end of turn) and ``extra`` (say, the tokenizer's eos)."""
+        eos = self.cfg.eos_token_id
+        ids = (eos if isinstance(eos, list) else [eos]) + list(self.generation_eos) + list(extra or [])
+        return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Greedy or sampled generation with a KV cache (see fastqlora.generation)."""
@@ -253,7 +261,7 @@ class CausalLM(nn.Module):
         self.eval()
         try:
             if kwargs.get("eos_token_id") is None:
-                kwargs["eos_token_id"] = self.cfg.eos_token_id
+                kwargs["eos_token_id"] = self.stop_ids()
             if kwargs.get("pad_token_id") is None:
                 kwargs["pad_token_id"] = self.cfg.pad_token_id
             kwargs.pop("use_cache", None)
