@@ -198,3 +198,38 @@ def test_fused_projections_take_whole_groups(tmp_path):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
     model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
     assert model.peft_config["target_modules"] == ["qkv_proj", "down_proj"]
+
+
+def test_merged_4bit_loads_in_transformers_with_bitsandbytes(tmp_path):
+    """save_method="merged_4bit": the merged projections quantized again to NF4 in transformers'
+    bnb-4bit format. transformers + bitsandbytes load it as it is (their dequantized weights equal
+    ours bit for bit), so does this library, and it is the 16-bit merge quantized on loading."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from fastqlora.models.linear import FrozenLinear
+
+    _, ours = _pair(tmp_path / "base", r=4, alpha=8)
+    ours.save_pretrained_merged(tmp_path / "m4", save_method="merged_4bit", dtype=torch.float32)
+    ours.save_pretrained_merged(tmp_path / "m16", dtype=torch.float32)
+    hf4 = AutoModelForCausalLM.from_pretrained(tmp_path / "m4", device_map={"": "cpu"}, dtype=torch.float32).eval()
+    mine4, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=True, dtype=torch.float32,
+                                                 device="cpu")
+    # the 16-bit merge quantized on loading: the same quantizer on the same weights
+    m16, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m16"), load_in_4bit=True, dtype=torch.float32,
+                                               device="cpu")
+    import bitsandbytes.functional as bnbf
+
+    # (bitsandbytes' CPU 4-bit matmul does not take these small shapes: compare the weights)
+    layers = [n for n, m in mine4.named_modules() if isinstance(m, FrozenLinear) and n != "lm_head"]
+    assert len(layers) == 14
+    for name in layers:
+        layer = hf4.get_submodule(name)
+        want = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        mine = mine4.get_submodule(name)
+        assert mine.is_quantized and torch.equal(mine.dense_weight(torch.float32), want.float()), name
+    ids = torch.randint(0, 211, (2, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(mine4.eval()(ids).logits, m16.eval()(ids).logits)
+    with pytest.raises(ValueError, match="save_method 'gguf' is not supported"):
+        ours.save_pretrained_merged(tmp_path / "x", save_method="gguf")

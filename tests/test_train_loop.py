@@ -127,6 +127,9 @@ def test_cli_train_generate_export(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(adapter), "--prompt", "What is", "--max-new-tokens", "3"]) == 0
     assert cli_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert cli_main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "merged4"), "--nf4"]) == 0
+    cfg4 = json.loads((tmp_path / "merged4" / "config.json").read_text())
+    assert cfg4["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert cli_main(["train", "--model", MODEL, "--dataset", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl does not exist" in capsys.readouterr().err
 

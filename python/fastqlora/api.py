@@ -44,11 +44,15 @@ class FastModel(CausalLM):
 
     def save_pretrained_merged(self, save_directory: str | Path, tokenizer=None, save_method: str = "merged_16bit",
                                dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30, **kwargs) -> None:
-        """Write a plain 16-bit Hugging Face checkpoint: NF4 dequantized, ``W + s·B·A`` merged."""
-        if save_method not in ("merged_16bit", "merged_4bit_forced"):
-            raise ValueError(f"save_method {save_method!r} is not supported; use 'merged_16bit'")
+        """Write a Hugging Face checkpoint with ``W + s·B·A`` merged (NF4 dequantized first):
+        16-bit (``save_method="merged_16bit"``), or quantized again to NF4 in transformers'
+        bnb-4bit format (``"merged_4bit"``; ``"merged_4bit_forced"`` is the same)."""
+        methods = ("merged_16bit", "merged_4bit", "merged_4bit_forced")
+        if save_method not in methods:
+            raise ValueError(f"save_method {save_method!r} is not supported; use one of {methods}")
         dtype = dtype or (self.dtype if self.dtype != torch.float32 else torch.float32)
-        save_merged(self, save_directory, self.cfg.wrapper_raw or self.cfg.raw, tokenizer, dtype, max_shard_size)
+        save_merged(self, save_directory, self.cfg.wrapper_raw or self.cfg.raw, tokenizer, dtype, max_shard_size,
+                    nf4=save_method != "merged_16bit")
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

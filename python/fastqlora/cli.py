@@ -114,8 +114,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, tokenizer = FastLanguageModel.from_pretrained(args.adapter, load_in_4bit=False, dtype=args.dtype,
                                                          device=args.device)
-    model.save_pretrained_merged(args.out, tokenizer)
-    print(f"merged 16-bit checkpoint written to {args.out}")
+    model.save_pretrained_merged(args.out, tokenizer, save_method="merged_4bit" if args.nf4 else "merged_16bit")
+    print(f"merged {'NF4 (bnb-4bit)' if args.nf4 else '16-bit'} checkpoint written to {args.out}")
     return 0
 
 
@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="merge an adapter into its base and write a 16-bit checkpoint")
+    p = sub.add_parser("export", help="merge an adapter into its base and write a 16-bit (or NF4) checkpoint")
     p.add_argument("--adapter", required=True, help="adapter folder written by training")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    p.add_argument("--nf4", action="store_true", help="quantize the merged projections to NF4 (bnb-4bit format)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_export)

@@ -4,7 +4,9 @@ The adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, PEF
 names) loads in peft, vLLM and llama.cpp's converters. The merged folder holds
 ``W + s·B·A`` for every adapted projection (dequantized from NF4 first), sharded
 safetensors with an index, config.json without the quantization settings, and the
-tokenizer: transformers loads it as a plain model.
+tokenizer: transformers loads it as a plain model. ``nf4=True`` quantizes the merged
+projections again and writes them in transformers' bnb-4bit format, with its
+quantization_config, for transformers + bitsandbytes (and this library) to load as they are.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 
 from .lora import LoraAdapter, LoraEmbeddingAdapter, adapter_state_dict, iter_adapters, peft_key
 from .models.linear import FrozenLinear
+from .quant import NF4Tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,8 +53,10 @@ def save_adapter(model: nn.Module, directory: str | Path, peft_config: dict) -> 
     return directory
 
 
-def merged_tensors(model: nn.Module, dtype: torch.dtype):
-    """(Hugging Face key, tensor on CPU) for every weight, adapters merged in fp32."""
+def merged_tensors(model: nn.Module, dtype: torch.dtype, nf4: bool = False):
+    """(Hugging Face key, tensor on CPU) for every weight, adapters merged in fp32. With
+    ``nf4`` the merged projections (not the lm_head) are quantized again, to NF4 with double
+    quantization, and written as transformers writes a bnb-4bit layer."""
     delta_of = {name: adapter for name, _, adapter in iter_adapters(model)}
     done: set[str] = set()
     for name, module in model.named_modules():
@@ -59,7 +64,12 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype):
             w = module.dense_weight(torch.float32)
             if name in delta_of and isinstance(delta_of[name], LoraAdapter):
                 w = w + delta_of[name].delta_weight().to(w.device)
-            yield f"{name}.weight", w.to(dtype).cpu()
+            if nf4 and name != "lm_head":
+                # quantized from the weight rounded to dtype, as loading a 16-bit merge would
+                q = NF4Tensor.quantize(w.to(dtype), compress_statistics=True)
+                yield from ((k, t.cpu()) for k, t in q.to_checkpoint(name).items())
+            else:
+                yield f"{name}.weight", w.to(dtype).cpu()
             done.add(f"{name}.weight")
             if module.bias is not None:
                 yield f"{name}.bias", module.bias.detach().to(dtype).cpu()
@@ -73,15 +83,15 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype):
             yield key, p.detach().to(dtype).cpu()
 
 
-def checkpoint_tensors(model: nn.Module, dtype: torch.dtype):
+def checkpoint_tensors(model: nn.Module, dtype: torch.dtype, nf4: bool = False):
     """:func:`merged_tensors` under the names of the checkpoint the model came from: for an
     image-text checkpoint (Gemma 3) the text model's tensors under ``language_model.``, then the
     tensors it did not load (vision tower, projector) copied from its files."""
     cfg = getattr(model, "cfg", None)
     if not getattr(cfg, "wrapper", None):
-        yield from merged_tensors(model, dtype)
+        yield from merged_tensors(model, dtype, nf4)
         return
-    for key, t in merged_tensors(model, dtype):
+    for key, t in merged_tensors(model, dtype, nf4):
         yield "language_model." + key, t
     from safetensors import safe_open
 
@@ -98,8 +108,18 @@ def checkpoint_tensors(model: nn.Module, dtype: torch.dtype):
                 yield key, (t.to(dtype) if t.is_floating_point() else t)
 
 
+def bnb_4bit_config(dtype: torch.dtype, skip: list[str]) -> dict:
+    """config.json's quantization_config for an NF4 (double-quantized) checkpoint, as
+    transformers + bitsandbytes write it."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": skip, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
+
+
 def save_merged(model: nn.Module, directory: str | Path, config: dict, tokenizer=None,
-                dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30) -> Path:
+                dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 2**30, nf4: bool = False) -> Path:
     directory = Path(directory)
     quantized = [key for _, key, q in getattr(model, "passthrough", []) if q]
     if quantized:
@@ -109,7 +129,7 @@ def save_merged(model: nn.Module, directory: str | Path, config: dict, tokenizer
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, t in checkpoint_tensors(model, dtype):
+    for key, t in checkpoint_tensors(model, dtype, nf4):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -129,6 +149,9 @@ def save_merged(model: nn.Module, directory: str | Path, config: dict, tokenizer
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if nf4:
+        skip = ["lm_head"] + (["vision_tower", "multi_modal_projector"] if getattr(model.cfg, "wrapper", None) else [])
+        cfg["quantization_config"] = bnb_4bit_config(dtype, skip)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

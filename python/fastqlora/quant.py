@@ -213,8 +213,10 @@ class NF4Tensor:
         ``model.layers.0.mlp.up_proj``)."""
         state = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
                  "shape": list(self.shape)}
+        # the code tables are clones: every layer shares one table in memory, and safetensors
+        # refuses tensors that share storage
         out = {f"{prefix}.weight": self.packed.reshape(-1, 1), f"{prefix}.weight.absmax": self.absmax,
-               f"{prefix}.weight.quant_map": self.code}
+               f"{prefix}.weight.quant_map": self.code.clone()}
         if self.nested:
             out[f"{prefix}.weight.nested_absmax"] = self.nested_absmax
             out[f"{prefix}.weight.nested_quant_map"] = self.nested_code.clone()
