@@ -79,3 +79,28 @@ def test_trl_sft_trainer_trains_it(tmp_path):
                         report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, max_length=64)
     result = trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok).train()
     assert result.training_loss > 0
+
+
+def test_trl_dpo_trainer(tmp_path):
+    """trl's DPOTrainer drives the model (reference log-probs precomputed from the model
+    itself at the start, where LoRA's B = 0 makes it the base): the first step's loss is
+    log 2, policy and reference agreeing exactly, and training moves it."""
+    import math
+
+    datasets = pytest.importorskip("datasets")
+    from trl import DPOConfig, DPOTrainer
+
+    model, tok = FastLanguageModel.from_pretrained(str(data_dir() / "demo_model"), load_in_4bit=True, device="cpu",
+                                                   dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+    data = datasets.Dataset.from_list([{"prompt": "Capital of Peru?", "chosen": " Lima.", "rejected": " Paris."},
+                                       {"prompt": "Capital of Chile?", "chosen": " Santiago.",
+                                        "rejected": " Rome."}] * 4)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, use_cpu=True,
+                     report_to=[], save_strategy="no", learning_rate=5e-3, logging_steps=1, beta=0.1, max_length=64,
+                     precompute_ref_log_probs=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[-1] < losses[0]

@@ -93,6 +93,8 @@ class CausalLM(nn.Module):
             raw = {k: v for k, v in self.cfg.raw.items() if k not in ("model_type", "quantization_config")}
             hf = AutoConfig.for_model(self.cfg.model_type, **raw)
             hf._attn_implementation = "sdpa"
+            # where the weights came from (trl loads a reference model from it when asked to)
+            hf._name_or_path = str(getattr(self, "name_or_path", "") or "")
             object.__setattr__(self, "_hf_config", hf)
         return self._hf_config
 
