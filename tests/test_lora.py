@@ -233,3 +233,19 @@ def test_merged_4bit_loads_in_transformers_with_bitsandbytes(tmp_path):
         assert torch.equal(mine4.eval()(ids).logits, m16.eval()(ids).logits)
     with pytest.raises(ValueError, match="save_method 'gguf' is not supported"):
         ours.save_pretrained_merged(tmp_path / "x", save_method="gguf")
+
+
+def test_disable_adapter_gives_the_base(tmp_path):
+    """PEFT's disable_adapter(): inside, the base model's logits (PEFT's own, on the same
+    weights); after, the adapted model's again."""
+    ref, ours = _pair(tmp_path, r=4, alpha=8)
+    ids = torch.randint(0, 211, (2, 11), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        adapted = ours.eval()(ids).logits
+        with ref.disable_adapter():
+            base_ref = ref.eval()(input_ids=ids).logits
+        with ours.disable_adapter():
+            base = ours(ids).logits
+        again = ours(ids).logits
+    assert rel_err(base, base_ref) < 1e-5 and rel_err(adapted, base_ref) > 1e-3
+    assert torch.equal(again, adapted)

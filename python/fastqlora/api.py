@@ -9,6 +9,7 @@ written for it runs after changing the import alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -20,7 +21,7 @@ import torch
 from .checkpointing import resolve_mode
 from .export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter, save_merged
 from .loading import load_model, resolve_model_path
-from .lora import (FUSED_TARGETS, LINEAR_TARGETS, OTHER_TARGETS, attach_lora, load_adapter_state_dict,
+from .lora import (FUSED_TARGETS, LINEAR_TARGETS, OTHER_TARGETS, attach_lora, iter_adapters, load_adapter_state_dict,
                    module_name_from_peft, targets_for, validate_targets)
 from .models.causal_lm import CausalLM
 
@@ -53,6 +54,19 @@ class FastModel(CausalLM):
         dtype = dtype or (self.dtype if self.dtype != torch.float32 else torch.float32)
         save_merged(self, save_directory, self.cfg.wrapper_raw or self.cfg.raw, tokenizer, dtype, max_shard_size,
                     nf4=save_method != "merged_16bit")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model is its base (PEFT's ``disable_adapter``): the adapters are
+        detached from their modules and put back after, trained values untouched."""
+        attached = [(module, module.adapter) for _, module, _ in iter_adapters(self)]
+        try:
+            for module, _ in attached:
+                module.adapter = None
+            yield self
+        finally:
+            for module, adapter in attached:
+                module.adapter = adapter
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
