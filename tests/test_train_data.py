@@ -151,3 +151,22 @@ def test_json_and_parquet_datasets_equal_jsonl(tmp_path, tok):
     (tmp_path / "bad.json").write_text(json.dumps({"text": "not an array"}))
     with pytest.raises(ValueError, match=r"bad\.json: a \.json dataset must be an array of records"):
         load_dataset(tmp_path / "bad.json", tok, 64)
+
+
+def test_datasets_folder_and_hub_id(tmp_path, tok, monkeypatch):
+    """A folder written by datasets' save_to_disk reads like the same records in JSONL; a hub
+    id that cannot be reached (offline here) is an error that says so."""
+    datasets = pytest.importorskip("datasets")
+    records = [{"text": "hello world"}, {"instruction": "Capital of Chile?", "output": "Santiago."}]
+    want = load_dataset(_write(tmp_path / "d.jsonl", records), tok, 64, completion_only=True)
+    keys = sorted({k for r in records for k in r})
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in records])}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    got = load_dataset(tmp_path / "ds", tok, 64, completion_only=True)
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+    # offline, as this machine's CI is (set on datasets' config: it reads the variables at import)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises((FileNotFoundError, ValueError), match=r"someone/no-such-dataset"):
+        load_dataset("someone/no-such-dataset", tok, 64)

@@ -1,5 +1,5 @@
-"""Training data: read records (JSONL, a JSON array, or Parquet), turn each into token ids
-and labels.
+"""Training data: read records (JSONL, a JSON array, Parquet, a ``datasets`` folder or hub
+id), turn each into token ids and labels.
 
 Four record forms, recognized by their fields:
 - ``{"text": ...}``: plain text, every token trains.
@@ -45,10 +45,43 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant", "system": "system"}
 
 
+def _hf_records(source: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The train split of a folder written by ``datasets``' ``save_to_disk``, or of a hub
+    dataset id (when the network is there), as records (a row's non-null fields)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"reading {source} needs the datasets package: pip install datasets") from None
+    try:
+        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split="train")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dataset {source} is neither a file, a datasets folder, nor reachable on the hub "
+                                f"(offline?)") from None
+    except Exception as exc:  # noqa: BLE001 - the datasets library raises many kinds
+        raise ValueError(f"dataset {source} could not be loaded: {type(exc).__name__}: {exc}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"dataset {source} has no 'train' split (it has {sorted(ds)})")
+        ds = ds["train"]
+    return [(n, {k: v for k, v in row.items() if v is not None}) for n, row in enumerate(ds.to_list(), 1)]
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(record number, record) of a dataset file: JSONL (one object a line: the number is the
-    line), ``.json`` (an array of objects) or ``.parquet`` (one record a row; needs pyarrow)."""
+    """(record number, record) of a dataset: a JSONL file (one object a line: the number is
+    the line), ``.json`` (an array of objects), ``.parquet`` (one record a row; needs
+    pyarrow), a folder written by ``datasets``' ``save_to_disk``, or a hub dataset id
+    ("owner/name", its train split; needs the network)."""
+    source = str(path)
     path = Path(path)
+    looks_like_hub_id = (not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+                         and path.suffix not in (".jsonl", ".json", ".parquet"))
+    if path.is_dir() or looks_like_hub_id:
+        records = _hf_records(source, path)
+        for n, rec in records:
+            check_record(rec, f"{source}: record {n}")
+        if not records:
+            raise ValueError(f"dataset {source} has no records")
+        return records
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
     if path.suffix == ".json":
