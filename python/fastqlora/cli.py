@@ -77,11 +77,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         target_modules=cfg.target_modules, use_gradient_checkpointing=cfg.use_gradient_checkpointing,
         random_state=cfg.seed, use_rslora=cfg.use_rslora,
     )
-    trainer = Trainer(model, tokenizer, cfg)
     try:
-        history = trainer.train()
+        history = Trainer(model, tokenizer, cfg).train()
     except KeyboardInterrupt:
         return 130
+    finally:
+        if group is not None:
+            distributed.shutdown()
     if group is None or group.main:
         print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}; "
               f"adapter in {cfg.output_dir}/adapter")

@@ -100,3 +100,10 @@ def broadcast_parameters(params: list[torch.nn.Parameter], src: int = 0) -> None
 
 def barrier() -> None:
     dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (every process, at the end): a group left to the interpreter's
+    exit can abort the process while gloo's threads still run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
