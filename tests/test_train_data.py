@@ -170,3 +170,13 @@ def test_datasets_folder_and_hub_id(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises((FileNotFoundError, ValueError), match=r"someone/no-such-dataset"):
         load_dataset("someone/no-such-dataset", tok, 64)
+
+
+def test_row_label_tokens_sum_to_the_batch_count(tok):
+    from fastqlora.train.packing import row_label_tokens, unpacked_rows
+
+    examples = load_dataset(data_dir() / "demo.jsonl", tok, 64, completion_only=True)[:7]
+    for rows in (pack_examples(examples, 128), unpacked_rows(examples, 64)):
+        batch = collate(rows, tok.pad_token_id)
+        assert sum(row_label_tokens(r) for r in rows) == count_label_tokens(batch) > 0
+        assert sum(len(r) for r in rows) == int(batch["attention_mask"].sum())

@@ -61,9 +61,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import FastLanguageModel
-    from .train import Trainer
-
-    from .train import distributed
+    from .train import Trainer, distributed
 
     cfg = _train_config(args)
     # under torchrun: join the process group, one GPU a process

@@ -120,6 +120,7 @@ class RotaryTables:
         self.inv_freq, self.scaling = inv_freq_for(cfg, device="cpu", rope=self.params)
         self.original_inv_freq = self.inv_freq
         self.max_seq_len_cached = cfg.max_position_embeddings
+        self._long = False  # longrope: whether the long factors are in use
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _update_dynamic(self, seq_len: int) -> None:
@@ -137,7 +138,7 @@ class RotaryTables:
         # as transformers' longrope_frequency_update: the long factors while the positions
         # reach past the original context, the short ones otherwise
         long = seq_len > self.params["original_max_position_embeddings"]
-        if long != getattr(self, "_long", False):
+        if long != self._long:
             self._long = long
             self.inv_freq, self.scaling = inv_freq_for(self.cfg, seq_len if long else None, device="cpu",
                                                        rope=self.params)

@@ -77,14 +77,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                          and path.suffix not in (".jsonl", ".json", ".parquet"))
     if path.is_dir() or looks_like_hub_id:
         records = _hf_records(source, path)
-        for n, rec in records:
-            check_record(rec, f"{source}: record {n}")
-        if not records:
-            raise ValueError(f"dataset {source} has no records")
-        return records
-    if not path.is_file():
+    elif not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
-    if path.suffix == ".json":
+    elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -102,13 +97,13 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         rows = pq.read_table(path).to_pylist()
         records = [(n, {k: v for k, v in row.items() if v is not None}) for n, row in enumerate(rows, 1)]
     else:
-        return read_jsonl(path)
+        return read_jsonl(path)  # checks its records as it reads them, naming the line
     for n, rec in records:
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: record {n} is a {type(rec).__name__}, expected an object")
-        check_record(rec, f"{path}: record {n}")
+            raise ValueError(f"{source}: record {n} is a {type(rec).__name__}, expected an object")
+        check_record(rec, f"{source}: record {n}")
     if not records:
-        raise ValueError(f"dataset file {path} has no records")
+        raise ValueError(f"dataset {source} has no records")
     return records
 
 

@@ -24,7 +24,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import load_dataset, split_examples
-from .packing import collate, count_label_tokens, iterate_batches, pack_examples, unpacked_rows
+from .packing import collate, count_label_tokens, iterate_batches, pack_examples, row_label_tokens, unpacked_rows
 from .progress import Progress
 
 
@@ -214,13 +214,12 @@ class Trainer:
                 micro, tokens, num_items, position = [], 0, 0, self.position
                 for _ in range(cfg.gradient_accumulation_steps):
                     epoch, index, rows = next(batches)
-                    # every process sees the whole global micro-batch (the same rows, the same
-                    # count of label tokens) and trains its own slice of it
-                    slices = [rows[r * cfg.batch_size:(r + 1) * cfg.batch_size] for r in range(self.world)]
-                    parts = [collate([self.rows[i] for i in sl], self.pad_id) if sl else None for sl in slices]
-                    tokens += sum(int(b["attention_mask"].sum()) for b in parts if b is not None)
-                    num_items += sum(count_label_tokens(b) for b in parts if b is not None)
-                    micro.append(parts[rank])
+                    # every process counts the whole global micro-batch's tokens (from its rows:
+                    # the same count everywhere, no communication) and trains its own slice of it
+                    tokens += sum(len(self.rows[i]) for i in rows)
+                    num_items += sum(row_label_tokens(self.rows[i]) for i in rows)
+                    mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                    micro.append(collate([self.rows[i] for i in mine], self.pad_id) if mine else None)
                     position = (epoch, index + 1)
                 t0 = time.perf_counter()
                 loss = self.train_step(micro, num_items)

@@ -81,6 +81,12 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def row_label_tokens(row: Row) -> int:
+    """The tokens of one row that count in the loss: :func:`count_label_tokens` of a batch is
+    the sum of its rows' (padding is ignored), so a step's count needs no batch built."""
+    return sum(label != IGNORE_INDEX for label in row.labels[1:])
+
+
 def epoch_batches(rows: Sequence[Row], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     """Row indices of each batch of one epoch, shuffled reproducibly by (seed, epoch)."""
     order = list(range(len(rows)))
