@@ -199,8 +199,9 @@ def main() -> None:
                 row[system] = spawn(system, ckpt, b, s, args)
                 print(f"{shape} {b}x{s} {system}: {json.dumps({k: v for k, v in row[system].items() if k not in ('losses', 'step_times', 'log_tail')})}", flush=True)
             results["runs"].append(row)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+            # written after every row, so a run cut short by a time limit keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
 
 
