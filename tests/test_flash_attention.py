@@ -81,6 +81,24 @@ def test_packed_sequences_and_strided_inputs(kernel_device):
         _check(q, k, v, do, dtype, cu_seqlens=cu, sliding_window=5, softcap=4.0)
 
 
+@pytest.mark.parametrize("D", [8, 24, 40])
+def test_head_dims_between_the_kernel_widths(kernel_device, D):
+    # zero-padded to the next width (16, 32, 64): scores, output and gradients unchanged
+    from fastqlora.ops.attention import flash_width
+
+    assert flash_width(D) == {8: 16, 24: 32, 40: 64}[D]
+    dtype = _dtypes(kernel_device)[0]
+    q, k, v, do = _inputs(2, 19, 4, 2, D, dtype, kernel_device, seed=D)
+    _check(q, k, v, do, dtype)
+    _check(q, k, v, do, dtype, sliding_window=6, softcap=3.0)
+
+
+def test_head_dims_past_256_take_the_torch_path():
+    from fastqlora.ops.attention import flash_width
+
+    assert flash_width(256) == 256 and flash_width(257) is None
+
+
 def test_lse_matches_reference(kernel_device):
     from fastqlora.ops.attention import _tokens
     from fastqlora.triton_kernels.flash_attention import flash_attn_forward
@@ -94,7 +112,7 @@ def test_lse_matches_reference(kernel_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16),
-                                     (128, torch.float16)], ids=str)
+                                     (128, torch.float16), (96, torch.bfloat16), (80, torch.bfloat16)], ids=str)
 def test_gpu_lengths_and_head_dims(D, dtype):
     for S in (1, 17, 777, 2049):
         q, k, v, do = _inputs(1, S, 8, 2, D, dtype, "cuda", seed=S + D)

@@ -43,8 +43,8 @@ def _check_kernels_against_reference(model, loss_tol: float, grad_tol: float, **
 
 @pytest.mark.parametrize("family,checkpointing", [("llama", False), ("llama", True), ("gemma2", True),
                                                   ("gemma3_text", True), ("qwen3", True), ("qwen2", False),
-                                                  ("phi3", True), ("phi3-partial", True), ("granite", True),
-                                                  ("smollm3", True), ("olmo2", True)])
+                                                  ("phi3", True), ("phi3-partial", True), ("phi3-head24", True),
+                                                  ("granite", True), ("smollm3", True), ("olmo2", True)])
 def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, family, checkpointing):
     # gemma2: sandwich norms, soft-capped attention and logits, a sliding layer; qwen3: q and k
     # normalized per head before the in-place RoPE; qwen2: q, k, v biases
@@ -53,9 +53,12 @@ def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, fa
         family, extra = "phi3", dict(partial_rotary_factor=0.75)
     if family == "smollm3":  # layer 3 without RoPE
         extra = dict(num_hidden_layers=4)
+    sizes = dict(hidden_size=64, head_dim=16)
+    if family == "phi3-head24":  # a head dim between the kernels' widths: attention zero-pads it to 32
+        family, sizes = "phi3", dict(hidden_size=96, head_dim=24)
     model = _lora_model(tmp_path, family, torch.float32, kernel_device, 4, checkpointing, max_position_embeddings=64,
-                        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, vocab_size=101, **extra)
+                        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                        **sizes, **extra)
     ids = torch.randint(0, 101, (2, 21), generator=torch.Generator().manual_seed(1)).to(kernel_device)
     pos = torch.cat([torch.arange(12), torch.arange(9)]).expand(2, -1).to(kernel_device)  # two sequences a row
     _check_kernels_against_reference(model, 1e-5, 1e-4, input_ids=ids, position_ids=pos, labels=ids)
@@ -81,6 +84,9 @@ def test_tiny_model_kernels_match_reference_ops_fp32(tmp_path, kernel_device, fa
                          query_pre_attn_scalar=64)),
     ("phi3", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=1003, sliding_window=100)),
+    # Phi-3.5-mini's head dim, 96: flash attention at width 128, zero-padded
+    ("phi3", dict(hidden_size=384, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=1003)),
     ("granite", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
                      vocab_size=1003)),
     ("smollm3", dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,

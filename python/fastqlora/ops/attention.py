@@ -170,7 +170,23 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided((B * S, H, D), (x.stride(1), x.stride(2), 1))
 
 
-FLASH_HEAD_DIMS = (16, 32, 64, 128, 256)
+FLASH_HEAD_DIMS = (16, 32, 64, 128, 256)  # the kernels' widths (tl.arange needs a power of two)
+
+
+def flash_width(head_dim: int) -> int | None:
+    """The kernel width a head dim runs at: itself when it is one of FLASH_HEAD_DIMS, else the
+    next one up (Phi-3.5-mini's 96 runs at 128), None past 256.
+
+    A narrower head is zero-padded to the width: the padded columns add 0 to every score
+    q·k, and v's padded columns make the output's padded columns 0, which are sliced off; the
+    backward of the pad and the slice (autograd's) drops the gradients' padded columns, which
+    are 0 as well (dQ = dS·K and dK = dSᵀ·Q carry K's and Q's zero columns). The scale stays
+    the true head dim's. Costs the padded FLOPs (128/96 = 1.33x) and one copy of q, k and v,
+    against the alternative, torch's attention with a [S, S] boolean mask."""
+    for width in FLASH_HEAD_DIMS:
+        if head_dim <= width:
+            return width
+    return None
 
 
 def attention(
@@ -186,15 +202,23 @@ def attention(
     max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Attention of q ``[B, S, Hq, D]`` over k, v ``[B, S, Hk, D]``; returns ``[B, S, Hq, D]``.
-    Flash attention in Triton on CUDA (head dims 16–256, powers of two); torch elsewhere."""
+    Flash attention in Triton on CUDA (head dims up to 256; those between the kernels' widths
+    zero-padded, see :func:`flash_width`); torch elsewhere."""
     B, S, Hq, D = q.shape
     if k.shape[:2] != (B, S) or v.shape != k.shape or k.shape[-1] != D:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
     if Hq % k.shape[2]:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[2]})")
     scale = D**-0.5 if scale is None else scale
-    if (use_triton(q) and D in FLASH_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    width = flash_width(D)
+    if (use_triton(q) and width is not None and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.dtype == k.dtype == v.dtype):
+        if width != D:
+            pad = (0, width - D)
+            out = attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), scale=scale, causal=causal,
+                            sliding_window=sliding_window, softcap=softcap, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen)
+            return out[..., :D]
         if cu_seqlens is None:
             cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
             max_seqlen = S
