@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -79,9 +80,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = Trainer(model, tokenizer, cfg).train()
     except KeyboardInterrupt:
         return 130
-    finally:
-        if group is not None:
-            distributed.shutdown()
+    # Only after a run every process finished: on an error the others may wait in a
+    # collective that this one will never join, and leaving the group would hang there
+    # (torchrun stops them once this process exits non-zero).
+    if group is not None:
+        distributed.shutdown()
     if group is None or group.main:
         print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}; "
               f"adapter in {cfg.output_dir}/adapter")
@@ -172,5 +175,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The console script and ``python -m fastqlora.cli``: :func:`main`, then exit with its code.
+
+    A process that torchrun started ends with ``os._exit`` once its output is flushed: by
+    then its files are written and closed and it has left the process group, and skipping
+    the interpreter's teardown skips the destruction of torch.distributed's C++ state, which
+    with gloo has aborted a finished process ("terminate called without an active
+    exception", SIGABRT: seen in CI, not reproduced in isolation)."""
+    from .train.distributed import launched
+
+    code = main()
+    if launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -103,7 +103,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (every process, at the end): a group left to the interpreter's
-    exit can abort the process while gloo's threads still run."""
+    """Leave the process group, every process at the end of a run that all finished: a
+    barrier first, so that no process tears its connections down while another still
+    waits on them, then ``destroy_process_group`` (a group left to the interpreter's exit
+    can abort the process while gloo's threads still run)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
