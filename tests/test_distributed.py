@@ -72,7 +72,6 @@ Trainer(model=model, args=args, train_dataset=data).train()
 torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
            os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 torch.distributed.barrier()
-torch.distributed.destroy_process_group()  # gloo's threads stopped before the interpreter exits
 sys.stdout.flush()
 os._exit(0)  # as fastqlora's CLI ends under torchrun: no teardown of torch.distributed's C++ state
 """

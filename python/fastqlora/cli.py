@@ -80,11 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = Trainer(model, tokenizer, cfg).train()
     except KeyboardInterrupt:
         return 130
-    # Only after a run every process finished: on an error the others may wait in a
-    # collective that this one will never join, and leaving the group would hang there
-    # (torchrun stops them once this process exits non-zero).
+    # Every process waits here until all have finished (files written), and only after a
+    # run that finished: on an error the others may wait in a collective this one will
+    # never join (torchrun stops them once this process exits non-zero). The group is left
+    # by ending the process (`run`).
     if group is not None:
-        distributed.shutdown()
+        distributed.barrier()
     if group is None or group.main:
         print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}; "
               f"adapter in {cfg.output_dir}/adapter")
@@ -179,10 +180,11 @@ def run() -> None:
     """The console script and ``python -m fastqlora.cli``: :func:`main`, then exit with its code.
 
     A process that torchrun started ends with ``os._exit`` once its output is flushed: by
-    then its files are written and closed and it has left the process group, and skipping
-    the interpreter's teardown skips the destruction of torch.distributed's C++ state, which
-    with gloo has aborted a finished process ("terminate called without an active
-    exception", SIGABRT: seen in CI, not reproduced in isolation)."""
+    then its files are written and closed and every process has passed the final barrier,
+    so no collective is pending, and the OS closes the connections. Tearing down
+    torch.distributed's C++ state instead (``destroy_process_group``, or the interpreter's
+    exit) has aborted a finished gloo process in CI ("terminate called without an active
+    exception", SIGABRT; not reproduced in isolation)."""
     from .train.distributed import launched
 
     code = main()

@@ -100,13 +100,3 @@ def broadcast_parameters(params: list[torch.nn.Parameter], src: int = 0) -> None
 
 def barrier() -> None:
     dist.barrier()
-
-
-def shutdown() -> None:
-    """Leave the process group, every process at the end of a run that all finished: a
-    barrier first, so that no process tears its connections down while another still
-    waits on them, then ``destroy_process_group`` (a group left to the interpreter's exit
-    can abort the process while gloo's threads still run)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
