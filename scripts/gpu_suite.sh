@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched session on the lent GPU: build, GPU tests, kernel benchmarks. Logs and JSON go
 # to $OUT (default ./out). Usage: bash scripts/gpu_suite.sh STAGE... with stages tests, quick,
-# tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...),
+# tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...), profile (PROFILE_ARGS=...),
 # families (the model families' GPU tests, bf16 kernels against the reference ops), decode-xs
 # (the staged-x decode trial: checks, then the sweep; benchmarks/trials/nf4_decode_mma_xs.py)
 set -u
@@ -32,6 +32,8 @@ for stage in "$@"; do
     load) python3 "$FQ_SRC/benchmarks/bench_load.py" --shape llama-3-8b --tmp /tmp/fq-ckpts --ckpt /tmp/fq-ckpts/llama-3-8b \
             --out "$OUT/load.json" 2>&1 | tail -12 ;;
     e2e) python3 "$FQ_SRC/benchmarks/bench_e2e.py" --out "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tail -30 ;;
+    profile)  # PROFILE_ARGS="--shape smollm3-3b": one training step's device time by kernel group
+      python3 "$FQ_SRC/benchmarks/profile_step.py" --out "$OUT/profile_step.json" ${PROFILE_ARGS:-} 2>&1 | tail -30 ;;
     families)
       timeout ${TEST_CAP:-300} python3 -m pytest -q -rf -p no:cacheprovider "$FQ_SRC/tests/test_model_kernels.py" \
         "$FQ_SRC/tests/test_models.py" "$FQ_SRC/tests/test_image_text.py" 2>&1 | tail -12 | tee "$OUT/families.log" ;;
