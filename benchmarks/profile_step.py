@@ -50,7 +50,8 @@ def summarize(events: list[tuple[str, float]], steps: int) -> dict:
     """Per-step ms of each group and of the heaviest kernels, from (name, total µs) pairs."""
     by_group: dict[str, float] = {}
     for name, us in events:
-        by_group[group_of(name)] = by_group.get(group_of(name), 0.0) + us / steps / 1e3
+        group = group_of(name)
+        by_group[group] = by_group.get(group, 0.0) + us / steps / 1e3
     total = sum(by_group.values())
     top = sorted(((us / steps / 1e3, name) for name, us in events), reverse=True)[:15]
     return {"total_ms": total,

@@ -2,8 +2,7 @@
 # One batched session on the lent GPU: build, GPU tests, kernel benchmarks. Logs and JSON go
 # to $OUT (default ./out). Usage: bash scripts/gpu_suite.sh STAGE... with stages tests, quick,
 # tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...), profile (PROFILE_ARGS=...),
-# families (the model families' GPU tests, bf16 kernels against the reference ops), decode-xs
-# (the staged-x decode trial: checks, then the sweep; benchmarks/trials/nf4_decode_mma_xs.py)
+# families (the model families' GPU tests, bf16 kernels against the reference ops)
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -37,9 +36,6 @@ for stage in "$@"; do
     families)
       timeout ${TEST_CAP:-300} python3 -m pytest -q -rf -p no:cacheprovider "$FQ_SRC/tests/test_model_kernels.py" \
         "$FQ_SRC/tests/test_models.py" "$FQ_SRC/tests/test_image_text.py" 2>&1 | tail -12 | tee "$OUT/families.log" ;;
-    decode-xs)
-      timeout ${TEST_CAP:-420} python3 "$FQ_SRC/benchmarks/trials/nf4_decode_mma_xs.py" \
-        --out "$OUT/nf4_decode_mma_xs_trial_h200.json" 2>&1 | grep -v Warn | tail -40 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
