@@ -60,6 +60,26 @@ def summarize(events: list[tuple[str, float]], steps: int) -> dict:
             "top": [{"name": n, "group": group_of(n), "ms": ms} for ms, n in top]}
 
 
+def host_profile(step, sync, path: str, top: int = 40) -> str:
+    """One step under cProfile; its heaviest functions (own time, then with callees) to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    sync()
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(buf.getvalue())
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama-3-8b", help="random_checkpoint.py's shape (ignored with --ckpt)")
@@ -71,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--host", default=None, metavar="FILE",
+                   help="also run one step under cProfile and write its heaviest Python functions to FILE "
+                        "(when the step's wall time exceeds its device time, the host is what to tune)")
     args = p.parse_args(argv)
 
     import torch
@@ -123,17 +146,29 @@ def main(argv: list[str] | None = None) -> dict:
             step()
         sync()
     events = []
+    counts = []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
         if us > 0:
             events.append((e.key, float(us)))
+            counts.append((e.count / args.steps, e.key))
+    launches = sum(c for c, _ in counts) * args.steps
     res = {"checkpoint": ckpt, "device": torch.cuda.get_device_name(0) if cuda else "cpu", "batch": args.batch,
-           "seq": args.seq, "wall_ms_per_step": wall_ms, **summarize(events, args.steps)}
+           "seq": args.seq, "wall_ms_per_step": wall_ms, "kernels_per_step": launches / args.steps,
+           **summarize(events, args.steps),
+           "most_launched": [{"name": n, "group": group_of(n), "per_step": c}
+                             for c, n in sorted(counts, reverse=True)[:25]]}
+    if args.host:
+        res["host_profile"] = host_profile(step, sync, args.host)
     unit = "device" if cuda else "CPU self"
     print(f"{ckpt}, {args.batch} x {args.seq} on {res['device']}: {wall_ms:.1f} ms a step (wall, unprofiled); "
-          f"{res['total_ms']:.1f} ms of {unit} time")
+          f"{res['total_ms']:.1f} ms of {unit} time in {res['kernels_per_step']:.0f} "
+          f"{'kernels' if cuda else 'ops'}")
     for grp, v in res["groups"].items():
         print(f"  {grp:18} {v['ms']:9.2f} ms  {100 * v['share']:5.1f}%")
+    print("most launched (a step):")
+    for t in res["most_launched"][:12]:
+        print(f"  {t['per_step']:7.0f}  [{t['group']}] {t['name'][:90]}")
     print("heaviest:")
     for t in res["top"]:
         print(f"  {t['ms']:9.2f} ms  [{t['group']}] {t['name'][:90]}")

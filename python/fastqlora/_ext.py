@@ -46,6 +46,15 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_of(t: torch.Tensor) -> int:
-    """The current CUDA stream of the tensor's device, as an integer handle."""
+    """The current CUDA stream of the tensor's device, as an integer handle.
+
+    torch's raw-stream getter where it exists (what Triton's launcher calls): it skips
+    building a ``torch.cuda.Stream`` object at every launch (host time counts: a small
+    model's training step is launch-bound)."""
+    if _raw_stream is not None:
+        return int(_raw_stream(t.device.index if t.device.index is not None else torch.cuda.current_device()))
     return int(torch.cuda.current_stream(t.device).cuda_stream)

@@ -23,6 +23,33 @@ _FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("g
 PEFT_PREFIX = "base_model.model."
 
 
+# Bumped by each model forward (CausalLM.forward): an adapter's 16-bit copies of A and B
+# (cast_weights) serve one forward, its recomputation and its backward, then are cast anew.
+_cast_epoch = 0
+
+
+def next_cast_epoch() -> None:
+    """Start a new forward: adapters cast their weights again at their next use."""
+    global _cast_epoch
+    _cast_epoch += 1
+
+
+def cast_all(adapters: list[LoraAdapter], dtype: torch.dtype) -> None:
+    """Cast every adapter's A and B to ``dtype`` for this forward in one multi-tensor copy
+    (a few launches for the whole model instead of two an adapter); ``cast_weights`` then
+    finds them cast. Fresh tensors every time: the last forward's copies may still be
+    saved for its backward."""
+    todo = [ad for ad in adapters if ad.lora_A.dtype != dtype or ad.lora_B.dtype != dtype]
+    if not todo:
+        return
+    srcs = [t.detach() for ad in todo for t in (ad.lora_A, ad.lora_B)]
+    dsts = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in srcs]
+    with torch.no_grad():
+        torch._foreach_copy_(dsts, srcs)
+    for i, ad in enumerate(todo):
+        ad._cast = (ad._cast_key(dtype), dsts[2 * i], dsts[2 * i + 1])
+
+
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -53,6 +80,27 @@ class LoraAdapter(nn.Module):
         # PEFT's default init: A as nn.Linear's kaiming_uniform(a=√5), B zero so the
         # adapter starts as the identity change.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self._cast: tuple | None = None
+
+    def _cast_key(self, dtype: torch.dtype) -> tuple:
+        a, b = self.lora_A, self.lora_B
+        return (dtype, _cast_epoch, a._version, b._version, a.data_ptr(), b.data_ptr())
+
+    def cast_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in ``dtype``, detached: cast once and reused by the forward, the
+        checkpointed recomputation and the backward of one model forward (each cast is a
+        kernel launch, and a training step is launch-bound on small models). Cast again
+        after the next model forward starts, or when A or B changed in place (the
+        optimizer's step bumps their version counters) or moved."""
+        a, b = self.lora_A, self.lora_B
+        key = self._cast_key(dtype)
+        hit = self._cast
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        with torch.no_grad():
+            ac, bc = a.detach().to(dtype), b.detach().to(dtype)
+        self._cast = (key, ac, bc)
+        return ac, bc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x

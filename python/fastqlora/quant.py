@@ -72,6 +72,9 @@ def _run(t: torch.Tensor, cpu_name: str, cuda_name: str, *args) -> None:
     """Call the CPU or CUDA flavour of an extension function for tensors on t's device."""
     if t.is_cuda:
         require_cuda(cuda_name)
+        if t.device.index == torch.cuda.current_device():  # the usual case: no device switch to pay for
+            getattr(ext(), cuda_name)(*args, stream_of(t))
+            return
         with torch.cuda.device(t.device):
             getattr(ext(), cuda_name)(*args, stream_of(t))
     elif t.device.type == "cpu":

@@ -17,6 +17,7 @@ from .. import ops
 from ..checkpointing import run_layers
 from ..offload import OffloadArenaCache
 from ..generation import KVCache, generate
+from ..lora import LoraAdapter, cast_all, next_cast_epoch
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
 from .linear import FrozenLinear
@@ -32,6 +33,8 @@ def sequence_layout(batch: int, seq: int, device: torch.device, attention_mask: 
     A boundary starts wherever the padding mask changes value or the position ids do not
     continue by one. Without either, positions are ``0..S-1`` (as transformers does in
     a plain forward) and each row is one sequence."""
+    if attention_mask is None and position_ids is None:  # one sequence a row; nothing to read back
+        return torch.arange(seq, device=device).expand(batch, seq), None
     starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     if attention_mask is not None:
         if attention_mask.shape != (batch, seq):
@@ -161,10 +164,17 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        next_cast_epoch()  # adapters' 16-bit copies of A and B are cast anew for this forward
         h = self._inputs(self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        adapters = [m for m in self.model.layers.modules() if isinstance(m, LoraAdapter)]
+        if adapters:  # all at once, in the dtype the projections will compute in
+            dev = h.device.type
+            cast_all(adapters, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype)
         B, S = h.shape[:2]
+        generated = position_ids is None
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
-        n = int(position_ids.max()) + 1
+        # the table length without reading the ids back (a device sync) when they are 0..S-1
+        n = S if generated else int(position_ids.max()) + 1
         cos, sin = self.rope.get(n, h.device)
         local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
         max_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else None

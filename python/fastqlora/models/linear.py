@@ -27,6 +27,7 @@ class FrozenLinear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self._nf4_meta: dict | None = None
+        self._nf4_view: tuple | None = None  # (NF4Tensor, the buffers it was built from)
         self.adapter: nn.Module | None = None
 
     # -- base weight -----------------------------------------------------------------
@@ -51,13 +52,22 @@ class FrozenLinear(nn.Module):
                           "nested_offset": q.nested_offset, "nested_blocksize": q.nested_blocksize}
 
     def nf4(self) -> NF4Tensor:
+        """The NF4 weight over this module's buffers. Built once and reused while the
+        buffers are the same tensors (``.to()``, ``load_state_dict(assign=True)`` or
+        ``set_nf4`` replace them, and the view is rebuilt): it is asked for at every call."""
         if self._nf4_meta is None:
             raise ValueError("this projection's weight is not quantized")
-        tensors = {name[len(_NF4_PREFIX):]: buf for name, buf in self.named_buffers(recurse=False)
-                   if name.startswith(_NF4_PREFIX)}
+        bufs = tuple((name, buf) for name, buf in self._buffers.items() if name.startswith(_NF4_PREFIX))
+        hit = self._nf4_view
+        if hit is not None and len(hit[1]) == len(bufs) and all(
+                n == m and t is u for (n, t), (m, u) in zip(hit[1], bufs)):
+            return hit[0]
+        tensors = {name[len(_NF4_PREFIX):]: buf for name, buf in bufs}
         meta = self._nf4_meta
-        return NF4Tensor.from_tensors(tensors, meta["shape"], meta["dtype"], meta["blocksize"],
-                                      meta["nested_offset"], meta["nested_blocksize"])
+        q = NF4Tensor.from_tensors(tensors, meta["shape"], meta["dtype"], meta["blocksize"],
+                                   meta["nested_offset"], meta["nested_blocksize"])
+        self._nf4_view = (q, bufs)
+        return q
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight ``[out, in]`` in ``dtype`` (dequantized when NF4)."""
@@ -74,6 +84,13 @@ class FrozenLinear(nn.Module):
         for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith(_NF4_PREFIX)]:
             delattr(self, name)
         self._nf4_meta = None
+        self._nf4_view = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() replace the buffers: drop the view so it does not keep the
+        # old tensors (another device's memory) alive until the next call
+        self._nf4_view = None
+        return super()._apply(fn, recurse)
 
     # -- forward -----------------------------------------------------------------------
     def proj(self):
@@ -97,8 +114,9 @@ class FrozenLinear(nn.Module):
             return lora_linear(x, base, self.bias)
         if not hasattr(a, "lora_A"):  # any other adapter module: added on top
             return lora_linear(x, base, self.bias) + a(x)
-        x_lora = F.dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else x
-        return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora)
+        x_lora = F.dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else None
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora, cast=a.cast_weights(dt))
 
     def extra_repr(self) -> str:
         kind = "nf4" if self.is_quantized else str(self.weight.dtype).replace("torch.", "")

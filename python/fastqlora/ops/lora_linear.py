@@ -4,9 +4,17 @@ LoRA branch's input (``x`` itself, or ``dropout(x)``).
 
 Backward, by hand (XA = x_l·Aᵀ, G = dY·B):
     dx   = dY·W                 (W re-dequantized, never saved in 16-bit)
-    dx_l = s·G·A
+    dx_l = s·G·A                (added into dx by the same addmm when x_l is x)
     dA   = s·Gᵀ·x_l,   dB = s·dYᵀ·XA
 Saved: x_l and XA (thin) when the adapter trains; for NF4 only the 4-bit weight.
+
+Every launch costs the host ~20-40 µs, and at 2 x 2048 tokens a 3B model's step was
+host-bound (wall 1.8-2.6x its kernels' time on the H200; benchmarks/NOTES.md), so the
+op launches as few kernels as the math allows: the LoRA term goes into the base
+output through addmm's alpha (no separate scale and add), ``dx_l`` into ``dx`` likewise
+when the branch reads ``x`` itself, and the 16-bit copies of A and B come from the
+caller (cast once a step, :meth:`fastqlora.lora.LoraAdapter.cast_weights`). Sums of
+products stay in fp32 inside each matmul; each result is rounded once.
 This is the plain path that works everywhere; the fused NF4 kernels replace it on
 CUDA where they are faster.
 """
@@ -26,43 +34,60 @@ def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
+def _scaled_as(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale·t`` in ``dtype`` (a parameter's gradient): one kernel for the scale and the cast."""
+    if t.dtype == dtype:
+        return t.mul_(scale)
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, bias, lora_A, lora_B, weight, scale):
-        dtype = x.dtype
-        w = _dense(weight, dtype)
+    def forward(ctx, x, x_lora, bias, lora_A, lora_B, weight, scale, a, b):
+        # x_lora None: the branch reads x itself. a, b: A and B in x's dtype.
+        w = _dense(weight, x.dtype)
         y = F.linear(x, w, bias)
         xa = None
-        if lora_A is not None:
-            a, b = lora_A.to(dtype), lora_B.to(dtype)
-            xa = F.linear(x_lora, a)
-            y = y + F.linear(xa, b) * scale
+        has_lora = lora_A is not None
+        if has_lora:
+            xl = x if x_lora is None else x_lora
+            xa = F.linear(xl, a)
+            y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
         ctx.weight, ctx.scale = weight, scale
-        ctx.has_lora = lora_A is not None
+        ctx.has_lora, ctx.same_input = has_lora, x_lora is None
         ctx.bias_grad = bias is not None and bias.requires_grad
-        ctx.save_for_backward(x_lora if ctx.has_lora else None, xa, lora_A, lora_B)
+        ctx.a_dtype = lora_A.dtype if has_lora else None
+        ctx.b_dtype = lora_B.dtype if has_lora else None
+        saved_x = (x if x_lora is None else x_lora) if has_lora else None
+        ctx.save_for_backward(saved_x, xa, a, b)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_lora, xa, lora_A, lora_B = ctx.saved_tensors
+        x_l, xa, a, b = ctx.saved_tensors
+        s = ctx.scale
         dtype = dy.dtype
+        dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dx_l = dA = dB = db = None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ _dense(ctx.weight, dtype)
+        want_x, want_xl = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if want_x:
+            dx = dy2 @ _dense(ctx.weight, dtype)
         if ctx.has_lora:
-            a, b = lora_A.to(dtype), lora_B.to(dtype)
-            g = dy @ b  # [.., r]
-            if ctx.needs_input_grad[1]:
-                dx_l = (g @ a) * ctx.scale
-            g2, x2 = g.reshape(-1, g.shape[-1]), x_lora.reshape(-1, x_lora.shape[-1])
+            g = dy2 @ b  # [M, r]
+            if want_x and ctx.same_input:
+                dx.addmm_(g, a, alpha=s)
+            elif want_xl:
+                dx_l = (g @ a).mul_(s).view(x_l.shape)
+            x2 = x_l.reshape(-1, x_l.shape[-1])
             if ctx.needs_input_grad[3]:
-                dA = ((g2.t() @ x2) * ctx.scale).to(lora_A.dtype)
+                dA = _scaled_as(g.t() @ x2, s, ctx.a_dtype)
             if ctx.needs_input_grad[4]:
-                dB = ((dy.reshape(-1, dy.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1])) * ctx.scale).to(lora_B.dtype)
+                dB = _scaled_as(dy2.t() @ xa.reshape(-1, xa.shape[-1]), s, ctx.b_dtype)
+        if dx is not None:
+            dx = dx.view(*dy.shape[:-1], dx.shape[-1])
         if ctx.bias_grad:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return dx, dx_l, db, dA, dB, None, None
+            db = dy2.sum(0)
+        return dx, dx_l, db, dA, dB, None, None, None, None
 
 
 def lora_linear(
@@ -73,22 +98,32 @@ def lora_linear(
     lora_B: torch.Tensor | None = None,
     scale: float = 1.0,
     x_lora: torch.Tensor | None = None,
+    cast: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``x·Wᵀ + b (+ s·(x_lora·Aᵀ)·Bᵀ)``; ``x_lora`` defaults to ``x``."""
+    """``x·Wᵀ + b (+ s·(x_lora·Aᵀ)·Bᵀ)``; ``x_lora`` defaults to ``x``.
+
+    ``cast``: A and B already in the compute dtype (the adapter's per-step copies); by
+    default they are cast here.
+    """
     if (lora_A is None) != (lora_B is None):
         raise ValueError("lora_A and lora_B must be given together")
     if x.shape[-1] != (weight.shape[1] if isinstance(weight, NF4Tensor) else weight.shape[-1]):
         raise ValueError(f"input has {x.shape[-1]} features but the weight expects "
                          f"{weight.shape[1] if isinstance(weight, NF4Tensor) else weight.shape[-1]}")
-    if x_lora is None:
-        x_lora = x
+    if x_lora is x:
+        x_lora = None
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    autocast = torch.is_autocast_enabled(device)
+    dt = torch.get_autocast_dtype(device) if autocast else x.dtype
+    a = b = None
+    if lora_A is not None:
+        a, b = cast if cast is not None and cast[0].dtype == dt else (lora_A.to(dt), lora_B.to(dt))
+    if autocast:
         # Under autocast (Trainer's bf16=True), compute in the autocast dtype explicitly:
         # the Function's own matmuls must not be re-cast op by op.
-        dt = torch.get_autocast_dtype(device)
-        x, x_lora = x.to(dt), x_lora.to(dt)
+        x = x.to(dt)
+        x_lora = x_lora.to(dt) if x_lora is not None else None
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(device, enabled=False):
-            return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale)
-    return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale)
+            return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale, a, b)
+    return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale, a, b)

@@ -1,0 +1,142 @@
+"""The plain LoRA projection op (ops/lora_linear.py, the default training path) and the
+per-forward caches that spare its launches: the adapter's 16-bit copies of A and B, and
+FrozenLinear's NF4 view.
+
+Oracle: float64 autograd of ``x·Wᵀ + b + s·(x_l·Aᵀ)·Bᵀ`` with W dequantized by the
+test-side NF4 oracle (bitsandbytes' order), on odd sizes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _nf4_helpers as nf4h
+
+from fastqlora.lora import LoraAdapter, cast_all, next_cast_epoch
+from fastqlora.models.linear import FrozenLinear
+from fastqlora.ops.lora_linear import lora_linear
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a is not None
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("nf4", [True, False])
+@pytest.mark.parametrize("separate_input", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_matches_float64(dtype, tol, nf4, separate_input, bias):
+    torch.manual_seed(0)
+    N, K, r, s = 136, 192, 5, 1.75
+    w32 = torch.randn(N, K) * 0.05
+    if nf4:
+        weight = nf4h.quantize(w32)
+        w_ref = nf4h.dequantize_oracle(weight, torch.float32)
+    else:
+        weight = w32.to(dtype)
+        w_ref = weight.float()
+    x = torch.randn(2, 7, K).to(dtype).requires_grad_(True)
+    # a dropout-like branch input: a function of x whose gradient must reach x through x_l
+    mask = (torch.rand(2, 7, K) > 0.3).to(dtype) * 1.5
+    xl = x * mask if separate_input else None
+    b = (torch.randn(N) * 0.1).to(dtype).requires_grad_(True) if bias else None
+    A = (torch.randn(r, K) * 0.1).requires_grad_(True)  # fp32 master weights
+    B = (torch.randn(N, r) * 0.1).requires_grad_(True)
+
+    y = lora_linear(x, weight, b, A, B, s, xl)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    x64 = x.detach().double().requires_grad_(True)
+    xl64 = x64 * mask.double() if separate_input else None
+    A64, B64 = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True) if bias else None
+    y64 = x64 @ w_ref.double().t() + (b64 if bias else 0) + s * ((xl64 if separate_input else x64) @ A64.t()) @ B64.t()
+    y64.backward(dy.double())
+
+    assert y.dtype == dtype and y.shape == (2, 7, N)
+    assert rel(y, y64) < tol
+    assert rel(x.grad, x64.grad) < tol
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    assert rel(A.grad, A64.grad) < tol
+    assert rel(B.grad, B64.grad) < tol
+    if bias:
+        assert rel(b.grad, b64.grad) < tol
+
+
+def test_lora_linear_with_given_casts_uses_them():
+    """``cast`` (A and B already in x's dtype) is what the product uses, not lora_A/B."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 64)
+    w = torch.randn(40, 64)
+    A, B = torch.randn(4, 64), torch.randn(40, 4)
+    got = lora_linear(x, w, None, A, B, 0.5, cast=(2 * A, B))
+    want = x @ w.t() + 0.5 * (x @ (2 * A).t()) @ B.t()
+    assert rel(got, want) < 1e-5
+
+
+def test_adapter_casts_once_a_forward_and_again_after_a_change():
+    torch.manual_seed(2)
+    ad = LoraAdapter(64, 48, r=4, alpha=8)
+    with torch.no_grad():
+        ad.lora_B.normal_()
+    next_cast_epoch()
+    a1, b1 = ad.cast_weights(torch.bfloat16)
+    a2, b2 = ad.cast_weights(torch.bfloat16)
+    assert a1 is a2 and b1 is b2 and a1.dtype == torch.bfloat16 and not a1.requires_grad
+    assert torch.equal(a1, ad.lora_A.detach().to(torch.bfloat16))
+    # an optimizer step changes A in place (its version counter moves): cast again
+    opt = torch.optim.SGD(ad.parameters(), lr=0.5)
+    ad.lora_A.grad = torch.ones_like(ad.lora_A)
+    ad.lora_B.grad = torch.ones_like(ad.lora_B)
+    opt.step()
+    a3, b3 = ad.cast_weights(torch.bfloat16)
+    assert torch.equal(a3, ad.lora_A.detach().to(torch.bfloat16)) and not torch.equal(a3, a1)
+    assert torch.equal(b3, ad.lora_B.detach().to(torch.bfloat16))
+    # a write through .data does not move the version counter; the next forward recasts
+    ad.lora_B.data.mul_(3.0)
+    next_cast_epoch()
+    _, b4 = ad.cast_weights(torch.bfloat16)
+    assert torch.equal(b4, ad.lora_B.detach().to(torch.bfloat16))
+    # another dtype is its own cast
+    a5, _ = ad.cast_weights(torch.float16)
+    assert a5.dtype == torch.float16
+
+
+def test_frozen_linear_nf4_view_follows_its_buffers():
+    torch.manual_seed(3)
+    lin = FrozenLinear(128, 24)
+    q = nf4h.quantize(torch.randn(24, 128))
+    lin.set_nf4(q)
+    v1 = lin.nf4()
+    assert lin.nf4() is v1  # reused while the buffers are the same tensors
+    q2 = nf4h.quantize(torch.randn(24, 128))
+    state = {k: v.clone() for k, v in lin.state_dict().items()}
+    state["nf4_packed"] = q2.packed.clone()
+    lin.load_state_dict(state, assign=True)  # new buffer objects
+    v2 = lin.nf4()
+    assert v2 is not v1 and torch.equal(v2.packed, q2.packed)
+    lin.set_nf4(q2)
+    assert torch.equal(lin.nf4().dequantize(torch.float32), q2.dequantize(torch.float32))
+    lin.to(torch.device("cpu"))
+    assert lin._nf4_view is None  # dropped by _apply: it must not pin the old tensors
+
+
+def test_cast_all_is_what_cast_weights_returns():
+    torch.manual_seed(4)
+    ads = [LoraAdapter(32 + i, 16, r=2 + i, alpha=4) for i in range(3)]
+    for ad in ads:
+        with torch.no_grad():
+            ad.lora_B.normal_()
+    next_cast_epoch()
+    cast_all(ads, torch.bfloat16)
+    for ad in ads:
+        a, b = ad.cast_weights(torch.bfloat16)
+        assert a is ad._cast[1] and b is ad._cast[2]
+        assert torch.equal(a, ad.lora_A.detach().to(torch.bfloat16))
+        assert torch.equal(b, ad.lora_B.detach().to(torch.bfloat16))
+    old = ads[0]._cast[1]
+    next_cast_epoch()
+    cast_all(ads, torch.bfloat16)
+    assert ads[0].cast_weights(torch.bfloat16)[0] is not old  # fresh copies: the old may be saved for a backward
