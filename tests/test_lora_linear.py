@@ -140,3 +140,22 @@ def test_cast_all_is_what_cast_weights_returns():
     next_cast_epoch()
     cast_all(ads, torch.bfloat16)
     assert ads[0].cast_weights(torch.bfloat16)[0] is not old  # fresh copies: the old may be saved for a backward
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_may_be_changed_in_place(bias):
+    """RoPE rotates q and k in place through views of the projection's output (Qwen 2's q, k
+    with biases, without checkpointing): the op must return a tensor that allows it."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    w = torch.randn(32, 64)
+    b = torch.randn(32) if bias else None
+    A, B = torch.randn(4, 64, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    y = lora_linear(x, w, b, A, B, 0.5)
+    y.view(2, 3, 4, 8).mul_(2.0)
+    y.sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = 2 * (x64 @ w.double().t() + (b.double() if bias else 0) + 0.5 * (x64 @ A.detach().double().t())
+               @ B.detach().double().t())
+    y64.sum().backward()
+    assert rel(y, y64) < 1e-5 and rel(x.grad, x64.grad) < 1e-5

@@ -46,13 +46,22 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, x_lora, bias, lora_A, lora_B, weight, scale, a, b):
         # x_lora None: the branch reads x itself. a, b: A and B in x's dtype.
         w = _dense(weight, x.dtype)
-        y = F.linear(x, w, bias)
+        # y is allocated in its final shape and written through a 2-D view: a view returned
+        # from a custom Function (what F.linear gives for 3-D x) may not be changed in place
+        # later, and RoPE rotates q and k in place
+        N = w.shape[0]
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+        y2, x2 = y.view(-1, N), x.reshape(-1, x.shape[-1])
+        if bias is None:
+            torch.mm(x2, w.t(), out=y2)
+        else:
+            torch.addmm(bias, x2, w.t(), out=y2)
         xa = None
         has_lora = lora_A is not None
         if has_lora:
             xl = x if x_lora is None else x_lora
             xa = F.linear(xl, a)
-            y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
+            y2.addmm_(xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
         ctx.weight, ctx.scale = weight, scale
         ctx.has_lora, ctx.same_input = has_lora, x_lora is None
         ctx.bias_grad = bias is not None and bias.requires_grad
