@@ -80,7 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_shape, wdtype = ctx.shapes
         gh = gw = gb = None
         if dh is not None:
-            gh = (dh if bool(g == 1) else dh * g.to(dh.dtype)).view(hidden_shape)
+            # scaled on the device: reading g back to skip the product when it is 1 (the
+            # usual case) would wait for the whole forward before the backward's first launch
+            gh = (dh * g.to(dh.dtype)).view(hidden_shape)
         if dw is not None:
             gw = (dw * g).to(wdtype)
         if db is not None:
