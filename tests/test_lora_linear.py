@@ -22,12 +22,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("nf4", [True, False])
 @pytest.mark.parametrize("separate_input", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lora_linear_matches_float64(dtype, tol, nf4, separate_input, bias):
+def test_lora_linear_matches_float64(device, dtype, tol, nf4, separate_input, bias):
+    """On the CPU, and on the GPU (cuBLAS, the CUDA dequantize) where there is one."""
     torch.manual_seed(0)
+    torch.set_default_device(device)
+    try:
+        _check_lora_linear(dtype, tol, nf4, separate_input, bias)
+    finally:
+        torch.set_default_device("cpu")
+
+
+def _check_lora_linear(dtype, tol, nf4, separate_input, bias):
     N, K, r, s = 136, 192, 5, 1.75
     w32 = torch.randn(N, K) * 0.05
     if nf4:
