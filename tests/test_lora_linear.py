@@ -169,3 +169,80 @@ def test_output_may_be_changed_in_place(bias):
                @ B.detach().double().t())
     y64.sum().backward()
     assert rel(y, y64) < 1e-5 and rel(x.grad, x64.grad) < 1e-5
+
+
+class _AtenCounter:
+    """Counts the aten ops dispatched inside the block (what becomes kernel launches on CUDA)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: dict[str, int] = {}
+        casts: list[tuple[int, ...]] = []  # the shapes _to_copy (a cast) was asked of
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+                if name == "_to_copy" and args and isinstance(args[0], torch.Tensor):
+                    casts.append(tuple(args[0].shape))
+                return func(*args, **(kwargs or {}))
+
+        self.counts, self.casts, self.mode = counts, casts, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.counts
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_lora_term_needs_no_separate_scale_or_add():
+    """The launch cut this op exists for: the LoRA term and dx_l go through addmm's alpha,
+    dA/dB are scaled and cast by one mul each; no elementwise add anywhere, and the casts
+    of A and B come from the caller (cast_weights), not from the op."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = nf4h.quantize(torch.randn(48, 64))
+    ad = LoraAdapter(64, 48, r=4, alpha=8)
+    next_cast_epoch()
+    cast = ad.cast_weights(torch.bfloat16)
+    with _AtenCounter() as fwd:
+        y = lora_linear(x, w, None, ad.lora_A, ad.lora_B, ad.scale, cast=cast)
+    with _AtenCounter() as bwd:
+        y.backward(torch.randn_like(y))
+    assert not any(k in fwd for k in ("add", "add_", "mul", "mul_", "_to_copy")), fwd
+    assert fwd.get("addmm_", 0) == 1, fwd
+    assert not any(k in bwd for k in ("add", "add_", "_to_copy")), bwd
+    assert bwd.get("mul", 0) == 2 and bwd.get("addmm_", 0) == 1, bwd  # dA, dB scaled; dx_l into dx
+    assert ad.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_model_forward_casts_every_adapter_once(tmp_path):
+    """A bf16 model's forward casts all adapters' A and B in one multi-tensor copy before
+    the first layer; the projections then cast nothing (no per-adapter _to_copy)."""
+    from helpers import write_hf_model
+
+    from fastqlora import FastLanguageModel
+
+    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.bfloat16,
+                                                 device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    ids = torch.randint(0, 101, (1, 9))
+    adapters = [m for m in model.modules() if isinstance(m, LoraAdapter)]
+    assert len(adapters) == 14
+    counter = _AtenCounter()
+    with counter as ops:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert ops.get("_foreach_copy_", 0) == 1, ops
+    lora_shapes = {tuple(t.shape) for ad in adapters for t in (ad.lora_A, ad.lora_B)}
+    assert not [c for c in counter.casts if c in lora_shapes], counter.casts
+    assert all(ad._cast[1].dtype == torch.bfloat16 for ad in adapters)
+    # what the projections read is the model forward's copy: same epoch, same tensors
+    for ad in adapters:
+        a, b = ad.cast_weights(torch.bfloat16)
+        assert a is ad._cast[1] and torch.equal(a, ad.lora_A.detach().to(torch.bfloat16))
+    assert all(ad.lora_A.grad is not None and ad.lora_A.grad.dtype == torch.float32 for ad in adapters)

@@ -25,8 +25,14 @@ def test_kernel_names_fall_in_their_groups():
 
 def test_profile_of_a_cpu_step_adds_up(tmp_path):
     out = tmp_path / "prof.json"
+    host = tmp_path / "host.txt"
     res = profile_step.main(["--ckpt", str(data_dir() / "demo_model"), "--device", "cpu", "--seq", "32",
-                             "--batch", "1", "--warmup", "1", "--steps", "1", "--out", str(out)])
+                             "--batch", "1", "--warmup", "1", "--steps", "1", "--out", str(out),
+                             "--host", str(host)])
+    # the cProfile report of one step: the model's own forward among its functions
+    report = host.read_text()
+    assert "function calls" in report and "causal_lm.py" in report
+    assert res["kernels_per_step"] >= len(res["most_launched"]) > 0
     assert json.loads(out.read_text())["total_ms"] == res["total_ms"] > 0
     assert abs(sum(g["ms"] for g in res["groups"].values()) - res["total_ms"]) < 1e-6 * res["total_ms"]
     assert res["groups"]["matmul"]["ms"] > 0 and res["groups"]["attention"]["ms"] > 0
