@@ -94,7 +94,7 @@ class LoraAdapter(nn.Module):
         optimizer's step bumps their version counters) or moved."""
         a, b = self.lora_A, self.lora_B
         key = self._cast_key(dtype)
-        hit = self._cast
+        hit = getattr(self, "_cast", None)  # absent on adapters pickled before it existed
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
         with torch.no_grad():

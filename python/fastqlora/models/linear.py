@@ -116,7 +116,8 @@ class FrozenLinear(nn.Module):
             return lora_linear(x, base, self.bias) + a(x)
         x_lora = F.dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else None
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora, cast=a.cast_weights(dt))
+        cast = a.cast_weights(dt) if hasattr(a, "cast_weights") else None
+        return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora, cast=cast)
 
     def extra_repr(self) -> str:
         kind = "nf4" if self.is_quantized else str(self.weight.dtype).replace("torch.", "")
