@@ -246,3 +246,35 @@ def test_model_forward_casts_every_adapter_once(tmp_path):
         a, b = ad.cast_weights(torch.bfloat16)
         assert a is ad._cast[1] and torch.equal(a, ad.lora_A.detach().to(torch.bfloat16))
     assert all(ad.lora_A.grad is not None and ad.lora_A.grad.dtype == torch.float32 for ad in adapters)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_two_forwards_then_one_backward(tmp_path, checkpointing):
+    """Each forward's 16-bit copies of A and B are fresh tensors, so a first forward's graph
+    still holds its own when a second forward has cast again (an in-place refill would make
+    the backward fail autograd's version check, or use the wrong values)."""
+    from helpers import write_hf_model
+
+    from fastqlora import FastLanguageModel
+
+    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.bfloat16,
+                                                 device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=checkpointing)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(7)
+    ids1, ids2 = torch.randint(0, 101, (1, 9), generator=g), torch.randint(0, 101, (1, 11), generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(*batches):
+        model.zero_grad(set_to_none=True)
+        sum(model(input_ids=i, labels=i).loss for i in batches).backward()
+        return [p.grad.clone() for p in params]
+
+    together = grads(ids1, ids2)
+    apart = [a + b for a, b in zip(grads(ids1), grads(ids2))]
+    assert max(rel(t, a) for t, a in zip(together, apart)) < 1e-2
