@@ -38,7 +38,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # the environment each of our variants runs under (its own process)
-OURS_ENV = {"ours": {}, "ours-ref": {"FASTQLORA_BACKEND": "reference"}, "ours-fused": {"FASTQLORA_NF4_FUSED": "1"}}
+OURS_ENV = {"ours": {}, "ours-ref": {"FASTQLORA_BACKEND": "reference"}, "ours-fused": {"FASTQLORA_NF4_FUSED": "1"},
+            "ours-grouped": {"FASTQLORA_GROUPED_LORA": "1"}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -219,9 +219,12 @@ def test_lora_term_needs_no_separate_scale_or_add():
     assert ad.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
 
 
-def test_model_forward_casts_every_adapter_once(tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_model_forward_casts_every_adapter_once(tmp_path, monkeypatch, grouped):
     """A bf16 model's forward casts all adapters' A and B in one multi-tensor copy before
-    the first layer; the projections then cast nothing (no per-adapter _to_copy)."""
+    the first layer; the projections then cast nothing (no per-adapter _to_copy). Grouped,
+    the copy writes q/k/v's and gate/up's A stacked, each adapter's A a row block of it."""
+    monkeypatch.setenv("FASTQLORA_GROUPED_LORA", "1" if grouped else "0")
     from helpers import write_hf_model
 
     from fastqlora import FastLanguageModel
@@ -246,6 +249,10 @@ def test_model_forward_casts_every_adapter_once(tmp_path):
         a, b = ad.cast_weights(torch.bfloat16)
         assert a is ad._cast[1] and torch.equal(a, ad.lora_A.detach().to(torch.bfloat16))
     assert all(ad.lora_A.grad is not None and ad.lora_A.grad.dtype == torch.float32 for ad in adapters)
+    stacked = [ad for ad in adapters if getattr(ad, "_cast_cat", None) is not None]
+    assert len(stacked) == (4 if grouped else 0)  # q (of q, k, v) and gate (of gate, up), 2 layers
+    for ad in stacked:
+        assert ad._cast[1].data_ptr() == ad._cast_cat[1].data_ptr()  # its A is the stack's first rows
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -278,3 +285,126 @@ def test_two_forwards_then_one_backward(tmp_path, checkpointing):
     together = grads(ids1, ids2)
     apart = [a + b for a, b in zip(grads(ids1), grads(ids2))]
     assert max(rel(t, a) for t, a in zip(together, apart)) < 1e-2
+
+
+# ---- the grouped op: projections that read the same x (q, k, v; gate, up) ----
+
+from fastqlora.lora import cast_group  # noqa: E402
+from fastqlora.ops.lora_linear import lora_linear_group  # noqa: E402
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("n,nf4,bias", [(3, True, False), (3, False, True), (2, True, True), (2, False, False)])
+def test_lora_group_matches_float64(device, dtype, tol, n, nf4, bias):
+    torch.manual_seed(8)
+    torch.set_default_device(device)
+    try:
+        K, s = 192, 0.75
+        outs, ranks = [136, 72, 72][:n], [5, 3, 4][:n]
+        w32 = [torch.randn(N, K) * 0.05 for N in outs]
+        if nf4:
+            weights = [nf4h.quantize(w) for w in w32]
+            w_ref = [nf4h.dequantize_oracle(w, torch.float32) for w in weights]
+        else:
+            weights = [w.to(dtype) for w in w32]
+            w_ref = [w.float() for w in weights]
+        biases = [(torch.randn(N) * 0.1).to(dtype).requires_grad_(True) if bias else None for N in outs]
+        As = [(torch.randn(r, K) * 0.1).requires_grad_(True) for r in ranks]
+        Bs = [(torch.randn(N, r) * 0.1).requires_grad_(True) for N, r in zip(outs, ranks)]
+        x = torch.randn(2, 7, K).to(dtype).requires_grad_(True)
+        a_cat = torch.cat([a.detach() for a in As]).to(dtype)
+        ys = lora_linear_group(x, weights, biases, As, Bs, s, a_cat, [b.detach().to(dtype) for b in Bs])
+        dys = [torch.randn_like(y) for y in ys]
+        torch.autograd.backward(ys, dys)
+
+        x64 = x.detach().double().requires_grad_(True)
+        l64 = [(t.detach().double().requires_grad_(True) if t is not None else None) for t in biases + As + Bs]
+        b64, A64, B64 = l64[:n], l64[n:2 * n], l64[2 * n:]
+        y64 = [x64 @ w_ref[i].double().t() + (b64[i] if bias else 0) + s * (x64 @ A64[i].t()) @ B64[i].t()
+               for i in range(n)]
+        torch.autograd.backward(y64, [d.double() for d in dys])
+        for i in range(n):
+            assert ys[i].dtype == dtype and rel(ys[i], y64[i]) < tol
+            assert As[i].grad.dtype == torch.float32 and rel(As[i].grad, A64[i].grad) < tol
+            assert Bs[i].grad.dtype == torch.float32 and rel(Bs[i].grad, B64[i].grad) < tol
+            if bias:
+                assert rel(biases[i].grad, b64[i].grad) < tol
+        assert rel(x.grad, x64.grad) < tol
+    finally:
+        torch.set_default_device("cpu")
+
+
+def test_lora_group_outputs_may_be_changed_in_place_and_launch_less():
+    """RoPE rotates q and k in place; the group's thin products are one launch each."""
+    torch.manual_seed(9)
+    K = 64
+    x = torch.randn(2, 3, K, dtype=torch.bfloat16, requires_grad=True)
+    weights = [nf4h.quantize(torch.randn(N, K)) for N in (32, 16, 16)]
+    ads = [LoraAdapter(K, N, r=4, alpha=8) for N in (32, 16, 16)]
+    for ad in ads:
+        with torch.no_grad():
+            ad.lora_B.normal_()
+    next_cast_epoch()
+    a_cat, bs = cast_group(ads, torch.bfloat16)
+    assert a_cat.shape == (12, K) and cast_group(ads, torch.bfloat16)[0] is a_cat  # kept for this forward
+    args = (x, weights, [None] * 3, [a.lora_A for a in ads], [a.lora_B for a in ads], ads[0].scale, a_cat, bs)
+    q, k, v = lora_linear_group(*args)
+    q.view(2, 3, 4, 8).mul_(2.0)
+    k.view(2, 3, 2, 8).mul_(2.0)
+    (q.sum() + k.sum() + v.sum()).backward()  # allowed: no view of a Function's output
+    for t in [x] + [p for a in ads for p in (a.lora_A, a.lora_B)]:
+        t.grad = None
+    with _AtenCounter() as fwd:
+        ys = lora_linear_group(*args)
+    dys = [torch.randn_like(y) for y in ys]
+    with _AtenCounter() as bwd:
+        torch.autograd.backward(ys, dys)
+    assert not any(op in fwd for op in ("add", "add_", "mul", "mul_", "_to_copy", "cat")), fwd
+    assert fwd.get("addmm_", 0) == 3
+    # dx: 3 weights + 1 LoRA, in one accumulating chain; dA once, dB's three into one buffer,
+    # one scale-and-cast each
+    assert not any(op in bwd for op in ("add", "add_", "_to_copy", "cat")), bwd
+    assert bwd.get("mul", 0) == 2 and bwd.get("addmm_", 0) == 3, bwd
+    assert all(a.lora_A.grad is not None and a.lora_B.grad is not None for a in ads)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_model_with_grouped_projections_equals_one_op_each(tmp_path, monkeypatch, family):
+    """The whole model's loss and LoRA gradients with q/k/v and gate/up grouped equal those
+    with one op a projection (fp32: the same products in another order)."""
+    from helpers import write_hf_model
+
+    from fastqlora import FastLanguageModel
+
+    write_hf_model(tmp_path, family, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.float32,
+                                                 device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(10))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    import fastqlora.ops.lora_linear as ll
+
+    monkeypatch.setenv("FASTQLORA_GROUPED_LORA", "1")
+    calls = []
+    real = ll._LoraGroup.apply
+    monkeypatch.setattr(ll._LoraGroup, "apply", lambda *a: calls.append(len(a[1])) or real(*a))
+    l_g, g_g = run()
+    assert calls.count(3) == 4 and calls.count(2) == 4  # q/k/v and gate/up of 2 layers, forward + recompute
+    monkeypatch.setenv("FASTQLORA_GROUPED_LORA", "0")
+    calls.clear()
+    l_1, g_1 = run()
+    assert not calls
+    assert abs(l_g - l_1) < 1e-6 * abs(l_1)
+    assert max(rel(g_g[n], g_1[n]) for n in g_1) < 1e-5

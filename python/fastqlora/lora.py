@@ -34,20 +34,62 @@ def next_cast_epoch() -> None:
     _cast_epoch += 1
 
 
-def cast_all(adapters: list[LoraAdapter], dtype: torch.dtype) -> None:
+def _stackable(group: list[LoraAdapter]) -> bool:
+    a0 = group[0].lora_A
+    return len(group) > 1 and all(ad.lora_A.shape[1] == a0.shape[1] and ad.lora_A.device == a0.device
+                                  for ad in group)
+
+
+def cast_all(adapters: list[LoraAdapter], dtype: torch.dtype,
+             groups: list[list[LoraAdapter]] | None = None) -> None:
     """Cast every adapter's A and B to ``dtype`` for this forward in one multi-tensor copy
     (a few launches for the whole model instead of two an adapter); ``cast_weights`` then
-    finds them cast. Fresh tensors every time: the last forward's copies may still be
-    saved for its backward."""
+    finds them cast. ``groups``: adapters of projections that read the same input (q, k, v;
+    gate, up), whose A are written stacked into one ``[Σr, K]`` tensor (each adapter's A a
+    row block of it), what :func:`cast_group` returns. Fresh tensors every time: the last
+    forward's copies may still be saved for its backward."""
     todo = [ad for ad in adapters if ad.lora_A.dtype != dtype or ad.lora_B.dtype != dtype]
     if not todo:
         return
-    srcs = [t.detach() for ad in todo for t in (ad.lora_A, ad.lora_B)]
-    dsts = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in srcs]
+    waiting = {id(ad) for ad in todo}
+    srcs: list[torch.Tensor] = []
+    dsts: list[torch.Tensor] = []
+    a_of: dict[int, torch.Tensor] = {}
+    stacks = []
+    for g in groups or []:
+        if _stackable(g) and all(id(ad) in waiting for ad in g):
+            a_cat = torch.empty(sum(ad.lora_A.shape[0] for ad in g), g[0].lora_A.shape[1], dtype=dtype,
+                                device=g[0].lora_A.device)
+            for ad, rows in zip(g, a_cat.split([ad.lora_A.shape[0] for ad in g])):
+                a_of[id(ad)] = rows
+            stacks.append((g, a_cat))
+    for ad in todo:
+        a = ad.lora_A
+        if id(ad) not in a_of:
+            a_of[id(ad)] = torch.empty(a.shape, dtype=dtype, device=a.device)
+        srcs += [a.detach(), ad.lora_B.detach()]
+        dsts += [a_of[id(ad)], torch.empty(ad.lora_B.shape, dtype=dtype, device=ad.lora_B.device)]
     with torch.no_grad():
         torch._foreach_copy_(dsts, srcs)
     for i, ad in enumerate(todo):
         ad._cast = (ad._cast_key(dtype), dsts[2 * i], dsts[2 * i + 1])
+    for g, a_cat in stacks:
+        g[0]._cast_cat = (tuple(ad._cast_key(dtype) for ad in g), a_cat)
+
+
+def cast_group(adapters: list[LoraAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the adapters' A stacked ``[Σr, K]``, their B) in ``dtype`` for this forward: what
+    :func:`cast_all` wrote when it was told the group, else cast and stacked here (and kept
+    for the recomputation and the backward)."""
+    keys = tuple(ad._cast_key(dtype) for ad in adapters)
+    pairs = [ad.cast_weights(dtype) for ad in adapters]
+    hit = getattr(adapters[0], "_cast_cat", None)
+    if hit is not None and hit[0] == keys:
+        return hit[1], [b for _, b in pairs]
+    with torch.no_grad():
+        a_cat = torch.cat([a for a, _ in pairs])
+    adapters[0]._cast_cat = (keys, a_cat)
+    return a_cat, [b for _, b in pairs]
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:

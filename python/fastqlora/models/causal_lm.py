@@ -20,7 +20,8 @@ from ..generation import KVCache, generate
 from ..lora import LoraAdapter, cast_all, next_cast_epoch
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
-from .linear import FrozenLinear
+from ..ops.dispatch import grouped_lora_enabled
+from .linear import FrozenLinear, group_adapters
 from .rope import RotaryTables
 
 IGNORE_INDEX = -100
@@ -154,6 +155,22 @@ class CausalLM(nn.Module):
             w = w + adapter.delta_weight().to(w.dtype)
         return w
 
+    def _adapter_groups(self) -> list:
+        """Each layer's adapters that run as one grouped op (q, k, v; gate, up), so the
+        forward's cast writes their A stacked."""
+        groups = []
+        if not grouped_lora_enabled():
+            return groups
+        for layer in self.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            for names, mod in ((("q_proj", "k_proj", "v_proj"), att), (("gate_proj", "up_proj"), mlp)):
+                projs = [getattr(mod, n, None) for n in names]
+                if all(p is not None for p in projs):
+                    ads = group_adapters(projs)
+                    if ads is not None:
+                        groups.append(ads)
+        return groups
+
     # -- forward ----------------------------------------------------------------------
     def _run_layers(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         mode = self.gradient_checkpointing if (self.training and torch.is_grad_enabled()) else "off"
@@ -169,7 +186,8 @@ class CausalLM(nn.Module):
         adapters = [m for m in self.model.layers.modules() if isinstance(m, LoraAdapter)]
         if adapters:  # all at once, in the dtype the projections will compute in
             dev = h.device.type
-            cast_all(adapters, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype)
+            cast_all(adapters, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype,
+                     self._adapter_groups())
         B, S = h.shape[:2]
         generated = position_ids is None
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)

@@ -18,7 +18,7 @@ from ..ops.dispatch import fused_nf4_enabled
 from ..generation import KVCache, cached_attention
 from ..tiling import tiled_apply
 from .config import ModelConfig
-from .linear import FrozenLinear
+from .linear import FrozenLinear, grouped_forward
 
 
 MLP_TILE_ABOVE = 16384  # tokens in a batch past which the MLP runs in tiles
@@ -87,7 +87,7 @@ class Attention(nn.Module):
             # views of one output: RoPE rotates in place, which autograd forbids on such views
             q, k = q.clone(), k.clone()
         else:
-            q, k, v = (p(x) for p in projs)
+            q, k, v = grouped_forward(list(projs), x)
         # the normed q and k are cloned: RoPE rotates in place, which autograd forbids on a
         # view of a custom Function's output (the RMSNorm kernel returns one)
         if c.qk_norm:
@@ -152,7 +152,8 @@ class MLP(nn.Module):
             from ..ops.lora_mlp import lora_mlp  # one autograd Function, gate/up recomputed in backward
 
             return lora_mlp(x, *(p.proj() for p in projs), act=self.act)
-        return self.down_proj(ops.act_mul(self.gate_proj(x), self.up_proj(x), self.act))
+        gate, up = grouped_forward([self.gate_proj, self.up_proj], x)
+        return self.down_proj(ops.act_mul(gate, up, self.act))
 
 
 class DecoderLayer(nn.Module):

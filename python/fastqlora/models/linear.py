@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.dispatch import fused_nf4_enabled
-from ..ops.lora_linear import lora_linear
+from ..ops.dispatch import fused_nf4_enabled, grouped_lora_enabled
+from ..ops.lora_linear import lora_linear, lora_linear_group
 from ..quant import NF4Tensor
 
 _NF4_PREFIX = "nf4_"
@@ -122,3 +122,40 @@ class FrozenLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "nf4" if self.is_quantized else str(self.weight.dtype).replace("torch.", "")
         return f"in={self.in_features}, out={self.out_features}, base={kind}, bias={self.bias is not None}"
+
+
+def _hooked(m: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks)
+
+
+def group_adapters(projs: list[FrozenLinear]) -> list | None:
+    """The LoRA adapters of projections that read the same input, when they can run as one
+    grouped op (each has a plain LoRA adapter, one scale, one input width); else None."""
+    ads = [p.adapter for p in projs]
+    if len(projs) < 2 or any(a is None or not hasattr(a, "cast_weights") for a in ads):
+        return None
+    if len({a.scale for a in ads}) != 1 or len({p.in_features for p in projs}) != 1:
+        return None
+    return ads
+
+
+def grouped_forward(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[p(x) for p in projs]`` for projections that read the same x (q, k, v; gate, up).
+    With ``FASTQLORA_GROUPED_LORA=1``, LoRA on each and no dropout in use, one grouped op (ops.lora_linear_group): the
+    adapters' thin products stacked, ~7 fewer launches a group and step than one op each;
+    otherwise each projection on its own (as do hooked modules, which the group would skip)."""
+    ads = group_adapters(projs) if grouped_lora_enabled() else None
+    if (ads is None or (any(a.dropout_p > 0 for a in ads) and any(p.training for p in projs))
+            or any(_hooked(p) for p in projs)):
+        return [p(x) for p in projs]
+    from ..lora import cast_group
+
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    a_cat, bs = cast_group(ads, dt)
+    weights = [p.nf4() if p.is_quantized else p.weight for p in projs]
+    return list(lora_linear_group(x, weights, [p.bias for p in projs], [a.lora_A for a in ads],
+                                  [a.lora_B for a in ads], ads[0].scale, a_cat, bs))

@@ -70,3 +70,11 @@ def fused_nf4_enabled(x: torch.Tensor) -> bool:
     ops/lora_mlp.py) instead of the plain dequantize + matmul op: on CUDA tensors when
     ``FASTQLORA_NF4_FUSED=1`` (off by default until their end-to-end benchmark says on)."""
     return x.is_cuda and _mode != "reference" and os.environ.get("FASTQLORA_NF4_FUSED", "0") == "1"
+
+
+def grouped_lora_enabled() -> bool:
+    """Whether projections that read the same input (q, k, v; gate, up) run as one grouped
+    LoRA op (ops.lora_linear_group: ~7 fewer launches a group and step) instead of one op
+    each: when ``FASTQLORA_GROUPED_LORA=1``. Off by default until a GPU run measures it
+    (tested for the same math on the CPU; benchmarks/NOTES.md)."""
+    return os.environ.get("FASTQLORA_GROUPED_LORA", "0") == "1"

@@ -136,3 +136,125 @@ def lora_linear(
         with torch.autocast(device, enabled=False):
             return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale, a, b)
     return _LoraLinear.apply(x, x_lora, bias, lora_A, lora_B, weight, scale, a, b)
+
+
+class _LoraGroup(torch.autograd.Function):
+    """``Yᵢ = x·Wᵢᵀ + biasᵢ + s·(x·Aᵢᵀ)·Bᵢᵀ`` for 2-3 projections that read the same x
+    (q, k, v; gate, up), each with an adapter, one scale, no dropout: the adapters' A
+    stacked as ``A_cat [Σr, K]`` make the thin products one launch each.
+
+    Backward (XA = x·A_catᵀ [M, Σr], Gᵢ = dYᵢ·Bᵢ, G_cat = [Gᵢ] [M, Σr]):
+        dx      = Σᵢ dYᵢ·Wᵢ + s·G_cat·A_cat     (one accumulating matmul a weight, one for LoRA)
+        dA_cat  = s·G_catᵀ·x                      (one product for every adapter, cast once)
+        dBᵢ     = s·dYᵢᵀ·XAᵢ                     (written side by side, scaled and cast once)
+    G_cat is built transposed, [Σr, M], so each Gᵢᵀ = Bᵢᵀ·dYᵢᵀ lands in contiguous rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, scale, a_cat, *tensors):
+        n = len(weights)
+        biases, As, Bs, bs = (tensors[i * n:(i + 1) * n] for i in range(4))
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        xa = x2 @ a_cat.t()  # [M, Σr]
+        ranks = [a.shape[0] for a in As]
+        cols = [sum(ranks[:i]) for i in range(n)]
+        ys = []
+        for i, w in enumerate(weights):
+            wd = _dense(w, x.dtype)
+            N = wd.shape[0]
+            y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)  # not a view: RoPE rotates q, k in place
+            y2 = y.view(-1, N)
+            if biases[i] is None:
+                torch.mm(x2, wd.t(), out=y2)
+            else:
+                torch.addmm(biases[i], x2, wd.t(), out=y2)
+            y2.addmm_(xa[:, cols[i]:cols[i] + ranks[i]], bs[i].t(), alpha=scale)
+            ys.append(y)
+        ctx.weights, ctx.scale, ctx.ranks, ctx.cols = weights, scale, ranks, cols
+        ctx.dtypes = ([a.dtype for a in As], [b.dtype for b in Bs])
+        ctx.bias_grad = [b is not None and b.requires_grad for b in biases]
+        ctx.save_for_backward(x2, xa, a_cat, *bs)
+        ctx.x_shape = x.shape
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, xa, a_cat, *bs = ctx.saved_tensors
+        n, s = len(ctx.weights), ctx.scale
+        M, dtype = x2.shape[0], x2.dtype
+        need = ctx.needs_input_grad  # x, weights, scale, a_cat, biases..., As..., Bs..., bs...
+        dy2 = [torch.zeros(M, b.shape[0], dtype=dtype, device=x2.device) if d is None else d.reshape(M, d.shape[-1])
+               for d, b in zip(dys, bs)]
+        r_all = sum(ctx.ranks)
+        g_t = torch.empty(r_all, M, dtype=dtype, device=x2.device)
+        for i in range(n):
+            c, r = ctx.cols[i], ctx.ranks[i]
+            torch.mm(bs[i].t(), dy2[i].t(), out=g_t[c:c + r])
+        dx = None
+        if need[0]:
+            dx = dy2[0] @ _dense(ctx.weights[0], dtype)
+            for i in range(1, n):
+                dx.addmm_(dy2[i], _dense(ctx.weights[i], dtype))
+            dx.addmm_(g_t.t(), a_cat, alpha=s)
+            dx = dx.view(ctx.x_shape)
+        a_dt, b_dt = ctx.dtypes
+        d_a = [None] * n
+        if any(need[4 + n + i] for i in range(n)):
+            # one product and one scale-and-cast for every adapter's dA; each a row block of it
+            da_cat = _scaled_as(g_t @ x2, s, a_dt[0]) if len(set(a_dt)) == 1 else None
+            for i in range(n):
+                c, r = ctx.cols[i], ctx.ranks[i]
+                d_a[i] = da_cat[c:c + r] if da_cat is not None else _scaled_as(g_t[c:c + r] @ x2, s, a_dt[i])
+        d_b = [None] * n
+        if any(need[4 + 2 * n + i] for i in range(n)):
+            sizes = [b.shape[0] * r for b, r in zip(bs, ctx.ranks)]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=x2.device)
+            views, off = [], 0
+            for i in range(n):
+                v = flat[off:off + sizes[i]].view(bs[i].shape[0], ctx.ranks[i])
+                torch.mm(dy2[i].t(), xa[:, ctx.cols[i]:ctx.cols[i] + ctx.ranks[i]], out=v)
+                views.append((off, v.shape))
+                off += sizes[i]
+            if len(set(b_dt)) == 1:
+                flat = _scaled_as(flat, s, b_dt[0])
+                d_b = [flat[o:o + shp.numel()].view(shp) for o, shp in views]
+            else:
+                d_b = [_scaled_as(flat[o:o + shp.numel()].view(shp), s, b_dt[i]) for i, (o, shp) in enumerate(views)]
+        d_bias = [dy2[i].sum(0) if ctx.bias_grad[i] else None for i in range(n)]
+        return (dx, None, None, None, *d_bias, *d_a, *d_b, *([None] * n))
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    weights: list[Weight],
+    biases: list[torch.Tensor | None],
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scale: float,
+    a_cat: torch.Tensor,
+    bs: list[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """The outputs of 2-3 LoRA projections of the same ``x`` (see :class:`_LoraGroup`).
+
+    ``a_cat``: the adapters' A stacked in x's compute dtype ``[Σr, K]``; ``bs``: their B in
+    it. No dropout, one scale; the caller falls back to :func:`lora_linear` otherwise.
+    """
+    if not 2 <= len(weights) <= 3 or not len(weights) == len(biases) == len(lora_As) == len(lora_Bs) == len(bs):
+        raise ValueError("lora_linear_group takes 2 or 3 projections, each with its bias (or None), A, B and B's cast")
+    K = x.shape[-1]
+    for w in weights:
+        k_w = w.shape[1] if isinstance(w, NF4Tensor) else w.shape[-1]
+        if k_w != K:
+            raise ValueError(f"input has {K} features but a weight of the group expects {k_w}")
+    if tuple(a_cat.shape) != (sum(a.shape[0] for a in lora_As), K):
+        raise ValueError(f"a_cat has shape {tuple(a_cat.shape)}, expected the adapters' A stacked: "
+                         f"({sum(a.shape[0] for a in lora_As)}, {K})")
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dt = torch.get_autocast_dtype(device)
+        x = x.to(dt)
+        biases = [b.to(dt) if b is not None else None for b in biases]
+        with torch.autocast(device, enabled=False):
+            return _LoraGroup.apply(x, tuple(weights), scale, a_cat, *biases, *lora_As, *lora_Bs, *bs)
+    return _LoraGroup.apply(x, tuple(weights), scale, a_cat, *biases, *lora_As, *lora_Bs, *bs)
