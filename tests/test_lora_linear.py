@@ -219,21 +219,32 @@ def test_lora_term_needs_no_separate_scale_or_add():
     assert ad.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
 
 
+def _tiny_lora_model(path, family: str, dtype: torch.dtype, checkpointing: bool, b_std: float = 0.0):
+    """A random 2-layer checkpoint of ``family`` loaded in 4-bit on the CPU, LoRA r=4 on the
+    seven projections (B drawn with ``b_std`` when non-zero, so the adapters matter)."""
+    from helpers import write_hf_model
+
+    from fastqlora import FastLanguageModel
+
+    write_hf_model(path, family, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
+    model, _ = FastLanguageModel.from_pretrained(str(path), load_in_4bit=True, dtype=dtype, device="cpu")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=checkpointing)
+    if b_std:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, b_std)
+    return model
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_model_forward_casts_every_adapter_once(tmp_path, monkeypatch, grouped):
     """A bf16 model's forward casts all adapters' A and B in one multi-tensor copy before
     the first layer; the projections then cast nothing (no per-adapter _to_copy). Grouped,
     the copy writes q/k/v's and gate/up's A stacked, each adapter's A a row block of it."""
     monkeypatch.setenv("FASTQLORA_GROUPED_LORA", "1" if grouped else "0")
-    from helpers import write_hf_model
-
-    from fastqlora import FastLanguageModel
-
-    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.bfloat16,
-                                                 device="cpu")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    model = _tiny_lora_model(tmp_path, "llama", torch.bfloat16, checkpointing=True)
     ids = torch.randint(0, 101, (1, 9))
     adapters = [m for m in model.modules() if isinstance(m, LoraAdapter)]
     assert len(adapters) == 14
@@ -260,19 +271,7 @@ def test_two_forwards_then_one_backward(tmp_path, checkpointing):
     """Each forward's 16-bit copies of A and B are fresh tensors, so a first forward's graph
     still holds its own when a second forward has cast again (an in-place refill would make
     the backward fail autograd's version check, or use the wrong values)."""
-    from helpers import write_hf_model
-
-    from fastqlora import FastLanguageModel
-
-    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.bfloat16,
-                                                 device="cpu")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=checkpointing)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.05)
+    model = _tiny_lora_model(tmp_path, "llama", torch.bfloat16, checkpointing, b_std=0.05)
     g = torch.Generator().manual_seed(7)
     ids1, ids2 = torch.randint(0, 101, (1, 9), generator=g), torch.randint(0, 101, (1, 11), generator=g)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -373,19 +372,7 @@ def test_lora_group_outputs_may_be_changed_in_place_and_launch_less():
 def test_model_with_grouped_projections_equals_one_op_each(tmp_path, monkeypatch, family):
     """The whole model's loss and LoRA gradients with q/k/v and gate/up grouped equal those
     with one op a projection (fp32: the same products in another order)."""
-    from helpers import write_hf_model
-
-    from fastqlora import FastLanguageModel
-
-    write_hf_model(tmp_path, family, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=torch.float32,
-                                                 device="cpu")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.05)
+    model = _tiny_lora_model(tmp_path, family, torch.float32, checkpointing=True, b_std=0.05)
     ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(10))
 
     def run():
