@@ -144,9 +144,10 @@ def group_adapters(projs: list[FrozenLinear]) -> list | None:
 
 def grouped_forward(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Tensor]:
     """``[p(x) for p in projs]`` for projections that read the same x (q, k, v; gate, up).
-    With ``FASTQLORA_GROUPED_LORA=1``, LoRA on each and no dropout in use, one grouped op (ops.lora_linear_group): the
-    adapters' thin products stacked, ~7 fewer launches a group and step than one op each;
-    otherwise each projection on its own (as do hooked modules, which the group would skip)."""
+    With ``FASTQLORA_GROUPED_LORA=1``, LoRA on each and no dropout in use: one grouped op
+    (ops.lora_linear_group), the adapters' thin products stacked, ~7 fewer launches a group
+    and step than one op each. Otherwise each projection on its own (so do hooked modules,
+    whose hooks the group would skip)."""
     ads = group_adapters(projs) if grouped_lora_enabled() else None
     if (ads is None or (any(a.dropout_p > 0 for a in ads) and any(p.training for p in projs))
             or any(_hooked(p) for p in projs)):
