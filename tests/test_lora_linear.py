@@ -395,3 +395,15 @@ def test_model_with_grouped_projections_equals_one_op_each(tmp_path, monkeypatch
     assert not calls
     assert abs(l_g - l_1) < 1e-6 * abs(l_1)
     assert max(rel(g_g[n], g_1[n]) for n in g_1) < 1e-5
+
+
+def test_lora_group_refuses_what_does_not_fit():
+    x = torch.randn(3, 64)
+    w = [torch.randn(16, 64), torch.randn(8, 64)]
+    A, B = [torch.randn(2, 64), torch.randn(2, 64)], [torch.randn(16, 2), torch.randn(8, 2)]
+    with pytest.raises(ValueError, match="2 or 3 projections"):
+        lora_linear_group(x, w[:1], [None], A[:1], B[:1], 1.0, A[0], B[:1])
+    with pytest.raises(ValueError, match="expects 32"):
+        lora_linear_group(x, [w[0], torch.randn(8, 32)], [None, None], A, B, 1.0, torch.cat(A), B)
+    with pytest.raises(ValueError, match="stacked"):
+        lora_linear_group(x, w, [None, None], A, B, 1.0, A[0], B)
