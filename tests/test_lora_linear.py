@@ -14,7 +14,7 @@ import _nf4_helpers as nf4h
 
 from fastqlora.lora import LoraAdapter, cast_all, next_cast_epoch
 from fastqlora.models.linear import FrozenLinear
-from fastqlora.ops.lora_linear import lora_linear
+from fastqlora.ops.lora_linear import decoding, lora_linear
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -407,3 +407,74 @@ def test_lora_group_refuses_what_does_not_fit():
         lora_linear_group(x, [w[0], torch.randn(8, 32)], [None, None], A, B, 1.0, torch.cat(A), B)
     with pytest.raises(ValueError, match="stacked"):
         lora_linear_group(x, w, [None, None], A, B, 1.0, A[0], B)
+
+
+# ---- generation: a few rows without gradients go to the NF4 dispatch (the decode kernels) ----
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_rows_take_the_nf4_dispatch(kernel_device, monkeypatch, rows):
+    """In generation's steps (decoding(), no_grad), <= 16 rows of an NF4 projection run
+    frozen_matmul (LoRA and bias in its epilogue) instead of dequantizing the weight; the result
+    is the same projection. With gradients wanted, or outside generation (a checkpointed layer's
+    first forward runs without gradients too, and must compute what its recomputation will),
+    the autograd op as before."""
+    import fastqlora.ops.nf4_linear as nl
+    from fastqlora.ops import backend
+
+    torch.manual_seed(11)
+    dev = kernel_device
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    K, N, r, s = 192, 136, 5, 0.5
+    w = nf4h.quantize(torch.randn(N, K, device=dev) * 0.05)
+    bias = (torch.randn(N, device=dev) * 0.1).to(dtype)
+    A, B = torch.randn(r, K, device=dev) * 0.1, torch.randn(N, r, device=dev) * 0.1
+    x = torch.randn(1, rows, K, device=dev).to(dtype)
+    want = (x.double() @ nf4h.dequantize_oracle(w, torch.float32).double().t() + bias.double()
+            + s * (x.double() @ A.double().t()) @ B.double().t())
+    calls = []
+    real = nl.frozen_matmul
+    monkeypatch.setattr(nl, "frozen_matmul", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    with backend("triton"), torch.no_grad(), decoding():
+        y = lora_linear(x, w, bias, A, B, s)
+    assert calls == [(rows, K)]
+    assert y.shape == (1, rows, N) and y.dtype == dtype and rel(y, want) < tol
+    with backend("triton"), decoding():
+        lora_linear(x.requires_grad_(True), w, bias, A, B, s)
+    with backend("triton"), torch.no_grad():  # outside generation (a checkpointed layer's first forward)
+        lora_linear(x, w, bias, A, B, s)
+    assert len(calls) == 1  # with gradients, or outside generation: the autograd op
+
+
+def test_decode_steps_with_the_kernels_equal_the_reference(tmp_path, kernel_device, monkeypatch):
+    """A tiny 4-bit Llama with LoRA: the logits of a prefill and of one-token decode steps (the
+    rows through the NF4 dispatch) equal the reference ops' logits; on the CPU the greedy
+    tokens are the same too."""
+    import fastqlora.ops.nf4_linear as nl
+    from fastqlora.ops import backend
+
+    calls = []
+    real = nl.frozen_matmul
+    monkeypatch.setattr(nl, "frozen_matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    model = _tiny_lora_model(tmp_path, "llama", torch.float32, checkpointing=False, b_std=0.05)
+    model.to(kernel_device).eval()
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, 101, (1, 7), generator=g).to(kernel_device)
+    steps = torch.randint(0, 101, (3, 1, 1), generator=g).to(kernel_device)
+
+    def logits(mode):
+        with backend(mode), torch.no_grad():
+            cache = model.allocate_cache(1, 12)
+            out = [model.prefill(ids, None, cache)]
+            out += [model.decode(t, cache) for t in steps]
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+
+    ref, got = logits("reference"), logits("triton")
+    # 7 projections x 2 layers, for the 7-token prefill and each of the 3 one-token steps
+    assert calls.count(7) == 14 and calls.count(1) == 3 * 14 and len(calls) == 4 * 14
+    assert rel(got, ref) < (1e-4 if kernel_device == "cpu" else 2e-2)
+    if kernel_device == "cpu":  # no reduced-precision products: the same greedy tokens
+        with backend("reference"):
+            want = model.generate(ids, max_new_tokens=6, do_sample=False)
+        with backend("triton"):
+            assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)

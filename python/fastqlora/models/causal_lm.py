@@ -18,6 +18,7 @@ from ..checkpointing import run_layers
 from ..offload import OffloadArenaCache
 from ..generation import KVCache, generate
 from ..lora import LoraAdapter, cast_all, next_cast_epoch
+from ..ops.lora_linear import decoding
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
 from ..ops.dispatch import grouped_lora_enabled
@@ -255,8 +256,9 @@ class CausalLM(nn.Module):
         n = int(position_ids.max()) + 1
         cos, sin = self.rope.get(n, h.device)
         local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
-        for i, layer in enumerate(self.model.layers):
-            h = layer.forward_cached(h, cos, sin, position_ids, cache, i, local)
+        with decoding():  # few-row NF4 projections go to the decode kernels
+            for i, layer in enumerate(self.model.layers):
+                h = layer.forward_cached(h, cos, sin, position_ids, cache, i, local)
         cache.length += ids.shape[1]
         h = self.model.norm(h[:, -1:])
         return self._head(h, self.lm_head_weight())[:, -1]

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dispatch import fused_nf4_enabled, grouped_lora_enabled
-from ..ops.lora_linear import lora_linear, lora_linear_group
+from ..ops.lora_linear import in_decoding, lora_linear, lora_linear_group
 from ..quant import NF4Tensor
 
 _NF4_PREFIX = "nf4_"
@@ -147,8 +147,9 @@ def grouped_forward(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Te
     With ``FASTQLORA_GROUPED_LORA=1``, LoRA on each and no dropout in use: one grouped op
     (ops.lora_linear_group), the adapters' thin products stacked, ~7 fewer launches a group
     and step than one op each. Otherwise each projection on its own (so do hooked modules,
-    whose hooks the group would skip)."""
-    ads = group_adapters(projs) if grouped_lora_enabled() else None
+    whose hooks the group would skip, and generation: without gradients a few rows go to the
+    NF4 decode kernels one projection at a time)."""
+    ads = group_adapters(projs) if grouped_lora_enabled() and not in_decoding() else None
     if (ads is None or (any(a.dropout_p > 0 for a in ads) and any(p.training for p in projs))
             or any(_hooked(p) for p in projs)):
         return [p(x) for p in projs]

@@ -20,12 +20,38 @@ CUDA where they are faster.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from ..quant import NF4Tensor
+from .dispatch import use_triton
 
 Weight = torch.Tensor | NF4Tensor
+
+# In generation's steps (inside `decoding()`, no gradient wanted) and at most this many rows,
+# an NF4 projection goes to the NF4 product's dispatch (ops/nf4_linear.frozen_matmul: the
+# decode kernels of csrc/nf4_gemv.cu and nf4_decode_mma.cu, the Triton tiles, or dequantize +
+# cuBLAS, whichever it timed fastest on the first call, each checked against the plain path),
+# LoRA term in the epilogue, instead of writing a 16-bit copy of the whole weight for a few
+# tokens. Only there: a checkpointed layer's first forward also runs without gradients, and it
+# must compute what its recomputation will.
+DECODE_ROWS = 16
+_decoding = False
+
+
+@contextlib.contextmanager
+def decoding() -> Iterator[None]:
+    """Generation's prefill and decode steps (CausalLM._step): few-row NF4 projections take the
+    NF4 dispatch."""
+    global _decoding
+    previous, _decoding = _decoding, True
+    try:
+        yield
+    finally:
+        _decoding = previous
 
 
 def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -99,6 +125,26 @@ class _LoraLinear(torch.autograd.Function):
         return dx, dx_l, db, dA, dB, None, None, None, None
 
 
+def in_decoding() -> bool:
+    return _decoding
+
+
+def _nf4_decode(x, weight, bias, a, b, scale, x_lora) -> torch.Tensor:
+    """``x·Wᵀ + bias + s·(x_l·Aᵀ)·Bᵀ`` for a few rows through the NF4 dispatch (no autograd)."""
+    from .nf4_linear import frozen_matmul
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xa = None
+    if a is not None:
+        xa = (x2 if x_lora is None else x_lora.reshape(-1, K)) @ a.t()
+    (y,) = frozen_matmul(x2, [weight], xa=xa, lora_b=[b] if b is not None else None, scales=[scale],
+                         biases=[bias])
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: Weight,
@@ -127,6 +173,9 @@ def lora_linear(
     a = b = None
     if lora_A is not None:
         a, b = cast if cast is not None and cast[0].dtype == dt else (lora_A.to(dt), lora_B.to(dt))
+    if (_decoding and not autocast and isinstance(weight, NF4Tensor) and not torch.is_grad_enabled()
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x)):
+        return _nf4_decode(x, weight, bias, a, b, scale, x_lora)
     if autocast:
         # Under autocast (Trainer's bf16=True), compute in the autocast dtype explicitly:
         # the Function's own matmuls must not be re-cast op by op.
