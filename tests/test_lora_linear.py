@@ -478,3 +478,13 @@ def test_decode_steps_with_the_kernels_equal_the_reference(tmp_path, kernel_devi
             want = model.generate(ids, max_new_tokens=6, do_sample=False)
         with backend("triton"):
             assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+
+
+def test_grouped_switch_and_cast_group_refuse_bad_input(monkeypatch):
+    from fastqlora.ops.dispatch import grouped_lora_enabled
+
+    monkeypatch.setenv("FASTQLORA_GROUPED_LORA", "yes")
+    with pytest.raises(ValueError, match="FASTQLORA_GROUPED_LORA"):
+        grouped_lora_enabled()
+    with pytest.raises(ValueError, match="at least one adapter"):
+        cast_group([], torch.bfloat16)

@@ -81,6 +81,8 @@ def cast_group(adapters: list[LoraAdapter], dtype: torch.dtype) -> tuple[torch.T
     """(the adapters' A stacked ``[Σr, K]``, their B) in ``dtype`` for this forward: what
     :func:`cast_all` wrote when it was told the group, else cast and stacked here (and kept
     for the recomputation and the backward)."""
+    if not adapters:
+        raise ValueError("cast_group needs at least one adapter")
     keys = tuple(ad._cast_key(dtype) for ad in adapters)
     pairs = [ad.cast_weights(dtype) for ad in adapters]
     hit = getattr(adapters[0], "_cast_cat", None)

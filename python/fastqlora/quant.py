@@ -12,6 +12,7 @@ module owns shapes, dtypes and validation. The pure-torch
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,10 +73,9 @@ def _run(t: torch.Tensor, cpu_name: str, cuda_name: str, *args) -> None:
     """Call the CPU or CUDA flavour of an extension function for tensors on t's device."""
     if t.is_cuda:
         require_cuda(cuda_name)
-        if t.device.index == torch.cuda.current_device():  # the usual case: no device switch to pay for
-            getattr(ext(), cuda_name)(*args, stream_of(t))
-            return
-        with torch.cuda.device(t.device):
+        # the usual case, t on the current device, pays for no device switch
+        same = t.device.index == torch.cuda.current_device()
+        with contextlib.nullcontext() if same else torch.cuda.device(t.device):
             getattr(ext(), cuda_name)(*args, stream_of(t))
     elif t.device.type == "cpu":
         getattr(ext(), cpu_name)(*args)

@@ -18,10 +18,10 @@ from ..checkpointing import run_layers
 from ..offload import OffloadArenaCache
 from ..generation import KVCache, generate
 from ..lora import LoraAdapter, cast_all, next_cast_epoch
-from ..ops.lora_linear import decoding
+from ..ops.dispatch import grouped_lora_enabled
+from ..ops.lora_linear import compute_dtype, decoding
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
-from ..ops.dispatch import grouped_lora_enabled
 from .linear import FrozenLinear, group_adapters
 from .rope import RotaryTables
 
@@ -186,9 +186,7 @@ class CausalLM(nn.Module):
         h = self._inputs(self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         adapters = [m for m in self.model.layers.modules() if isinstance(m, LoraAdapter)]
         if adapters:  # all at once, in the dtype the projections will compute in
-            dev = h.device.type
-            cast_all(adapters, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype,
-                     self._adapter_groups())
+            cast_all(adapters, compute_dtype(h), self._adapter_groups())
         B, S = h.shape[:2]
         generated = position_ids is None
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dispatch import fused_nf4_enabled, grouped_lora_enabled
-from ..ops.lora_linear import in_decoding, lora_linear, lora_linear_group
+from ..ops.lora_linear import compute_dtype, in_decoding, lora_linear, lora_linear_group
 from ..quant import NF4Tensor
 
 _NF4_PREFIX = "nf4_"
@@ -115,8 +115,7 @@ class FrozenLinear(nn.Module):
         if not hasattr(a, "lora_A"):  # any other adapter module: added on top
             return lora_linear(x, base, self.bias) + a(x)
         x_lora = F.dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else None
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cast = a.cast_weights(dt) if hasattr(a, "cast_weights") else None
+        cast = a.cast_weights(compute_dtype(x)) if hasattr(a, "cast_weights") else None
         return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora, cast=cast)
 
     def extra_repr(self) -> str:
@@ -155,9 +154,7 @@ def grouped_forward(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Te
         return [p(x) for p in projs]
     from ..lora import cast_group
 
-    dev = x.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    a_cat, bs = cast_group(ads, dt)
+    a_cat, bs = cast_group(ads, compute_dtype(x))
     weights = [p.nf4() if p.is_quantized else p.weight for p in projs]
     return list(lora_linear_group(x, weights, [p.bias for p in projs], [a.lora_A for a in ads],
                                   [a.lora_B for a in ads], ads[0].scale, a_cat, bs))

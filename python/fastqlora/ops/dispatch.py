@@ -77,4 +77,7 @@ def grouped_lora_enabled() -> bool:
     LoRA op (ops.lora_linear_group: ~7 fewer launches a group and step) instead of one op
     each: when ``FASTQLORA_GROUPED_LORA=1``. Off by default until a GPU run measures it
     (tested for the same math on the CPU; benchmarks/NOTES.md)."""
-    return os.environ.get("FASTQLORA_GROUPED_LORA", "0") == "1"
+    value = os.environ.get("FASTQLORA_GROUPED_LORA", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTQLORA_GROUPED_LORA={value!r}: expected 0 (one op a projection) or 1 (grouped)")
+    return value == "1"

@@ -60,6 +60,29 @@ def _dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a projection of ``x`` computes in: autocast's when it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _base_product(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``y = x·Wᵀ + bias`` [..., N], its 2-D view [M, N]) with x's dtype.
+
+    y is allocated in its final shape and written through the 2-D view: a view returned from
+    a custom Function (what F.linear gives for 3-D x) may not be changed in place later, and
+    RoPE rotates q and k in place. The LoRA term is then added into the 2-D view."""
+    w = _dense(weight, x.dtype)
+    N = w.shape[0]
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    y2, x2 = y.view(-1, N), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2, w.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, w.t(), out=y2)
+    return y, y2
+
+
 def _scaled_as(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``scale·t`` in ``dtype`` (a parameter's gradient): one kernel for the scale and the cast."""
     if t.dtype == dtype:
@@ -71,17 +94,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, bias, lora_A, lora_B, weight, scale, a, b):
         # x_lora None: the branch reads x itself. a, b: A and B in x's dtype.
-        w = _dense(weight, x.dtype)
-        # y is allocated in its final shape and written through a 2-D view: a view returned
-        # from a custom Function (what F.linear gives for 3-D x) may not be changed in place
-        # later, and RoPE rotates q and k in place
-        N = w.shape[0]
-        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-        y2, x2 = y.view(-1, N), x.reshape(-1, x.shape[-1])
-        if bias is None:
-            torch.mm(x2, w.t(), out=y2)
-        else:
-            torch.addmm(bias, x2, w.t(), out=y2)
+        y, y2 = _base_product(x, weight, bias)
         xa = None
         has_lora = lora_A is not None
         if has_lora:
@@ -169,7 +182,7 @@ def lora_linear(
         x_lora = None
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
-    dt = torch.get_autocast_dtype(device) if autocast else x.dtype
+    dt = compute_dtype(x)
     a = b = None
     if lora_A is not None:
         a, b = cast if cast is not None and cast[0].dtype == dt else (lora_A.to(dt), lora_B.to(dt))
@@ -210,14 +223,7 @@ class _LoraGroup(torch.autograd.Function):
         cols = [sum(ranks[:i]) for i in range(n)]
         ys = []
         for i, w in enumerate(weights):
-            wd = _dense(w, x.dtype)
-            N = wd.shape[0]
-            y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)  # not a view: RoPE rotates q, k in place
-            y2 = y.view(-1, N)
-            if biases[i] is None:
-                torch.mm(x2, wd.t(), out=y2)
-            else:
-                torch.addmm(biases[i], x2, wd.t(), out=y2)
+            y, y2 = _base_product(x, w, biases[i])
             y2.addmm_(xa[:, cols[i]:cols[i] + ranks[i]], bs[i].t(), alpha=scale)
             ys.append(y)
         ctx.weights, ctx.scale, ctx.ranks, ctx.cols = weights, scale, ranks, cols
