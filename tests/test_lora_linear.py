@@ -421,6 +421,7 @@ def test_decode_rows_take_the_nf4_dispatch(kernel_device, monkeypatch, rows):
     import fastqlora.ops.nf4_linear as nl
     from fastqlora.ops import backend
 
+    monkeypatch.setenv("FASTQLORA_DECODE_KERNELS", "1")
     torch.manual_seed(11)
     dev = kernel_device
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
@@ -443,7 +444,10 @@ def test_decode_rows_take_the_nf4_dispatch(kernel_device, monkeypatch, rows):
         lora_linear(x.requires_grad_(True), w, bias, A, B, s)
     with backend("triton"), torch.no_grad():  # outside generation (a checkpointed layer's first forward)
         lora_linear(x, w, bias, A, B, s)
-    assert len(calls) == 1  # with gradients, or outside generation: the autograd op
+    monkeypatch.setenv("FASTQLORA_DECODE_KERNELS", "0")
+    with backend("triton"), torch.no_grad(), decoding():  # switched off: dequantize + cuBLAS
+        lora_linear(x.detach(), w, bias, A, B, s)
+    assert len(calls) == 1  # with gradients, outside generation, or switched off: the autograd op
 
 
 def test_decode_steps_with_the_kernels_equal_the_reference(tmp_path, kernel_device, monkeypatch):
@@ -453,6 +457,7 @@ def test_decode_steps_with_the_kernels_equal_the_reference(tmp_path, kernel_devi
     import fastqlora.ops.nf4_linear as nl
     from fastqlora.ops import backend
 
+    monkeypatch.setenv("FASTQLORA_DECODE_KERNELS", "1")
     calls = []
     real = nl.frozen_matmul
     monkeypatch.setattr(nl, "frozen_matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
@@ -481,10 +486,13 @@ def test_decode_steps_with_the_kernels_equal_the_reference(tmp_path, kernel_devi
 
 
 def test_grouped_switch_and_cast_group_refuse_bad_input(monkeypatch):
-    from fastqlora.ops.dispatch import grouped_lora_enabled
+    from fastqlora.ops.dispatch import decode_kernels_enabled, grouped_lora_enabled
 
     monkeypatch.setenv("FASTQLORA_GROUPED_LORA", "yes")
     with pytest.raises(ValueError, match="FASTQLORA_GROUPED_LORA"):
         grouped_lora_enabled()
+    monkeypatch.setenv("FASTQLORA_DECODE_KERNELS", "on")
+    with pytest.raises(ValueError, match="FASTQLORA_DECODE_KERNELS"):
+        decode_kernels_enabled()
     with pytest.raises(ValueError, match="at least one adapter"):
         cast_group([], torch.bfloat16)

@@ -72,12 +72,25 @@ def fused_nf4_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda and _mode != "reference" and os.environ.get("FASTQLORA_NF4_FUSED", "0") == "1"
 
 
+def _switch(name: str, off: str, on: str) -> bool:
+    """An opt-in environment switch: "0" (default) or "1"; anything else is refused by name."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 ({off}) or 1 ({on})")
+    return value == "1"
+
+
 def grouped_lora_enabled() -> bool:
     """Whether projections that read the same input (q, k, v; gate, up) run as one grouped
     LoRA op (ops.lora_linear_group: ~7 fewer launches a group and step) instead of one op
     each: when ``FASTQLORA_GROUPED_LORA=1``. Off by default until a GPU run measures it
     (tested for the same math on the CPU; benchmarks/NOTES.md)."""
-    value = os.environ.get("FASTQLORA_GROUPED_LORA", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"FASTQLORA_GROUPED_LORA={value!r}: expected 0 (one op a projection) or 1 (grouped)")
-    return value == "1"
+    return _switch("FASTQLORA_GROUPED_LORA", "one op a projection", "grouped")
+
+
+def decode_kernels_enabled() -> bool:
+    """Whether generation's few-row NF4 projections go to the NF4 dispatch (the decode
+    kernels; ops.lora_linear.decoding) instead of dequantize + cuBLAS: when
+    ``FASTQLORA_DECODE_KERNELS=1``. Off by default until a GPU run tests and measures it in
+    generation (tested on the CPU through the interpreter)."""
+    return _switch("FASTQLORA_DECODE_KERNELS", "dequantize + cuBLAS", "the NF4 dispatch")

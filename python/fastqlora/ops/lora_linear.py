@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import NF4Tensor
-from .dispatch import use_triton
+from .dispatch import decode_kernels_enabled, use_triton
 
 Weight = torch.Tensor | NF4Tensor
 
-# In generation's steps (inside `decoding()`, no gradient wanted) and at most this many rows,
-# an NF4 projection goes to the NF4 product's dispatch (ops/nf4_linear.frozen_matmul: the
+# With FASTQLORA_DECODE_KERNELS=1 (off until a GPU run measures it), in generation's steps
+# (inside `decoding()`, no gradient wanted) and at most this many rows, an NF4 projection goes
+# to the NF4 product's dispatch (ops/nf4_linear.frozen_matmul: the
 # decode kernels of csrc/nf4_gemv.cu and nf4_decode_mma.cu, the Triton tiles, or dequantize +
 # cuBLAS, whichever it timed fastest on the first call, each checked against the plain path),
 # LoRA term in the epilogue, instead of writing a 16-bit copy of the whole weight for a few
@@ -187,7 +188,7 @@ def lora_linear(
     if lora_A is not None:
         a, b = cast if cast is not None and cast[0].dtype == dt else (lora_A.to(dt), lora_B.to(dt))
     if (_decoding and not autocast and isinstance(weight, NF4Tensor) and not torch.is_grad_enabled()
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x)):
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x) and decode_kernels_enabled()):
         return _nf4_decode(x, weight, bias, a, b, scale, x_lora)
     if autocast:
         # Under autocast (Trainer's bf16=True), compute in the autocast dtype explicitly:
