@@ -445,9 +445,17 @@ def test_decode_rows_take_the_nf4_dispatch(kernel_device, monkeypatch, rows):
     with backend("triton"), torch.no_grad():  # outside generation (a checkpointed layer's first forward)
         lora_linear(x, w, bias, A, B, s)
     monkeypatch.setenv("FASTQLORA_DECODE_KERNELS", "0")
-    with backend("triton"), torch.no_grad(), decoding():  # switched off: dequantize + cuBLAS
+    with backend("triton"), torch.no_grad(), decoding(graphed=True):  # switched off: dequantize + cuBLAS
         lora_linear(x.detach(), w, bias, A, B, s)
     assert len(calls) == 1  # with gradients, outside generation, or switched off: the autograd op
+    # unset: the kernels in a step captured as a CUDA graph, not in an eager step
+    monkeypatch.delenv("FASTQLORA_DECODE_KERNELS")
+    with backend("triton"), torch.no_grad(), decoding():
+        lora_linear(x.detach(), w, bias, A, B, s)
+    assert len(calls) == 1
+    with backend("triton"), torch.no_grad(), decoding(graphed=True):
+        lora_linear(x.detach(), w, bias, A, B, s)
+    assert len(calls) == 2
 
 
 def test_decode_steps_with_the_kernels_equal_the_reference(tmp_path, kernel_device, monkeypatch):

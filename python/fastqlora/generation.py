@@ -15,13 +15,20 @@ import torch
 @dataclass
 class KVCache:
     """Keys and values of every layer, ``[B, capacity, Hk, D]`` each, plus which cached
-    positions are real (left padding leaves holes at the start of short rows)."""
+    positions are real (left padding leaves holes at the start of short rows).
+
+    Two ways to write it: the host's ``length`` (eager steps: the new keys go at ``length``,
+    attention reads the filled prefix), or, once ``index`` is set (a ``[1]`` long tensor on
+    the device), at ``index`` with attention over the whole capacity, masked: no host value
+    changes from step to step, so a step can be captured as a CUDA graph and replayed
+    (fastqlora.decode_graph)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     valid: torch.Tensor  # bool [B, capacity]
     length: int = 0
     positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B] next position id
+    index: torch.Tensor | None = None  # the device's copy of length, when steps read it there
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
@@ -37,10 +44,21 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def start(self) -> int | torch.Tensor:
+        """Where this step's keys go: the device index when set, else the host length."""
+        return self.index if self.index is not None else self.length
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v [B, n, Hk, D]`` at the current length; returns the filled prefix.
-        The caller advances ``length`` once per step, after the last layer."""
+        """Store ``k, v [B, n, Hk, D]`` at the current position; returns what attention
+        reads: the filled prefix, or with a device index the whole buffer.
+        The caller advances ``length`` (and ``index``) once per step, after the last layer."""
         n = k.shape[1]
+        if self.index is not None:
+            rows = self.index if n == 1 else self.index + torch.arange(n, device=k.device)
+            self.keys[layer].index_copy_(1, rows, k)
+            self.values[layer].index_copy_(1, rows, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + n
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; {end} were asked for")
@@ -49,28 +67,36 @@ class KVCache:
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *, start: int,
-                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """Attention of new queries ``q [B, n, Hq, D]`` (cache positions ``start..start+n-1``)
-    over the cache prefix ``k, v [B, T, Hk, D]``: causal, padding holes masked, optional
-    window and soft-cap. fp32 math; output in q's dtype."""
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, *,
+                     start: int | torch.Tensor, scale: float, sliding_window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Attention of new queries ``q [B, n, Hq, D]`` (cache positions ``start..start+n-1``;
+    ``start`` an int or a ``[1]`` device tensor) over ``k, v [B, T, Hk, D]`` (the cache's
+    prefix or all of it): causal, padding holes and unwritten positions masked, optional
+    window and soft-cap. fp32 math; output in q's dtype.
+
+    The query heads sharing a key head are one matmul's rows (``[B, Hk, rep·n, D]``), so the
+    keys and values are never repeated per query head."""
     B, n, Hq, D = q.shape
     T, Hk = k.shape[1], k.shape[2]
     rep = Hq // Hk
-    qf = q.float().transpose(1, 2)  # [B, Hq, n, D]
-    kf = k.float().transpose(1, 2).repeat_interleave(rep, 1)
-    vf = v.float().transpose(1, 2).repeat_interleave(rep, 1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale
+    # head h = j·rep + r reads key head j (repeat_interleave's order); rows ordered (r, t)
+    qf = q.float().view(B, n, Hk, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, rep * n, D)
+    kf = k.float().transpose(1, 2)  # [B, Hk, T, D]
+    vf = v.float().transpose(1, 2)
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hk, rep·n, T]
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    qpos = torch.arange(start, start + n, device=q.device)[:, None]
+    qpos = (torch.arange(n, device=q.device) + start)[:, None]
     kpos = torch.arange(T, device=q.device)[None, :]
-    allowed = (kpos <= qpos)[None, None] & valid[:, None, None, :T]
+    allowed = kpos <= qpos  # [n, T]
     if sliding_window is not None:
-        allowed = allowed & ((qpos - kpos) < sliding_window)[None, None]
+        allowed = allowed & ((qpos - kpos) < sliding_window)
+    allowed = allowed.repeat(rep, 1)[None, None] & valid[:, None, None, :T]
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return (probs @ vf).transpose(1, 2).to(q.dtype)
+    out = (probs @ vf).view(B, Hk, rep, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hq, D)
+    return out.to(q.dtype)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -88,6 +114,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+# the fewest new tokens for which generate() captures its decode step as a CUDA graph
+GRAPH_MIN_TOKENS = 8
 
 
 @torch.no_grad()
@@ -110,6 +140,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     switch = getattr(model, "rope_switch_length", None)
+    # after one eager decode step (the warm-up), the model may replay the step as a CUDA
+    # graph (fastqlora.decode_graph); worth its capture only for more than a few tokens
+    graph, graph_tried = None, max_new_tokens < GRAPH_MIN_TOKENS or not hasattr(model, "decode_graph")
     for step in range(max_new_tokens):
         logits = logits.float()
         if do_sample:
@@ -119,10 +152,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])
-        if eos.numel():
+        if eos.numel():  # the one host read a step, and only when something can stop
             done |= torch.isin(nxt, eos)
-        if bool(done.all()):
-            break
+            if bool(done.all()):
+                break
+        if step == max_new_tokens - 1:
+            break  # the last token's logits are not needed
         if switch is not None and S + step + 1 == switch + 1 and cache.length <= switch:
             # the sequence now reaches past the original context, where longrope rotates with its
             # long factors: recompute every key with them, as transformers' generate does
@@ -131,6 +166,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             mask = torch.cat([prompt_mask.to(seq.device), torch.ones_like(seq[:, S:])], dim=1)
             cache = model.allocate_cache(B, S + max_new_tokens)
             logits = model.prefill(seq, mask, cache)
+            graph = None
+        elif graph is not None:
+            logits = graph(nxt[:, None])
         else:
             logits = model.decode(nxt[:, None], cache)
+            if not graph_tried:
+                graph, graph_tried = model.decode_graph(cache), True
     return torch.cat(out, dim=1)

@@ -16,9 +16,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .. import ops
 from ..checkpointing import run_layers
 from ..offload import OffloadArenaCache
+from ..decode_graph import DecodeGraph
 from ..generation import KVCache, generate
 from ..lora import LoraAdapter, cast_all, next_cast_epoch
-from ..ops.dispatch import grouped_lora_enabled
+from ..ops.dispatch import decode_graph_enabled, grouped_lora_enabled
 from ..ops.lora_linear import compute_dtype, decoding
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
@@ -249,15 +250,21 @@ class CausalLM(nn.Module):
         c = self.cfg
         return KVCache.allocate(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
-    def _step(self, ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _rope_tables(self, n: int, device: torch.device):
+        cos, sin = self.rope.get(n, device)
+        local = self.rope_local.get(n, device) if self.rope_local is not None else None
+        return cos, sin, local
+
+    def _step(self, ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache, tables=None) -> torch.Tensor:
+        """The layers over ``ids`` with the cache, the last position's logits. The caller
+        advances ``cache.length``. ``tables``: RoPE tables covering every position, given by
+        the step that is captured as a CUDA graph (it may not read the largest position id
+        back)."""
         h = self._inputs(self.model.embed_tokens(ids))
-        n = int(position_ids.max()) + 1
-        cos, sin = self.rope.get(n, h.device)
-        local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
-        with decoding():  # few-row NF4 projections go to the decode kernels
+        cos, sin, local = tables if tables is not None else self._rope_tables(int(position_ids.max()) + 1, h.device)
+        with decoding(graphed=tables is not None):  # few-row NF4 projections may take the decode kernels
             for i, layer in enumerate(self.model.layers):
                 h = layer.forward_cached(h, cos, sin, position_ids, cache, i, local)
-        cache.length += ids.shape[1]
         h = self.model.norm(h[:, -1:])
         return self._head(h, self.lm_head_weight())[:, -1]
 
@@ -268,14 +275,47 @@ class CausalLM(nn.Module):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache.valid[:, :S] = mask.bool()
         cache.positions = pos[:, -1] + 1
-        return self._step(input_ids, pos, cache)
+        logits = self._step(input_ids, pos, cache)
+        cache.length += S
+        return logits
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         n = tokens.shape[1]
         cache.valid[:, cache.length:cache.length + n] = True
         pos = cache.positions[:, None] + torch.arange(n, device=tokens.device)[None]
         cache.positions = cache.positions + n
-        return self._step(tokens, pos, cache)
+        logits = self._step(tokens, pos, cache)
+        cache.length += n
+        return logits
+
+    # -- the decode step with every changing value on the device (fastqlora.decode_graph) --
+    @property
+    def static_rope(self) -> bool:
+        """Whether one RoPE table serves every position (dynamic NTK and longrope change
+        theirs with the sequence length, so their steps stay eager)."""
+        types = [self.rope.params["rope_type"]]
+        if self.rope_local is not None:
+            types.append(self.rope_local.params["rope_type"])
+        return not any(t in ("dynamic", "longrope") for t in types)
+
+    def static_decode(self, tokens: torch.Tensor, cache: KVCache, tables) -> torch.Tensor:
+        """decode() of one token a row with ``cache.index`` set: the new position marked
+        valid, the position ids advanced and the index moved, all in place on the device,
+        so that the step can be captured once and replayed. The caller advances ``length``."""
+        cache.valid.index_fill_(1, cache.index, True)
+        pos = cache.positions[:, None].clone()
+        cache.positions.add_(1)
+        logits = self._step(tokens, pos, cache, tables)
+        cache.index.add_(1)
+        return logits
+
+    def decode_graph(self, cache: KVCache) -> DecodeGraph | None:
+        """The decode step captured as a CUDA graph for this cache (generation's loop replays
+        it), or None where it does not apply: not CUDA, FASTQLORA_DECODE_GRAPH=0, a RoPE
+        whose tables change with the length."""
+        if not (cache.valid.is_cuda and decode_graph_enabled() and self.static_rope):
+            return None
+        return DecodeGraph(self, cache)
 
     def stop_ids(self, extra: list[int | None] | None = None) -> list[int]:
         """Every token that ends generation: config.json's eos, generation_config.json's (an

@@ -125,7 +125,7 @@ class Attention(nn.Module):
         c = self.cfg
         q, k, v = self._qkv(x, *self._tables(cos, sin, local), position_ids)
         k_all, v_all = cache.append(layer, k, v)
-        o = cached_attention(q, k_all, v_all, cache.valid, start=cache.length, scale=c.scale,
+        o = cached_attention(q, k_all, v_all, cache.valid, start=cache.start, scale=c.scale,
                              sliding_window=self.window, softcap=c.attn_softcap)
         return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
 

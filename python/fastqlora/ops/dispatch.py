@@ -72,9 +72,9 @@ def fused_nf4_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda and _mode != "reference" and os.environ.get("FASTQLORA_NF4_FUSED", "0") == "1"
 
 
-def _switch(name: str, off: str, on: str) -> bool:
-    """An opt-in environment switch: "0" (default) or "1"; anything else is refused by name."""
-    value = os.environ.get(name, "0")
+def _switch(name: str, off: str, on: str, default: str = "0") -> bool:
+    """An environment switch: "0" or "1" (``default`` when unset); anything else is refused by name."""
+    value = os.environ.get(name, default)
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: expected 0 ({off}) or 1 ({on})")
     return value == "1"
@@ -88,9 +88,16 @@ def grouped_lora_enabled() -> bool:
     return _switch("FASTQLORA_GROUPED_LORA", "one op a projection", "grouped")
 
 
-def decode_kernels_enabled() -> bool:
+def decode_kernels_enabled(graphed: bool = False) -> bool:
     """Whether generation's few-row NF4 projections go to the NF4 dispatch (the decode
-    kernels; ops.lora_linear.decoding) instead of dequantize + cuBLAS: when
-    ``FASTQLORA_DECODE_KERNELS=1``. Off by default until a GPU run tests and measures it in
-    generation (tested on the CPU through the interpreter)."""
-    return _switch("FASTQLORA_DECODE_KERNELS", "dequantize + cuBLAS", "the NF4 dispatch")
+    kernels; ops.lora_linear.decoding) instead of dequantize + cuBLAS: by default in steps
+    captured as a CUDA graph (``graphed``) and not in eager ones, where launches bound the
+    step; ``FASTQLORA_DECODE_KERNELS=1`` / ``0`` forces it on / off."""
+    return _switch("FASTQLORA_DECODE_KERNELS", "dequantize + cuBLAS", "the NF4 dispatch",
+                   default="1" if graphed else "0")
+
+
+def decode_graph_enabled() -> bool:
+    """Whether generation replays its decode step as a CUDA graph (fastqlora.decode_graph)
+    instead of launching each kernel from Python: on unless ``FASTQLORA_DECODE_GRAPH=0``."""
+    return _switch("FASTQLORA_DECODE_GRAPH", "eager steps", "a CUDA graph", default="1")

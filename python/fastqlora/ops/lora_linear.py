@@ -31,24 +31,26 @@ from .dispatch import decode_kernels_enabled, use_triton
 
 Weight = torch.Tensor | NF4Tensor
 
-# With FASTQLORA_DECODE_KERNELS=1 (off until a GPU run measures it), in generation's steps
-# (inside `decoding()`, no gradient wanted) and at most this many rows, an NF4 projection goes
-# to the NF4 product's dispatch (ops/nf4_linear.frozen_matmul: the
+# In generation's steps (inside `decoding()`, no gradient wanted) and at most this many rows, an
+# NF4 projection may go to the NF4 product's dispatch (ops/nf4_linear.frozen_matmul: the
 # decode kernels of csrc/nf4_gemv.cu and nf4_decode_mma.cu, the Triton tiles, or dequantize +
 # cuBLAS, whichever it timed fastest on the first call, each checked against the plain path),
 # LoRA term in the epilogue, instead of writing a 16-bit copy of the whole weight for a few
-# tokens. Only there: a checkpointed layer's first forward also runs without gradients, and it
-# must compute what its recomputation will.
+# tokens. By default only in a step captured as a CUDA graph (decoding(graphed=True)): there
+# it doubled an 8B model's tokens/s, while in eager steps, bound by the host's launches, it
+# was ~9% slower (H200, benchmarks/NOTES.md). FASTQLORA_DECODE_KERNELS=1/0 forces it on/off.
+# Only in decoding(): a checkpointed layer's first forward also runs without gradients, and
+# it must compute what its recomputation will.
 DECODE_ROWS = 16
-_decoding = False
+_decoding: str | None = None  # None, "eager" or "graph"
 
 
 @contextlib.contextmanager
-def decoding() -> Iterator[None]:
-    """Generation's prefill and decode steps (CausalLM._step): few-row NF4 projections take the
-    NF4 dispatch."""
+def decoding(graphed: bool = False) -> Iterator[None]:
+    """Generation's prefill and decode steps (CausalLM._step; ``graphed``: a step being
+    captured as a CUDA graph): few-row NF4 projections may take the NF4 dispatch."""
     global _decoding
-    previous, _decoding = _decoding, True
+    previous, _decoding = _decoding, ("graph" if graphed else "eager")
     try:
         yield
     finally:
@@ -140,7 +142,7 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def in_decoding() -> bool:
-    return _decoding
+    return _decoding is not None
 
 
 def _nf4_decode(x, weight, bias, a, b, scale, x_lora) -> torch.Tensor:
@@ -187,8 +189,9 @@ def lora_linear(
     a = b = None
     if lora_A is not None:
         a, b = cast if cast is not None and cast[0].dtype == dt else (lora_A.to(dt), lora_B.to(dt))
-    if (_decoding and not autocast and isinstance(weight, NF4Tensor) and not torch.is_grad_enabled()
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x) and decode_kernels_enabled()):
+    if (_decoding is not None and not autocast and isinstance(weight, NF4Tensor) and not torch.is_grad_enabled()
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x)
+            and decode_kernels_enabled(graphed=_decoding == "graph")):
         return _nf4_decode(x, weight, bias, a, b, scale, x_lora)
     if autocast:
         # Under autocast (Trainer's bf16=True), compute in the autocast dtype explicitly:
