@@ -17,9 +17,9 @@ every kernel launched from Python, projections by dequantize + cuBLAS); ``ours-g
 
     python benchmarks/bench_generate.py --shapes llama-3-8b:1,llama-3.2-1b:1 --prompt 128 --new 128
 
-Floor (one token, batch 1, Llama-3-8B): every NF4 weight is read once, ~0.56 byte a weight
-(4 bits + the absmax) x 7.5e9 ≈ 4.2 GB at ~4.0 TB/s ≈ 1.05 ms, plus the bf16 LM head
-(128256 x 4096 x 2 B ≈ 1.05 GB, 0.26 ms): ≈ 1.3 ms a token, ~760 tokens/s.
+Floor (one token, batch 1, Llama-3-8B): each projection weight read once, 4 bits + the
+double-quantized absmax ≈ 0.52 byte x 7.0e9 ≈ 3.6 GB, plus the bf16 LM head (128256 x 4096 x
+2 B ≈ 1.05 GB): ≈ 4.7 GB at the H200's ~4 TB/s measured copy rate ≈ 1.2 ms a token (~850 tokens/s).
 """
 from __future__ import annotations
 
