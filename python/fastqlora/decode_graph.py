@@ -1,7 +1,7 @@
 """Generation's decode step captured once as a CUDA graph and replayed for every token.
 
-A 4-bit Llama-3-8B decode step is ~2,200 kernel launches for ~14 ms of kernels; launched
-from Python one at a time they took ~66 ms a token on the H200 (benchmarks/NOTES.md): the
+A 4-bit Llama-3-8B decode step is ~2,100 kernel launches for ~14 ms of kernels; launched
+from Python one at a time they took 66-72 ms a token on the H200 (benchmarks/NOTES.md): the
 host, not the GPU, set the pace. Replayed from a graph, the host issues one launch a token.
 
 A captured step may read no host value that changes between steps. So, in this mode:
