@@ -99,6 +99,25 @@ def test_decode_graph_applies_only_where_it_can(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
+def test_failed_capture_warns_and_leaves_the_cache_to_eager_steps(tmp_path):
+    """A capture that fails (here: no CUDA at all) gives None and a warning; the cache is left
+    as eager steps write it, and they go on to the same logits as on an untouched cache."""
+    from fastqlora.decode_graph import capture_or_none
+
+    if torch.cuda.is_available():
+        pytest.skip("here a CPU cache's capture fails for want of CUDA")
+    model = _model(tmp_path, "llama")
+    ids, mask, steps = _prompt()
+    caches = [model.allocate_cache(3, 12) for _ in range(2)]
+    for c in caches:
+        model.prefill(ids, mask, c)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        assert capture_or_none(model, caches[0]) is None
+    assert caches[0].index is None
+    assert torch.equal(model.decode(steps[0], caches[0]), model.decode(steps[0], caches[1]))
+
+
+@torch.no_grad()
 def test_decode_graph_refuses_bad_calls(tmp_path):
     model = _model(tmp_path, "llama")
     cache = model.allocate_cache(2, 4)

@@ -21,6 +21,7 @@ kernels compiled, the NF4 dispatch's choice for the shape timed and checked.
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,10 +47,15 @@ class DecodeGraph:
         self.tokens = torch.zeros(cache.valid.shape[0], 1, dtype=torch.long, device=device)
         self.graph = None
         self._captured_length = cache.length
+        self.device = device
         if capture:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = model.static_decode(self.tokens, cache, self.tables)
+            try:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.device(device), torch.cuda.graph(self.graph):
+                    self.logits = model.static_decode(self.tokens, cache, self.tables)
+            except BaseException:
+                cache.index = None  # the cache goes on with eager steps (a capture runs nothing)
+                raise
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape != self.tokens.shape:
@@ -66,7 +72,19 @@ class DecodeGraph:
                 self.cache.length = length
         else:
             self.tokens.copy_(tokens)
-            self.graph.replay()
+            with torch.cuda.device(self.device):
+                self.graph.replay()
             logits = self.logits
         self.cache.length += 1
         return logits
+
+
+def capture_or_none(model, cache: KVCache) -> DecodeGraph | None:
+    """The captured decode step, or None after a warning when the capture fails (an op that
+    cannot be captured): generation then goes on with eager steps, which compute the same."""
+    try:
+        return DecodeGraph(model, cache)
+    except RuntimeError as e:
+        warnings.warn(f"capturing the decode step as a CUDA graph failed ({e}); decoding eagerly. "
+                      "FASTQLORA_DECODE_GRAPH=0 skips the attempt.", RuntimeWarning, stacklevel=2)
+        return None
