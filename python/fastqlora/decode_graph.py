@@ -16,8 +16,10 @@ Everything the graph reads (the model's weights, the adapters' 16-bit copies, th
 the tables) stays alive and in place for the graph's life: one generate() call, in which
 no weight changes.
 
-The eager step before the capture (generation's first decode step) is the warm-up: Triton
-kernels compiled, the NF4 dispatch's choice for the shape timed and checked.
+The first call runs the same step eagerly: the warm-up, in which Triton compiles and the NF4
+dispatch times and checks its kernels for the shape (a dispatch inside a capture cannot time
+anything, so it would take its untimed default). The second call captures the step, then
+every call replays it. A capture that fails warns once, and the steps go on eagerly.
 """
 from __future__ import annotations
 
@@ -33,29 +35,32 @@ if TYPE_CHECKING:
 class DecodeGraph:
     """One token a row per call: ``logits = graph(tokens [B, 1])``, the cache advanced.
 
-    ``capture=False`` runs the same device-indexed step eagerly (no graph), with the host's
-    ``cache.length`` held at its value when the graph would have been captured, as a replay
-    sees it: what the CPU tests use to check the step against the eager decode, including
-    that it reads no host value that moves."""
+    ``capture=False`` runs the same device-indexed steps eagerly, and from the second call
+    on with the host's ``cache.length`` held where a capture would have seen it, as a replay
+    does: what the CPU tests use to check the steps against the eager decode, including that
+    they read no host value that moves."""
 
     def __init__(self, model, cache: KVCache, *, capture: bool = True) -> None:
-        self.model, self.cache = model, cache
-        device = cache.valid.device
-        self.tables = model._rope_tables(cache.capacity, device)
-        cache.index = torch.tensor([cache.length], dtype=torch.long, device=device)
+        self.model, self.cache, self.capture = model, cache, capture
+        self.device = cache.valid.device
+        self.tables = model._rope_tables(cache.capacity, self.device)
+        cache.index = torch.tensor([cache.length], dtype=torch.long, device=self.device)
         cache.positions = cache.positions.clone()  # one tensor, advanced in place from here on
-        self.tokens = torch.zeros(cache.valid.shape[0], 1, dtype=torch.long, device=device)
-        self.graph = None
-        self._captured_length = cache.length
-        self.device = device
-        if capture:
-            try:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.device(device), torch.cuda.graph(self.graph):
-                    self.logits = model.static_decode(self.tokens, cache, self.tables)
-            except BaseException:
-                cache.index = None  # the cache goes on with eager steps (a capture runs nothing)
-                raise
+        self.tokens = torch.zeros(cache.valid.shape[0], 1, dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+        self._seen_length: int | None = None  # cache.length when the step was (or would be) captured
+
+    def _capture(self) -> None:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(self.device), torch.cuda.graph(graph):
+                self.logits = self.model.static_decode(self.tokens, self.cache, self.tables)
+        except RuntimeError as e:  # an op that cannot be captured: a capture runs nothing, so go on eagerly
+            warnings.warn(f"capturing the decode step as a CUDA graph failed ({e}); decoding eagerly. "
+                          "FASTQLORA_DECODE_GRAPH=0 skips the attempt.", RuntimeWarning, stacklevel=3)
+            return
+        self.graph = graph
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape != self.tokens.shape:
@@ -64,27 +69,23 @@ class DecodeGraph:
         if self.cache.length >= self.cache.capacity:
             raise ValueError(f"KV cache holds {self.cache.capacity} positions; {self.cache.length + 1} "
                              "were asked for")
-        if self.graph is None:
-            length, self.cache.length = self.cache.length, self._captured_length
-            try:
-                logits = self.model.static_decode(tokens, self.cache, self.tables)
-            finally:
-                self.cache.length = length
-        else:
+        if self.calls == 1:  # after the warm-up
+            self._seen_length = self.cache.length
+            if self.capture:
+                self._capture()
+        if self.graph is not None:
             self.tokens.copy_(tokens)
             with torch.cuda.device(self.device):
                 self.graph.replay()
             logits = self.logits
+        else:
+            length = self.cache.length
+            if self._seen_length is not None:
+                self.cache.length = self._seen_length
+            try:
+                logits = self.model.static_decode(tokens, self.cache, self.tables)
+            finally:
+                self.cache.length = length
+        self.calls += 1
         self.cache.length += 1
         return logits
-
-
-def capture_or_none(model, cache: KVCache) -> DecodeGraph | None:
-    """The captured decode step, or None after a warning when the capture fails (an op that
-    cannot be captured): generation then goes on with eager steps, which compute the same."""
-    try:
-        return DecodeGraph(model, cache)
-    except RuntimeError as e:
-        warnings.warn(f"capturing the decode step as a CUDA graph failed ({e}); decoding eagerly. "
-                      "FASTQLORA_DECODE_GRAPH=0 skips the attempt.", RuntimeWarning, stacklevel=2)
-        return None

@@ -140,9 +140,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     switch = getattr(model, "rope_switch_length", None)
-    # after one eager decode step (the warm-up), the model may replay the step as a CUDA
-    # graph (fastqlora.decode_graph); worth its capture only for more than a few tokens
-    graph, graph_tried = None, max_new_tokens < GRAPH_MIN_TOKENS or not hasattr(model, "decode_graph")
+    # the model may run its decode steps as a CUDA graph (fastqlora.decode_graph), worth its
+    # capture only for more than a few tokens
+    graph = None
+    if max_new_tokens >= GRAPH_MIN_TOKENS and hasattr(model, "decode_graph"):
+        graph = model.decode_graph(cache)
     for step in range(max_new_tokens):
         logits = logits.float()
         if do_sample:
@@ -171,6 +173,4 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = graph(nxt[:, None])
         else:
             logits = model.decode(nxt[:, None], cache)
-            if not graph_tried:
-                graph, graph_tried = model.decode_graph(cache), True
     return torch.cat(out, dim=1)

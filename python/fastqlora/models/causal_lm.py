@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .. import ops
 from ..checkpointing import run_layers
 from ..offload import OffloadArenaCache
-from ..decode_graph import DecodeGraph, capture_or_none
+from ..decode_graph import DecodeGraph
 from ..generation import KVCache, generate
 from ..lora import LoraAdapter, cast_all, next_cast_epoch
 from ..ops.dispatch import decode_graph_enabled, grouped_lora_enabled
@@ -310,12 +310,12 @@ class CausalLM(nn.Module):
         return logits
 
     def decode_graph(self, cache: KVCache) -> DecodeGraph | None:
-        """The decode step captured as a CUDA graph for this cache (generation's loop replays
-        it), or None where it does not apply: not CUDA, FASTQLORA_DECODE_GRAPH=0, a RoPE
-        whose tables change with the length, or a failed capture (with a warning)."""
+        """The decode step for this cache as a CUDA graph (captured on its second call,
+        replayed from then on), or None where it does not apply: not CUDA,
+        FASTQLORA_DECODE_GRAPH=0, a RoPE whose tables change with the length."""
         if not (cache.valid.is_cuda and decode_graph_enabled() and self.static_rope):
             return None
-        return capture_or_none(self, cache)
+        return DecodeGraph(self, cache)
 
     def stop_ids(self, extra: list[int | None] | None = None) -> list[int]:
         """Every token that ends generation: config.json's eos, generation_config.json's (an
