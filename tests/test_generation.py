@@ -111,3 +111,48 @@ def test_generation_config_stop_tokens(tmp_path):
     assert ours.stop_ids() == [209, first] and ours.stop_ids([5]) == [209, first, 5]
     stopped = ours.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert stopped.tolist() == free[:, :8].tolist()  # the stop token itself, then nothing
+
+
+def test_streamer_gets_the_prompt_then_each_token(tmp_path):
+    """transformers' streamer protocol: the prompt, then every new token as it is chosen, then end()."""
+    write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    FastLanguageModel.for_inference(ours)
+    ids = torch.randint(3, 211, (1, 5), generator=torch.Generator().manual_seed(3))
+
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            assert not self.ended
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    c = Collect()
+    out = ours.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None, streamer=c)
+    assert torch.equal(c.puts[0], ids) and c.ended
+    assert torch.equal(torch.cat(c.puts[1:]), out[0, 5:]) and len(c.puts) == 1 + 9
+
+
+def test_cli_generate_prints_the_text_as_generated(capsys):
+    """``fastqlora generate`` streams through transformers' TextStreamer: what it prints is the
+    decoded continuation that generate() returns."""
+    from importlib.resources import files
+
+    from transformers import AutoTokenizer
+
+    from fastqlora.cli import main as cli_main
+
+    model_dir = str(files("fastqlora") / "data" / "demo_model")
+    assert cli_main(["generate", "--model", model_dir, "--prompt", "What is", "--max-new-tokens", "12",
+                     "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.strip()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, device="cpu")
+    FastLanguageModel.for_inference(model)
+    ids = tok("What is", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=model.stop_ids([tok.eos_token_id]))
+    assert printed and printed == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -106,10 +106,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(ids.to(model.device), max_new_tokens=args.max_new_tokens,
-                         do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
-                         top_p=args.top_p, eos_token_id=model.stop_ids([tokenizer.eos_token_id]))
-    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    from transformers import TextStreamer
+
+    # the text is printed as it is generated (a word at a time, as transformers' streamer does)
+    model.generate(ids.to(model.device), max_new_tokens=args.max_new_tokens,
+                   do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
+                   top_p=args.top_p, eos_token_id=model.stop_ids([tokenizer.eos_token_id]),
+                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     return 0
 
 

@@ -124,14 +124,18 @@ GRAPH_MIN_TOKENS = 8
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, streamer=None) -> torch.Tensor:
     """Prompt ids ``[B, S]`` (left-padded when rows differ) followed by up to
-    ``max_new_tokens`` generated ids; finished rows are filled with ``pad_token_id``."""
+    ``max_new_tokens`` generated ids; finished rows are filled with ``pad_token_id``.
+    ``streamer``: transformers' streamer protocol (``put(ids)``, then ``end()``), as
+    ``TextStreamer`` implements: it gets the prompt, then each new token as it is chosen."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
     B, S = input_ids.shape
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
                        device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
@@ -154,6 +158,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         if eos.numel():  # the one host read a step, and only when something can stop
             done |= torch.isin(nxt, eos)
             if bool(done.all()):
@@ -173,4 +179,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = graph(nxt[:, None])
         else:
             logits = model.decode(nxt[:, None], cache)
+    if streamer is not None:
+        streamer.end()
     return torch.cat(out, dim=1)
