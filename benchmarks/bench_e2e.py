@@ -65,19 +65,27 @@ def _time_steps(step_fn, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def run_baseline(ckpt: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def hf_4bit_model(ckpt: str):
+    """The baseline's model: transformers + bitsandbytes NF4 with double quantization, bf16
+    compute, SDPA attention, on GPU 0."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    t0 = time.perf_counter()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     # Gemma 2's soft-capped attention is eager in transformers (its SDPA path has no soft-cap)
     family = json.loads((Path(ckpt) / "config.json").read_text()).get("model_type")
     attn = "eager" if family == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation=attn, device_map={"": 0})
+    return AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
+                                                attn_implementation=attn, device_map={"": 0})
+
+
+def run_baseline(ckpt: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    t0 = time.perf_counter()
+    model = hf_4bit_model(ckpt)
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,

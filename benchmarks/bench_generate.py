@@ -32,25 +32,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_e2e import TARGETS, hf_4bit_model  # noqa: E402  (the baseline's model, as training loads it)
+
 OURS_ENV = {"ours": {}, "ours-eager": {"FASTQLORA_DECODE_GRAPH": "0"},
             "ours-graph-dequant": {"FASTQLORA_DECODE_KERNELS": "0"},
             "ours-eager-decode": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_KERNELS": "1"}}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def load_baseline(ckpt: str):
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    family = json.loads((Path(ckpt) / "config.json").read_text()).get("model_type")
-    attn = "eager" if family == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation=attn, device_map={"": 0})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(hf_4bit_model(ckpt), LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                           target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.eval()
 
     def gen(ids, n):
@@ -150,7 +144,6 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(HERE))
     from random_checkpoint import write_random_checkpoint
 
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv),
