@@ -2,7 +2,8 @@
 # One batched session on the lent GPU: build, GPU tests, kernel benchmarks. Logs and JSON go
 # to $OUT (default ./out). Usage: bash scripts/gpu_suite.sh STAGE... with stages tests, quick,
 # tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...), profile (PROFILE_ARGS=...),
-# families (the model families' GPU tests, bf16 kernels against the reference ops)
+# families (the model families' GPU tests, bf16 kernels against the reference ops),
+# generate (generation's GPU tests, then bench_generate.py with GEN_ARGS)
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -36,6 +37,11 @@ for stage in "$@"; do
     families)
       timeout ${TEST_CAP:-300} python3 -m pytest -q -rf -p no:cacheprovider "$FQ_SRC/tests/test_model_kernels.py" \
         "$FQ_SRC/tests/test_models.py" "$FQ_SRC/tests/test_image_text.py" 2>&1 | tail -12 | tee "$OUT/families.log" ;;
+    generate)
+      timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider -m gpu "$FQ_SRC/tests/test_decode_graph.py" \
+        "$FQ_SRC/tests/test_decode_attention.py" "$FQ_SRC/tests/test_generation.py" 2>&1 | tail -8 | tee "$OUT/generate_tests.log"
+      python3 "$FQ_SRC/benchmarks/bench_generate.py" --out "$OUT/generate.json" \
+        ${GEN_ARGS:---shapes llama-3-8b:1,llama-3-8b:8 --systems baseline,ours,ours-graph-dequant,ours-attn} 2>&1 | grep -v Warn | tail -24 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

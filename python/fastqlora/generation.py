@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops.dispatch import decode_attention_enabled, use_triton
+
 
 @dataclass
 class KVCache:
@@ -78,6 +80,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     The query heads sharing a key head are one matmul's rows (``[B, Hk, rep·n, D]``), so the
     keys and values are never repeated per query head."""
     B, n, Hq, D = q.shape
+    if n == 1 and decode_attention_enabled() and use_triton(q) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+        from .triton_kernels.decode_attention import decode_attention_fwd  # one launch a layer
+
+        pos = start if isinstance(start, torch.Tensor) else torch.tensor([start], device=q.device)
+        return decode_attention_fwd(q, k, v, valid, pos, scale, sliding_window, softcap)
     T, Hk = k.shape[1], k.shape[2]
     rep = Hq // Hk
     # head h = j·rep + r reads key head j (repeat_interleave's order); rows ordered (r, t)

@@ -101,3 +101,11 @@ def decode_graph_enabled() -> bool:
     """Whether generation replays its decode step as a CUDA graph (fastqlora.decode_graph)
     instead of launching each kernel from Python: on unless ``FASTQLORA_DECODE_GRAPH=0``."""
     return _switch("FASTQLORA_DECODE_GRAPH", "eager steps", "a CUDA graph", default="1")
+
+
+def decode_attention_enabled() -> bool:
+    """Whether a decode step's attention (one query a row over the KV cache) runs as one
+    Triton kernel a layer (triton_kernels/decode_attention.py) instead of the torch ops of
+    generation.cached_attention: when ``FASTQLORA_DECODE_ATTENTION=1``. Off by default until
+    a GPU run measures it (tested against float64 attention under the interpreter)."""
+    return _switch("FASTQLORA_DECODE_ATTENTION", "torch ops", "one Triton kernel")
