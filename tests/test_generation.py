@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_hf_model
+from helpers import rel_err, write_hf_model
 
 from fastqlora import FastLanguageModel
 from fastqlora.generation import filter_logits
@@ -156,3 +156,45 @@ def test_cli_generate_prints_the_text_as_generated(capsys):
     ids = tok("What is", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=model.stop_ids([tok.eos_token_id]))
     assert printed and printed == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, 2.0)])
+def test_long_prompt_attention_in_chunks_equals_whole(monkeypatch, window, softcap):
+    """A prefill's cached attention split into query chunks (each reading the keys up to its
+    last position) gives the unsplit result, holes and window included."""
+    import fastqlora.generation as gen
+
+    g = torch.Generator().manual_seed(7)
+    B, S, Hq, Hk, D = 2, 23, 6, 2, 8
+    q, k, v = (torch.randn(B, S, h, D, generator=g) for h in (Hq, Hk, Hk))
+    valid = torch.ones(B, S + 4, dtype=torch.bool)
+    valid[1, :5] = False
+    kc, vc = (torch.cat([t, torch.zeros(B, 4, Hk, D)], 1) for t in (k, v))  # a cache with room left
+    whole = gen.cached_attention(q, kc[:, :S], vc[:, :S], valid, start=0, scale=0.3, sliding_window=window,
+                                 softcap=softcap)
+    monkeypatch.setattr(gen, "SCORES_BYTES", 4 * B * Hq * S * 5)  # 5 queries a chunk
+    calls = []
+    real = gen._attend
+    monkeypatch.setattr(gen, "_attend", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    chunked = gen.cached_attention(q, kc[:, :S], vc[:, :S], valid, start=0, scale=0.3, sliding_window=window,
+                                   softcap=softcap)
+    assert calls == [5, 5, 5, 5, 3]
+    assert rel_err(chunked, whole) < 1e-6
+
+
+def test_generation_with_a_chunked_prefill_equals_transformers(tmp_path, monkeypatch):
+    """The same greedy tokens as transformers when the prefill's attention runs in chunks of
+    4 queries (left padding included)."""
+    import fastqlora.generation as gen
+
+    hf = write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    FastLanguageModel.for_inference(ours)
+    ids = torch.randint(3, 211, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[mask == 0] = 0
+    monkeypatch.setattr(gen, "SCORES_BYTES", 4 * 2 * 6 * 11 * 4)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(got, want)

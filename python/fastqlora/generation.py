@@ -85,12 +85,34 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
 
         pos = start if isinstance(start, torch.Tensor) else torch.tensor([start], device=q.device)
         return decode_attention_fwd(q, k, v, valid, pos, scale, sliding_window, softcap)
-    T, Hk = k.shape[1], k.shape[2]
+    kf = k.float().transpose(1, 2)  # [B, Hk, T, D]
+    vf = v.float().transpose(1, 2)
+    rows = max(1, SCORES_BYTES // (4 * B * Hq * k.shape[1]))
+    if n <= rows or isinstance(start, torch.Tensor):
+        return _attend(q, kf, vf, valid, start, scale, sliding_window, softcap).to(q.dtype)
+    # a long prompt: queries a chunk at a time, so that the fp32 scores stay within
+    # SCORES_BYTES (at 16k tokens the whole [Hq, S, S] would be 32 GiB); each chunk reads only
+    # the keys at or before its last position
+    out = []
+    for i in range(0, n, rows):
+        end = min(start + min(i + rows, n), k.shape[1])  # one past the chunk's last position
+        out.append(_attend(q[:, i:i + rows], kf[:, :, :end], vf[:, :, :end], valid, start + i, scale,
+                           sliding_window, softcap).to(q.dtype))
+    return torch.cat(out, dim=1)
+
+
+# the most bytes of fp32 scores one piece of a prefill's cached attention holds at once
+SCORES_BYTES = 1 << 28
+
+
+def _attend(q, kf, vf, valid, start, scale, sliding_window, softcap) -> torch.Tensor:
+    """cached_attention's math for queries ``q [B, n, Hq, D]`` over fp32 ``kf, vf
+    [B, Hk, T, D]``; fp32 out."""
+    B, n, Hq, D = q.shape
+    Hk, T = kf.shape[1], kf.shape[2]
     rep = Hq // Hk
     # head h = j·rep + r reads key head j (repeat_interleave's order); rows ordered (r, t)
     qf = q.float().view(B, n, Hk, rep, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, rep * n, D)
-    kf = k.float().transpose(1, 2)  # [B, Hk, T, D]
-    vf = v.float().transpose(1, 2)
     scores = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hk, rep·n, T]
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
@@ -102,8 +124,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     allowed = allowed.repeat(rep, 1)[None, None] & valid[:, None, None, :T]
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = (probs @ vf).view(B, Hk, rep, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hq, D)
-    return out.to(q.dtype)
+    return (probs @ vf).view(B, Hk, rep, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, Hq, D)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
