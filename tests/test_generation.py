@@ -198,3 +198,26 @@ def test_generation_with_a_chunked_prefill_equals_transformers(tmp_path, monkeyp
     want = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 5}),
+                                              ("gemma2", {"num_hidden_layers": 3}), ("phi3", {"sliding_window": 5}),
+                                              ("gemma3_text", {"num_hidden_layers": 3})])
+def test_prompt_without_holes_attends_as_in_training(tmp_path, monkeypatch, family, overrides):
+    """A prompt without padding holes attends to itself through ops.attention (the training
+    forward's flash kernels on a GPU), once a layer in the prefill and never in a decode step;
+    the tokens are transformers'."""
+    from fastqlora import ops
+
+    hf = write_hf_model(tmp_path, family, **overrides)
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    FastLanguageModel.for_inference(ours)
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda q, *a, **k: calls.append(q.shape[1]) or real(q, *a, **k))
+    ids = torch.randint(3, 211, (2, 9), generator=torch.Generator().manual_seed(6))
+    want = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = ours.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    assert torch.equal(got, want)
+    assert calls == [9] * ours.cfg.num_layers

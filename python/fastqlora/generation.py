@@ -31,6 +31,7 @@ class KVCache:
     length: int = 0
     positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B] next position id
     index: torch.Tensor | None = None  # the device's copy of length, when steps read it there
+    dense_prompt: bool = False  # set by the prefill: the prompt has no padding holes
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,

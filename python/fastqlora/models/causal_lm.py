@@ -274,9 +274,13 @@ class CausalLM(nn.Module):
         # positions count real tokens, as transformers' generate does for left padding
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache.valid[:, :S] = mask.bool()
+        # without holes the prompt attends to itself as in training (the flash kernels, no
+        # [S, S] scores); one read of the mask a generate() call
+        cache.dense_prompt = cache.length == 0 and (attention_mask is None or bool(mask.all()))
         cache.positions = pos[:, -1] + 1
         logits = self._step(input_ids, pos, cache)
         cache.length += S
+        cache.dense_prompt = False
         return logits
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -124,9 +124,14 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         c = self.cfg
         q, k, v = self._qkv(x, *self._tables(cos, sin, local), position_ids)
+        dense_prompt = cache.dense_prompt  # the prompt's own attention, as the training forward's
         k_all, v_all = cache.append(layer, k, v)
-        o = cached_attention(q, k_all, v_all, cache.valid, start=cache.start, scale=c.scale,
-                             sliding_window=self.window, softcap=c.attn_softcap)
+        if dense_prompt:
+            o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=self.window,
+                              softcap=c.attn_softcap)
+        else:
+            o = cached_attention(q, k_all, v_all, cache.valid, start=cache.start, scale=c.scale,
+                                 sliding_window=self.window, softcap=c.attn_softcap)
         return self.o_proj(o.reshape(B, S, c.num_heads * c.head_dim))
 
 
