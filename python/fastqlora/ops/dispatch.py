@@ -83,8 +83,8 @@ def _switch(name: str, off: str, on: str, default: str = "0") -> bool:
 def grouped_lora_enabled() -> bool:
     """Whether projections that read the same input (q, k, v; gate, up) run as one grouped
     LoRA op (ops.lora_linear_group: ~7 fewer launches a group and step) instead of one op
-    each: when ``FASTQLORA_GROUPED_LORA=1``. Off by default until a GPU run measures it
-    (tested for the same math on the CPU; benchmarks/NOTES.md)."""
+    each: when ``FASTQLORA_GROUPED_LORA=1``. Off by default: measured once each on two models
+    on the H200, it gained 10% on one and nothing on the other (benchmarks/NOTES.md)."""
     return _switch("FASTQLORA_GROUPED_LORA", "one op a projection", "grouped")
 
 
