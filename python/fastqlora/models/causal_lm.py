@@ -278,9 +278,11 @@ class CausalLM(nn.Module):
         # [S, S] scores); one read of the mask a generate() call
         cache.dense_prompt = cache.length == 0 and (attention_mask is None or bool(mask.all()))
         cache.positions = pos[:, -1] + 1
-        logits = self._step(input_ids, pos, cache)
+        try:
+            logits = self._step(input_ids, pos, cache)
+        finally:
+            cache.dense_prompt = False  # later steps read the cache
         cache.length += S
-        cache.dense_prompt = False
         return logits
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
