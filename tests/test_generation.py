@@ -148,13 +148,14 @@ def test_cli_generate_prints_the_text_as_generated(capsys):
 
     model_dir = str(files("fastqlora") / "data" / "demo_model")
     assert cli_main(["generate", "--model", model_dir, "--prompt", "What is", "--max-new-tokens", "12",
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--repetition-penalty", "1.2"]) == 0
     printed = capsys.readouterr().out.strip()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, device="cpu")
     FastLanguageModel.for_inference(model)
     ids = tok("What is", return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=model.stop_ids([tok.eos_token_id]))
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=model.stop_ids([tok.eos_token_id]),
+                         repetition_penalty=1.2)
     assert printed and printed == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -221,3 +222,47 @@ def test_prompt_without_holes_attends_as_in_training(tmp_path, monkeypatch, fami
                         pad_token_id=0, eos_token_id=None)
     assert torch.equal(got, want)
     assert calls == [9] * ours.cfg.num_layers
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_equals_transformers(tmp_path, penalty):
+    """Greedy with a repetition penalty (above and below 1; left padding, whose pad ids count
+    as seen, as in transformers) gives transformers' tokens."""
+    hf = write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    ids = torch.randint(3, 211, (2, 8), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0, eos_token_id=None,
+              repetition_penalty=penalty)
+    want = hf.generate(ids, **kw)
+    got = ours.generate(ids, **kw)
+    assert torch.equal(got, want)
+    plain = ours.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None)
+    assert not torch.equal(got, plain)  # the penalty changed something
+
+
+def test_min_new_tokens_equals_transformers(tmp_path):
+    """The stop id that greedy decoding picks first is barred until min_new_tokens are out."""
+    hf = write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    ids = torch.randint(3, 211, (1, 6), generator=torch.Generator().manual_seed(9))
+    eos = int(ours.generate(ids, max_new_tokens=2, eos_token_id=None)[0, 7])  # the second new token
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    assert ours.generate(ids, **kw).shape[1] == 6 + 2  # stops there without the floor
+    want = hf.generate(ids, min_new_tokens=5, **kw)
+    got = ours.generate(ids, min_new_tokens=5, **kw)
+    assert torch.equal(got, want) and got.shape[1] >= 6 + 5
+
+
+def test_generate_names_what_it_does_not_take(tmp_path):
+    write_hf_model(tmp_path, "llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=False, dtype=torch.float32, device="cpu")
+    ids = torch.randint(3, 211, (1, 4))
+    with pytest.raises(TypeError, match="num_beams.*no beam search.*repetition_penalty"):
+        ours.generate(ids, num_beams=4)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ours.generate(ids, repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        ours.generate(ids, min_new_tokens=-1)

@@ -111,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the text is printed as it is generated (a word at a time, as transformers' streamer does)
     model.generate(ids.to(model.device), max_new_tokens=args.max_new_tokens,
                    do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
-                   top_p=args.top_p, eos_token_id=model.stop_ids([tokenizer.eos_token_id]),
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   eos_token_id=model.stop_ids([tokenizer.eos_token_id]),
                    streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     return 0
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--load-in-4bit", type=_bool, default=True)
     p.add_argument("--dtype", default=None)

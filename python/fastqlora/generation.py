@@ -153,15 +153,23 @@ GRAPH_MIN_TOKENS = 8
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, streamer=None) -> torch.Tensor:
+             generator: torch.Generator | None = None, streamer=None, repetition_penalty: float = 1.0,
+             min_new_tokens: int = 0) -> torch.Tensor:
     """Prompt ids ``[B, S]`` (left-padded when rows differ) followed by up to
     ``max_new_tokens`` generated ids; finished rows are filled with ``pad_token_id``.
     ``streamer``: transformers' streamer protocol (``put(ids)``, then ``end()``), as
-    ``TextStreamer`` implements: it gets the prompt, then each new token as it is chosen."""
+    ``TextStreamer`` implements: it gets the prompt, then each new token as it is chosen.
+    ``repetition_penalty`` and ``min_new_tokens`` as transformers applies them: every token
+    already in the row (prompt included) has its logit divided by the penalty when positive and
+    multiplied when negative; the stop ids are barred until ``min_new_tokens`` are generated."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must not be negative, got {min_new_tokens}")
     B, S = input_ids.shape
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -178,8 +186,19 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     graph = None
     if max_new_tokens >= GRAPH_MIN_TOKENS and hasattr(model, "decode_graph"):
         graph = model.decode_graph(cache)
+    history = None
+    if repetition_penalty != 1.0:  # the rows so far, for the penalty's gather
+        history = torch.empty(B, S + max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
+        history[:, :S] = input_ids
     for step in range(max_new_tokens):
         logits = logits.float()
+        if history is not None:
+            seen = history[:, :S + step]
+            score = logits.gather(1, seen)
+            logits = logits.scatter(1, seen, torch.where(score < 0, score * repetition_penalty,
+                                                         score / repetition_penalty))
+        if step < min_new_tokens and eos.numel():
+            logits = logits.index_fill(1, eos, float("-inf"))
         if do_sample:
             probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -187,6 +206,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])
+        if history is not None:
+            history[:, S + step] = nxt
         if streamer is not None:
             streamer.put(nxt.cpu())
         if eos.numel():  # the one host read a step, and only when something can stop

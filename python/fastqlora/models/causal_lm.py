@@ -8,6 +8,8 @@ attention never crosses them.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,6 +64,10 @@ def sequence_layout(batch: int, seq: int, device: torch.device, attention_mask: 
     idx = torch.nonzero(starts.reshape(-1)).flatten()
     cu = torch.cat([idx, torch.tensor([batch * seq], device=device)]).to(torch.int32)
     return position_ids, cu
+
+
+# what fastqlora.generation.generate takes besides the ids and the mask
+_GENERATE_ARGS = frozenset(inspect.signature(generate).parameters) - {"model", "input_ids", "attention_mask"}
 
 
 class CausalLM(nn.Module):
@@ -341,6 +347,10 @@ class CausalLM(nn.Module):
             if kwargs.get("pad_token_id") is None:
                 kwargs["pad_token_id"] = self.cfg.pad_token_id
             kwargs.pop("use_cache", None)
+            unknown = sorted(set(kwargs) - _GENERATE_ARGS)
+            if unknown:
+                raise TypeError(f"generate() does not take {', '.join(unknown)}: it decodes greedily or by sampling "
+                                f"(no beam search) and takes {', '.join(sorted(_GENERATE_ARGS))}")
             return generate(self, input_ids, attention_mask, **kwargs)
         finally:
             self.train(was_training)
