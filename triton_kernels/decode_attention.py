@@ -68,7 +68,7 @@ def _decode_attention_kernel(Q, K, V, VALID, START, O, T, rep, D, scale, window,
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing attended: acc stayed 0
     tl.store(O + b * o_sb + heads[:, None] * o_sh + d[None, :], out.to(O.dtype.element_ty),
              mask=rm[:, None] & dm[None, :])
 

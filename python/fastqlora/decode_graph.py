@@ -43,7 +43,7 @@ class DecodeGraph:
     def __init__(self, model, cache: KVCache, *, capture: bool = True) -> None:
         self.model, self.cache, self.capture = model, cache, capture
         self.device = cache.valid.device
-        self.tables = model._rope_tables(cache.capacity, self.device)
+        self.tables = model.rope_tables(cache.capacity, self.device)
         cache.index = torch.tensor([cache.length], dtype=torch.long, device=self.device)
         cache.positions = cache.positions.clone()  # one tensor, advanced in place from here on
         self.tokens = torch.zeros(cache.valid.shape[0], 1, dtype=torch.long, device=self.device)

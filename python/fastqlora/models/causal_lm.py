@@ -199,8 +199,7 @@ class CausalLM(nn.Module):
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
         # the table length without reading the ids back (a device sync) when they are 0..S-1
         n = S if generated else int(position_ids.max()) + 1
-        cos, sin = self.rope.get(n, h.device)
-        local = self.rope_local.get(n, h.device) if self.rope_local is not None else None
+        cos, sin, local = self.rope_tables(n, h.device)
         max_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else None
         h = self._run_layers(h, Context(cos, sin, position_ids, cu, max_len, local))
         return self.model.norm(h)
@@ -256,7 +255,8 @@ class CausalLM(nn.Module):
         c = self.cfg
         return KVCache.allocate(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, self.device)
 
-    def _rope_tables(self, n: int, device: torch.device):
+    def rope_tables(self, n: int, device: torch.device):
+        """(cos, sin, local or None): the RoPE tables covering positions 0..n-1 on ``device``."""
         cos, sin = self.rope.get(n, device)
         local = self.rope_local.get(n, device) if self.rope_local is not None else None
         return cos, sin, local
@@ -267,7 +267,7 @@ class CausalLM(nn.Module):
         the step that is captured as a CUDA graph (it may not read the largest position id
         back)."""
         h = self._inputs(self.model.embed_tokens(ids))
-        cos, sin, local = tables if tables is not None else self._rope_tables(int(position_ids.max()) + 1, h.device)
+        cos, sin, local = tables if tables is not None else self.rope_tables(int(position_ids.max()) + 1, h.device)
         with decoding(graphed=tables is not None):  # few-row NF4 projections may take the decode kernels
             for i, layer in enumerate(self.model.layers):
                 h = layer.forward_cached(h, cos, sin, position_ids, cache, i, local)

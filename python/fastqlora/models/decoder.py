@@ -124,9 +124,8 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         c = self.cfg
         q, k, v = self._qkv(x, *self._tables(cos, sin, local), position_ids)
-        dense_prompt = cache.dense_prompt  # the prompt's own attention, as the training forward's
         k_all, v_all = cache.append(layer, k, v)
-        if dense_prompt:
+        if cache.dense_prompt:  # the prompt's own attention, as the training forward's
             o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=self.window,
                               softcap=c.attn_softcap)
         else:
