@@ -13,8 +13,9 @@ Systems: ``baseline``; ``ours`` (the default: the decode step replayed as a CUDA
 few-row NF4 projections through the decode kernels); ``ours-eager`` (FASTQLORA_DECODE_GRAPH=0:
 every kernel launched from Python, projections by dequantize + cuBLAS); ``ours-graph-dequant``
 (FASTQLORA_DECODE_KERNELS=0: the graph, projections by dequantize + cuBLAS);
-``ours-eager-decode`` (eager steps through the decode kernels); ``ours-attn``
-(FASTQLORA_DECODE_ATTENTION=1: the step's attention as one Triton kernel a layer).
+``ours-eager-decode`` (eager steps through the decode kernels); ``ours-torch-attn`` and
+``ours-eager-torch-attn`` (FASTQLORA_DECODE_ATTENTION=0: the step's attention as torch ops,
+graphed or eager, instead of the split decode-attention kernels).
 
     python benchmarks/bench_generate.py --shapes llama-3-8b:1,llama-3.2-1b:1 --prompt 128 --new 128
 
@@ -39,7 +40,8 @@ from bench_e2e import TARGETS, hf_4bit_model  # noqa: E402  (the baseline's mode
 OURS_ENV = {"ours": {}, "ours-eager": {"FASTQLORA_DECODE_GRAPH": "0"},
             "ours-graph-dequant": {"FASTQLORA_DECODE_KERNELS": "0"},
             "ours-eager-decode": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_KERNELS": "1"},
-            "ours-attn": {"FASTQLORA_DECODE_ATTENTION": "1"}}
+            "ours-torch-attn": {"FASTQLORA_DECODE_ATTENTION": "0"},
+            "ours-eager-torch-attn": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_ATTENTION": "0"}}
 
 
 def load_baseline(ckpt: str):

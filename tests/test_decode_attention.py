@@ -35,7 +35,9 @@ CASES = [  # Hq, Hk, D, T, start, window, softcap
 
 @pytest.mark.parametrize("Hq,Hk,D,T,start,window,softcap", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_matches_float64_attention(kernel_device, Hq, Hk, D, T, start, window, softcap, dtype):
+@pytest.mark.parametrize("block_t,max_splits", [(32, 16), (16, 3)])  # one block a split; several
+def test_kernel_matches_float64_attention(kernel_device, Hq, Hk, D, T, start, window, softcap, dtype, block_t,
+                                          max_splits):
     from fastqlora.triton_kernels.decode_attention import decode_attention_fwd
 
     g = torch.Generator().manual_seed(Hq * 100 + T)
@@ -48,7 +50,8 @@ def test_kernel_matches_float64_attention(kernel_device, Hq, Hk, D, T, start, wi
     valid[2] = False  # nothing to attend: zeros
     valid = valid.to(kernel_device)
     scale = D ** -0.5
-    got = decode_attention_fwd(q, k, v, valid, torch.tensor([start], device=kernel_device), scale, window, softcap)
+    got = decode_attention_fwd(q, k, v, valid, torch.tensor([start], device=kernel_device), scale, window, softcap,
+                               block_t=block_t, max_splits=max_splits)
     want = _oracle(q, k, v, valid, start, scale, window, softcap)
     assert got.shape == q.shape and got.dtype == dtype
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-3)
@@ -110,6 +113,16 @@ def test_decode_steps_with_the_kernel_equal_the_torch_path(tmp_path, kernel_devi
     # the prefill's 7 queries stay on the torch path; eager steps read the prefix, device-indexed
     # ones the whole capacity
     assert calls == [8] * layers + [9] * layers + [14] * (3 * layers)
+
+
+def test_split_plan_bounds_the_splits():
+    from fastqlora.triton_kernels.decode_attention import split_plan
+
+    assert split_plan(37, 32) == (32, 2)
+    assert split_plan(256, 32) == (32, 8)
+    chunk, n = split_plan(8193, 32)
+    assert n <= 16 and chunk * n >= 8193 and chunk & (chunk - 1) == 0
+    assert split_plan(130, 16, 3) == (64, 3)
 
 
 def test_switch_refuses_bad_values(monkeypatch):

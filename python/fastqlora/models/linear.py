@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dispatch import fused_nf4_enabled, grouped_lora_enabled
-from ..ops.lora_linear import compute_dtype, in_decoding, lora_linear, lora_linear_group
+from ..ops.lora_linear import compute_dtype, decode_route, in_decoding, lora_decode_group, lora_linear, lora_linear_group
 from ..quant import NF4Tensor
 
 _NF4_PREFIX = "nf4_"
@@ -147,8 +147,10 @@ def grouped_forward(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Te
     (ops.lora_linear_group), the adapters' thin products stacked, ~7 fewer launches a group
     and step than one op each. Otherwise each projection on its own (so do hooked modules,
     whose hooks the group would skip, and generation: without gradients a few rows go to the
-    NF4 decode kernels one projection at a time)."""
-    ads = group_adapters(projs) if grouped_lora_enabled() and not in_decoding() else None
+    NF4 decode kernels; where they take the group, its thin products are one, below)."""
+    if in_decoding():
+        return _decode_group(projs, x)
+    ads = group_adapters(projs) if grouped_lora_enabled() else None
     if (ads is None or (any(a.dropout_p > 0 for a in ads) and any(p.training for p in projs))
             or any(_hooked(p) for p in projs)):
         return [p(x) for p in projs]
@@ -158,3 +160,21 @@ def grouped_forward(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Te
     weights = [p.nf4() if p.is_quantized else p.weight for p in projs]
     return list(lora_linear_group(x, weights, [p.bias for p in projs], [a.lora_A for a in ads],
                                   [a.lora_B for a in ads], ads[0].scale, a_cat, bs))
+
+
+def _decode_group(projs: list[FrozenLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """A generation step's grouped projections: through the NF4 decode dispatch with one
+    thin LoRA product for the group (ops.lora_decode_group) when every projection is NF4
+    with a plain LoRA adapter (no dropout in use, no hooks) and the step takes the decode
+    kernels; else each projection on its own."""
+    ads = group_adapters(projs)
+    if (ads is None or any(p.training and a.dropout_p > 0 for p, a in zip(projs, ads)) or any(_hooked(p) for p in projs)
+            or not all(p.is_quantized for p in projs) or torch.is_autocast_enabled(x.device.type)):
+        return [p(x) for p in projs]
+    weights = [p.nf4() for p in projs]
+    if not decode_route(x, weights):
+        return [p(x) for p in projs]
+    from ..lora import cast_group
+
+    a_cat, bs = cast_group(ads, compute_dtype(x))
+    return lora_decode_group(x, weights, [p.bias for p in projs], a_cat, bs, ads[0].scale)

@@ -145,6 +145,48 @@ def in_decoding() -> bool:
     return _decoding is not None
 
 
+def decode_route(x: torch.Tensor, weights: list) -> bool:
+    """Whether projections of x with these weights go to the NF4 decode dispatch: inside
+    `decoding()` (with its kernels on for this kind of step), no gradient wanted, NF4
+    weights, at most DECODE_ROWS rows, on a device where the kernels run."""
+    return (_decoding is not None and not torch.is_grad_enabled()
+            and all(isinstance(w, NF4Tensor) for w in weights)
+            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x)
+            and decode_kernels_enabled(graphed=_decoding == "graph"))
+
+
+def thin_product(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x2·aᵀ`` for a decode step's few rows: one Triton launch (triton_kernels/thin_matmul.py)
+    instead of cuBLAS's split-K GEMM and its reduction (only under `decode_route`, where
+    use_triton holds)."""
+    from ..triton_kernels.thin_matmul import thin_matmul
+
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return thin_matmul(x2, a if a.stride(-1) == 1 else a.contiguous())
+
+
+def lora_decode_group(x: torch.Tensor, weights: list, biases: list, a_cat: torch.Tensor, bs: list,
+                      scale: float) -> list[torch.Tensor]:
+    """``[x·Wᵢᵀ + biasᵢ + s·(x·Aᵢᵀ)·Bᵢᵀ]`` for the projections that read one x (q, k, v;
+    gate, up) in a decode step: one thin product ``x·A_catᵀ`` for all of them (A_cat their A
+    stacked ``[Σr, K]``), then each NF4 product with its LoRA term in the epilogue. At one
+    token the thin product is a launch or two of ~5 µs whatever its width, so q, k and v
+    share one instead of three (no autograd: only under `decode_route`)."""
+    from .nf4_linear import frozen_matmul
+
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    xa = thin_product(x2, a_cat)
+    ranks = [b.shape[1] for b in bs]
+    cols = [sum(ranks[:i]) for i in range(len(bs))]
+    ys = frozen_matmul(x2, list(weights), xa=xa, lora_b=list(bs), scales=[scale] * len(bs), biases=list(biases),
+                       xa_cols=cols)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 def _nf4_decode(x, weight, bias, a, b, scale, x_lora) -> torch.Tensor:
     """``x·Wᵀ + bias + s·(x_l·Aᵀ)·Bᵀ`` for a few rows through the NF4 dispatch (no autograd)."""
     from .nf4_linear import frozen_matmul
@@ -155,7 +197,7 @@ def _nf4_decode(x, weight, bias, a, b, scale, x_lora) -> torch.Tensor:
         x2 = x2.contiguous()
     xa = None
     if a is not None:
-        xa = (x2 if x_lora is None else x_lora.reshape(-1, K)) @ a.t()
+        xa = thin_product(x2 if x_lora is None else x_lora.reshape(-1, K), a)
     (y,) = frozen_matmul(x2, [weight], xa=xa, lora_b=[b] if b is not None else None, scales=[scale],
                          biases=[bias])
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -189,9 +231,7 @@ def lora_linear(
     a = b = None
     if lora_A is not None:
         a, b = cast if cast is not None and cast[0].dtype == dt else (lora_A.to(dt), lora_B.to(dt))
-    if (_decoding is not None and not autocast and isinstance(weight, NF4Tensor) and not torch.is_grad_enabled()
-            and x.numel() <= DECODE_ROWS * x.shape[-1] and use_triton(x)
-            and decode_kernels_enabled(graphed=_decoding == "graph")):
+    if not autocast and decode_route(x, [weight]):
         return _nf4_decode(x, weight, bias, a, b, scale, x_lora)
     if autocast:
         # Under autocast (Trainer's bf16=True), compute in the autocast dtype explicitly:
