@@ -120,7 +120,10 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads
     for name, t, h in (("q", q, num_heads), ("k", k, num_kv_heads)):
         if t.shape[-1] != h * head_dim:
             raise ValueError(f"{name} has width {t.shape[-1]}, expected {h} heads x {head_dim} = {h * head_dim}")
-    if (use_triton(q) and q._base is None and k._base is None and q.is_contiguous() and k.is_contiguous()
+    # views are rotated in one launch too when no gradient is wanted (generation's steps,
+    # whose decode products return views of [M, N] outputs); autograd refuses it otherwise
+    plain = (q._base is None and k._base is None) or not torch.is_grad_enabled()
+    if (use_triton(q) and plain and q.is_contiguous() and k.is_contiguous()
             and q.dtype == k.dtype and head_dim % 2 == 0 and cos.shape[-1] * 2 <= head_dim):
         q, k = _RoPEPairInPlace.apply(q, k, cos.contiguous(), sin.contiguous(), position_ids,
                                       (num_heads, num_kv_heads, head_dim))
