@@ -11,7 +11,10 @@ ratios ours/baseline.
 Systems (--systems, comma list): ``baseline``; ``ours`` (the default: Triton kernels,
 dequantize + cuBLAS projections); ``ours-ref`` (our model with the plain-torch
 reference ops: the "before kernels" row); ``ours-fused`` (the opt-in fused NF4 LoRA
-ops, FASTQLORA_NF4_FUSED=1). Each runs in its own process with its environment set.
+ops, FASTQLORA_NF4_FUSED=1); ``ours-grouped`` (FASTQLORA_GROUPED_LORA=1); ``ours-graph``
+(the whole step captured as a CUDA graph and replayed: fastqlora.train.step_graph, AdamW with
+capturable=True; the capture is the second warm-up step). Each runs in its own process with
+its environment set.
 
     python benchmarks/bench_e2e.py --shapes llama-3-8b:2x2048,llama-3-8b:1x2048 \
         --shapes llama-3.2-1b:2x2048,llama-3.2-1b:8x2048 --out results/e2e.json
@@ -39,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # the environment each of our variants runs under (its own process)
 OURS_ENV = {"ours": {}, "ours-ref": {"FASTQLORA_BACKEND": "reference"}, "ours-fused": {"FASTQLORA_NF4_FUSED": "1"},
-            "ours-grouped": {"FASTQLORA_GROUPED_LORA": "1"}}
+            "ours-grouped": {"FASTQLORA_GROUPED_LORA": "1"}, "ours-graph": {}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -96,7 +99,8 @@ def run_baseline(ckpt: str, batch: int, seq: int, warmup: int, steps: int) -> di
     return _train(model, opt, batch, seq, warmup, steps, load_s)
 
 
-def run_ours(ckpt: str, batch: int, seq: int, warmup: int, steps: int, checkpointing: str) -> dict:
+def run_ours(ckpt: str, batch: int, seq: int, warmup: int, steps: int, checkpointing: str,
+             graph: bool = False) -> dict:
     import torch
 
     from fastqlora import FastLanguageModel
@@ -108,11 +112,11 @@ def run_ours(ckpt: str, batch: int, seq: int, warmup: int, steps: int, checkpoin
     mode = {"true": True, "false": False}.get(checkpointing, checkpointing)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing=mode)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    return _train(model, opt, batch, seq, warmup, steps, load_s)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, capturable=graph)
+    return _train(model, opt, batch, seq, warmup, steps, load_s, graph=graph)
 
 
-def _train(model, opt, batch: int, seq: int, warmup: int, steps: int, load_s: float) -> dict:
+def _train(model, opt, batch: int, seq: int, warmup: int, steps: int, load_s: float, graph: bool = False) -> dict:
     import torch
 
     model.train()  # as Trainer does: transformers checkpoints layers only in training mode
@@ -128,6 +132,16 @@ def _train(model, opt, batch: int, seq: int, warmup: int, steps: int, load_s: fl
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))
 
+    if graph:
+        from fastqlora.train.step_graph import GraphedTrainStep
+
+        if warmup < 2:
+            raise SystemExit("ours-graph needs --warmup 2 or more (an eager step, then the capture)")
+        graphed = GraphedTrainStep(model, opt, warmup=1)
+
+        def step():  # noqa: F811  (the graphed step replaces the eager one)
+            losses.append(float(graphed(input_ids=ids, labels=ids)))
+
     torch.cuda.reset_peak_memory_stats()
     times = _time_steps(step, warmup, steps)
     med = sorted(times)[len(times) // 2]
@@ -139,7 +153,8 @@ def child(args: argparse.Namespace) -> None:
     if args.system == "baseline":
         res = run_baseline(args.ckpt, args.batch, args.seq, args.warmup, args.steps)
     else:
-        res = run_ours(args.ckpt, args.batch, args.seq, args.warmup, args.steps, args.checkpointing)
+        res = run_ours(args.ckpt, args.batch, args.seq, args.warmup, args.steps, args.checkpointing,
+                       graph=args.system == "ours-graph")
     print("RESULT " + json.dumps(res), flush=True)
 
 

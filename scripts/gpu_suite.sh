@@ -39,7 +39,8 @@ for stage in "$@"; do
         "$FQ_SRC/tests/test_models.py" "$FQ_SRC/tests/test_image_text.py" 2>&1 | tail -12 | tee "$OUT/families.log" ;;
     generate)
       timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider -m gpu "$FQ_SRC/tests/test_decode_graph.py" \
-        "$FQ_SRC/tests/test_decode_attention.py" "$FQ_SRC/tests/test_generation.py" 2>&1 | tail -8 | tee "$OUT/generate_tests.log"
+        "$FQ_SRC/tests/test_decode_attention.py" "$FQ_SRC/tests/test_thin_matmul.py" "$FQ_SRC/tests/test_generation.py" \
+        "$FQ_SRC/tests/test_lora_linear.py" 2>&1 | tail -8 | tee "$OUT/generate_tests.log"
       python3 "$FQ_SRC/benchmarks/bench_generate.py" --out "$OUT/generate.json" \
         ${GEN_ARGS:---shapes llama-3-8b:1,llama-3-8b:8 --systems baseline,ours,ours-graph-dequant,ours-torch-attn} 2>&1 | grep -v Warn | tail -24 ;;
     *) echo "unknown stage $stage" ;;

@@ -26,7 +26,7 @@ def _case(n, h, v, dtype, device, seed, ignore_frac=0.2, train_head=False):
 
 
 @pytest.mark.parametrize("softcap", [None, 7.5], ids=["plain", "softcap"])
-@pytest.mark.parametrize("mode", ["mean", "sum", "num_items"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "num_items", "num_items_tensor"])
 def test_matches_reference(kernel_device, mode, softcap, monkeypatch):
     v = 32003 if kernel_device == "cuda" else 1003
     # force several chunks so the chunk loop and the global mean are exercised
@@ -36,6 +36,9 @@ def test_matches_reference(kernel_device, mode, softcap, monkeypatch):
         kw = dict(softcap=softcap)
         if mode == "num_items":
             kw["num_items"] = 50
+        elif mode == "num_items_tensor":  # transformers' Trainer passes a device tensor
+            kw["num_items"] = torch.tensor(50, device=kernel_device)
+            mode = "num_items"
         else:
             kw["reduction"] = mode
         with backend("triton"):
@@ -70,6 +73,37 @@ def test_single_row_and_frozen_head(kernel_device):
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
     assert rel_err(hidden.grad, h2.grad) < 1e-5 and weight.grad is None
+
+
+def test_the_mean_is_taken_without_reading_the_count_back(kernel_device):
+    """The mean's 1/count stays on the device (a readback would stall the host's launches
+    and forbid capturing the step as a CUDA graph): no scalar leaves the device in forward
+    or backward, and a batch with no counted token gives nan, as torch's mean does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Readbacks(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in ("aten::_local_scalar_dense", "aten::item", "aten::nonzero"):
+                self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, labels = _case(23, 33, 517, torch.float32, kernel_device, 5)
+    spy = Readbacks()
+    with backend("triton"), spy:
+        loss = linear_cross_entropy(hidden, weight, labels)
+        loss.backward()
+        tensor_items = linear_cross_entropy(hidden, weight, labels, num_items=torch.tensor(17, device=kernel_device))
+    assert spy.seen == []
+    assert loss.shape == () and tensor_items.shape == ()
+    ref = linear_cross_entropy_reference(hidden.detach(), weight, labels)
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    with backend("triton"):
+        none = linear_cross_entropy(hidden, weight, torch.full_like(labels, -100))
+    assert torch.isnan(none)
 
 
 @pytest.mark.gpu

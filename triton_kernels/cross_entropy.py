@@ -23,8 +23,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _ce_fwd_bwd(Z, stride_z, LABELS, LOSS, LSE, n_cols, ignore_index, scale, softcap,
-                HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_fwd_bwd(Z, stride_z, LABELS, LOSS, LSE, n_cols, ignore_index, scale, SCALE, softcap,
+                HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, SCALE_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     zrow = Z + row.to(tl.int64) * stride_z
     label = tl.load(LABELS + row).to(tl.int32)
@@ -46,6 +46,8 @@ def _ce_fwd_bwd(Z, stride_z, LABELS, LOSS, LSE, n_cols, ignore_index, scale, sof
     tl.store(LOSS + row, tl.where(valid, lse - z_label, 0.0))
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
+        if SCALE_ON_DEVICE:  # a count the host never read (a CUDA graph may replay it)
+            scale = tl.load(SCALE)
         g_scale = tl.where(valid, scale, 0.0)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -62,15 +64,18 @@ def _ce_fwd_bwd(Z, stride_z, LABELS, LOSS, LSE, n_cols, ignore_index, scale, sof
             tl.store(zrow + cols, (g * g_scale).to(Z.dtype.element_ty), mask=mask)
 
 
-def ce_chunk_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float,
+def ce_chunk_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, scale: float | torch.Tensor,
               softcap: float | None, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse) of ``logits [rows, V]`` (unit stride on V); with ``write_grad``
-    the logits are overwritten by ``scale · dloss/dlogits``."""
+    the logits are overwritten by ``scale · dloss/dlogits``. ``scale``: a number, or a
+    one-element fp32 tensor on the logits' device, read by the kernel."""
     rows, n_cols = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     block = min(triton.next_power_of_2(n_cols), 4096 if logits.is_cuda else 1024)
-    _ce_fwd_bwd[(rows,)](logits, logits.stride(0), labels, loss, lse, n_cols, ignore_index, scale,
+    on_device = isinstance(scale, torch.Tensor)
+    _ce_fwd_bwd[(rows,)](logits, logits.stride(0), labels, loss, lse, n_cols, ignore_index,
+                         1.0 if on_device else float(scale), scale if on_device else loss,
                          float(softcap or 1.0), HAS_CAP=softcap is not None, WRITE_GRAD=write_grad,
-                         BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                         SCALE_ON_DEVICE=on_device, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return loss, lse

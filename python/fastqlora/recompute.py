@@ -22,8 +22,11 @@ class ReplayState:
 
     def __init__(self, like: torch.Tensor):
         self.cpu_rng = torch.get_rng_state()
-        self.cuda_device = like.device if like.is_cuda else None
-        self.cuda_rng = torch.cuda.get_rng_state(like.device) if like.is_cuda else None
+        # inside a CUDA-graph capture the generator's state cannot be read (and a captured
+        # step draws no random numbers: train.step_graph refuses dropout), so none is kept
+        cuda = like.is_cuda and not torch.cuda.is_current_stream_capturing()
+        self.cuda_device = like.device if cuda else None
+        self.cuda_rng = torch.cuda.get_rng_state(like.device) if cuda else None
         self.autocast_state = tuple(
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in _autocast_types())
 

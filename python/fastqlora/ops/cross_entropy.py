@@ -117,11 +117,15 @@ def linear_cross_entropy(
             hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
             softcap=softcap, num_items=num_items, bias=bias,
         )
-    if num_items is not None:
+    # the mean's scale stays on the device (no readback: the host keeps launching ahead, and a
+    # CUDA graph can capture the step): 1/count in fp32, as the host would round it; with no
+    # counted token 1/0 = inf and the loss 0·inf = nan, as torch's mean over nothing
+    if isinstance(num_items, torch.Tensor):
+        scale = (1.0 / num_items.to(device=hidden.device, dtype=torch.float32)).reshape(())
+    elif num_items is not None:
         scale = 1.0 / float(num_items)
     elif reduction == "mean":
-        count = int((labels != ignore_index).sum())
-        scale = 1.0 / count if count else float("nan")  # as torch: a mean over nothing is nan
+        scale = 1.0 / (labels != ignore_index).sum().to(torch.float32)
     else:
         scale = 1.0
     chunk = _chunk_rows(weight.shape[0], hidden.element_size(), hidden.device)

@@ -1,0 +1,205 @@
+"""A whole training step — forward, backward, gradient clipping, optimizer step — captured
+once as a CUDA graph and replayed for each batch of the same shape.
+
+Why: at a few thousand tokens a step, a small model's step is bound by the host, not the GPU
+(SmolLM3-3B on the H200: ~330 ms of wall for ~180 ms of kernels, ~6,600 launches at tens of
+µs of Python and driver work each; benchmarks/NOTES.md). A replay launches the step's
+kernels from the driver in one call.
+
+What a capture needs, and how this step provides it:
+- no host readback anywhere in the step: the loss's mean scale stays on the device
+  (ops.cross_entropy), and the optimizer must be capturable (``torch.optim.AdamW(...,
+  capturable=True)``; its learning rate becomes a device tensor that :meth:`set_lr` fills);
+- everything that is decided on a first call (Triton's compilation, the NF4 dispatch's timed
+  choice, the optimizer's state, the split-K counters) happens before the capture: the first
+  ``warmup`` calls run eagerly, on a side stream as torch's capture rules ask;
+- no random numbers (LoRA dropout is refused: the checkpointed recomputation could not replay
+  the masks) and no offloaded checkpoints (their pinned host buffers are allocated during
+  the step);
+- the batch lives in static tensors: each call copies its batch in, so every batch must
+  have the shape, dtype and keys of the first; rows of one length without padding or packing
+  boundaries (``input_ids``, ``labels`` with -100 where a token does not count,
+  ``num_items_in_batch``): an ``attention_mask`` or packed ``position_ids`` make the model read
+  the sequences' boundaries on the host, so they are refused.
+The call after the warm-up captures (a capture records the work without running it, so it
+replays at once), later calls replay. A capture that fails warns and the steps go on eagerly.
+
+``capture=False`` (what a CPU has) runs every step eagerly but checks, on the step that would
+be captured, that the forward and backward read nothing back to the host: the readback a
+capture would refuse fails there too, by name.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..lora import LoraAdapter, next_cast_epoch
+
+# aten ops that copy a device value to the host (what a CUDA-graph capture refuses)
+_READBACK_OPS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
+                           "aten::equal", "aten::masked_select", "aten::unique_consecutive", "aten::_unique2"})
+
+
+class _NoReadback(TorchDispatchMode):
+    """Raises on the first op that would read a device value back to the host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _READBACK_OPS:
+            raise RuntimeError(f"the training step reads a value back to the host ({func._schema.name}), "
+                               "which a CUDA-graph capture cannot hold; see fastqlora.train.step_graph")
+        return func(*args, **(kwargs or {}))
+
+
+class GraphedTrainStep:
+    """``step(**batch) -> loss``: one optimizer step of ``model`` on ``batch`` (the model's
+    forward arguments: input_ids, labels, ... as tensors of one fixed shape;
+    ``num_items_in_batch`` may be a number), replayed from a CUDA graph after ``warmup``
+    eager steps. The returned loss is a 0-dim device tensor that the next call overwrites:
+    ``float(loss)`` reads it (one sync), ``loss.clone()`` keeps it.
+
+    ``max_grad_norm > 0`` clips the trainable parameters' gradients to that total norm before
+    the optimizer step, as the Trainer does.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = 0.0,
+                 warmup: int = 2, capture: bool | None = None) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be at least 1 (the step runs once before its capture), got {warmup}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters: attach adapters (get_peft_model) first")
+        device = params[0].device
+        self.capture = device.type == "cuda" if capture is None else capture
+        if self.capture and device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the model on a CUDA device; its parameters are on {device}")
+        dropout = sorted({m.dropout_p for m in model.modules() if isinstance(m, LoraAdapter) and m.dropout_p > 0})
+        if dropout:
+            raise ValueError(f"the adapters use lora_dropout {dropout}: a captured step cannot replay the "
+                             "dropout masks in its recomputation; use lora_dropout=0 or train without the graph")
+        if getattr(model, "gradient_checkpointing", "off") == "offload":
+            raise ValueError("gradient checkpointing with offload allocates pinned host buffers during the step, "
+                             "which a CUDA graph cannot hold; use use_gradient_checkpointing=True")
+        if self.capture:
+            for group in optimizer.param_groups:
+                if not group.get("capturable", False):
+                    raise ValueError(f"{type(optimizer).__name__} must be built with capturable=True for a "
+                                     "CUDA graph (its step count stays on the device), e.g. "
+                                     "torch.optim.AdamW(params, lr=..., capturable=True)")
+                if not isinstance(group["lr"], torch.Tensor):  # changeable after the capture
+                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        self.model, self.optimizer, self.params = model, optimizer, params
+        self.max_grad_norm = float(max_grad_norm)
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured = False  # the graph is in use (or, without capture, the check has run)
+        self.static: dict[str, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of every parameter group for the next steps (a captured step
+        reads it from the device)."""
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    # -- the step ----------------------------------------------------------------------
+    def _load(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = self.params[0].device
+        items = {}
+        held = sorted({"attention_mask", "position_ids"} & batch.keys())
+        if held:
+            raise ValueError(f"a graphed step takes input_ids and labels of one shape, not {held}: the model "
+                             "reads a mask's or packed positions' sequence boundaries on the host, which a "
+                             "capture cannot hold (not yet supported)")
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                if key != "num_items_in_batch" or not isinstance(value, (int, float)):
+                    raise TypeError(f"batch[{key!r}] is {type(value).__name__}; a graphed step takes tensors "
+                                    "(and a number for num_items_in_batch)")
+                value = torch.tensor(value, dtype=torch.float32)
+            items[key] = value
+        if self.static is None:
+            self.static = {k: v.to(device, copy=True) for k, v in items.items()}
+            return self.static
+        if items.keys() != self.static.keys():
+            raise ValueError(f"the batch has keys {sorted(items)}, the captured step {sorted(self.static)}")
+        for key, value in items.items():
+            want = self.static[key]
+            if value.shape != want.shape or value.dtype != want.dtype:
+                raise ValueError(f"batch[{key!r}] is {tuple(value.shape)} {value.dtype}; the captured step takes "
+                                 f"{tuple(want.shape)} {want.dtype} (a graphed step needs one batch shape: pack "
+                                 "to a fixed length)")
+            want.copy_(value, non_blocking=True)
+        return self.static
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(**batch)
+        if out.loss is None:
+            raise ValueError("the model returned no loss: pass labels in the batch")
+        out.loss.backward()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        return out.loss.detach()
+
+    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self._forward_backward(batch)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def __call__(self, **batch: Any) -> torch.Tensor:
+        self.model.train()
+        static = self._load(batch)
+        self.calls += 1
+        if not self.capture:
+            if self.calls == self.warmup + 1:  # where the capture would be: nothing may be read back
+                with _NoReadback():
+                    loss = self._forward_backward(static)
+                self.optimizer.step()  # (a CPU optimizer is not capturable; checked on the GPU)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.captured = True
+                return loss
+            return self._eager(static)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if self.calls <= self.warmup or self.captured:  # warm-up, or a capture that failed
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._eager(static)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        return self._capture(static)
+
+    def _capture(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.captured = True
+        self.optimizer.zero_grad(set_to_none=True)  # the backward allocates the gradients in the graph's pool
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's cached blocks can serve the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                loss = self._forward_backward(static)
+                self.optimizer.step()
+        except Exception as exc:  # noqa: BLE001  (any capture failure: go on eagerly)
+            warnings.warn(f"capturing the training step as a CUDA graph failed ({exc}); the steps run "
+                          "eagerly", RuntimeWarning, stacklevel=3)
+            self.optimizer.zero_grad(set_to_none=True)
+            next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
+            torch.cuda.synchronize()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._eager(static)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        self.graph, self.loss = graph, loss
+        graph.replay()  # the capture recorded this step's work without running it
+        return loss
