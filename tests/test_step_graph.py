@@ -45,11 +45,11 @@ def _adapters(model):
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_emulated_steps_equal_eager_steps_and_read_nothing_back(tmp_path, kernel_device, checkpointing):
     """Without a capture the graphed step is the eager step: the same losses and adapters
-    after five steps; the step where the capture would be (the third) ran under the
+    after four steps; the step where the capture would be (the third) ran under the
     readback check (Triton kernels under the interpreter, the fused loss included)."""
     model = _model(tmp_path, checkpointing=checkpointing)
     twin = copy.deepcopy(model)
-    batches = _batches(5, "cpu")
+    batches = _batches(4, "cpu")
     with backend("triton"):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         want = []
@@ -69,7 +69,85 @@ def test_emulated_steps_equal_eager_steps_and_read_nothing_back(tmp_path, kernel
     assert all(rel_err(b[k], a[k]) < 1e-6 for k in a)
 
 
-def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch):
+def _packed(n, seed=1, rows=2, seq=12):
+    """Packed batches: each row several sequences (positions restarting at 0, the first label
+    of each -100), the last row's tail padding as its own run of positions."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 101, (rows, seq), generator=g)
+        pos = torch.zeros(rows, seq, dtype=torch.long)
+        labels = ids.clone()
+        for r in range(rows):
+            cuts = sorted(torch.randperm(seq - 2, generator=g)[:2].add(1).tolist())
+            for a, b in zip([0] + cuts, cuts + [seq]):
+                pos[r, a:b] = torch.arange(b - a)
+                labels[r, a] = -100
+        labels[-1, -3:] = -100  # padding: its own sequence, nothing counted
+        pos[-1, -3:] = torch.arange(3)
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+def test_given_boundaries_equal_the_ones_the_model_finds(tmp_path, kernel_device, mode):
+    """cu_seq_lens_q (with trailing empty sequences) and max_length_q give the loss and
+    gradients that the model computes from the same restarting position ids."""
+    model = _model(tmp_path)
+    b = _packed(1)[0]
+    pos = b["position_ids"]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    first = starts.reshape(-1).nonzero().flatten()
+    cu = torch.cat([first, torch.full((4,), pos.numel())]).to(torch.int32)
+
+    def run(**kw):
+        model.zero_grad(set_to_none=True)
+        with backend(mode):
+            loss = model(**b, **kw).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    want, want_g = run()
+    got, got_g = run(cu_seq_lens_q=cu, max_length_q=pos.shape[1])
+    assert rel_err(got, want) < 1e-6
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got_g, want_g))
+    with pytest.raises(ValueError, match="max_length_q"):
+        model(**b, cu_seq_lens_q=cu)
+
+
+def test_packed_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
+    """Packed rows through the graphed step (boundaries computed on the host, padded to a
+    fixed count) train as the eager steps that find the boundaries themselves."""
+    model = _model(tmp_path)
+    twin = copy.deepcopy(model)
+    batches = _packed(3)
+    with backend("triton"):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        want = []
+        for b in batches:
+            out = model(**b)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            want.append(float(out.loss.detach()))
+        step = GraphedTrainStep(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2),
+                                capture=False, max_sequences=12)
+        got = [float(step(**b)) for b in batches]
+    assert step.captured and step.static["cu_seq_lens_q"].shape == (13,)
+    assert got == pytest.approx(want, rel=1e-6)
+    a, b = _adapters(model), _adapters(twin)
+    assert all(rel_err(b[k], a[k]) < 1e-6 for k in a)
+    bad = dict(batches[0], position_ids=batches[0]["position_ids"] + 1)
+    with pytest.raises(ValueError, match="restart at 0"):
+        step(**bad)
+    small = GraphedTrainStep(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad]),
+                             capture=False, max_sequences=3)
+    with pytest.raises(ValueError, match="at most 3"):
+        small(**batches[0])
+
+
+def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch, kernel_device):
     """A step that reads a device value back (what a capture refuses) fails where the capture
     would be, naming the op; the warm-up steps before it run."""
     model = _model(tmp_path)
@@ -84,10 +162,11 @@ def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch):
     step = GraphedTrainStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
                             capture=False)
     b = _batches(1, "cpu")[0]
-    step(**b)
-    step(**b)
-    with pytest.raises(RuntimeError, match="_local_scalar_dense"):
+    with backend("triton"):  # the check runs where the ops take the kernels a GPU runs
         step(**b)
+        step(**b)
+        with pytest.raises(RuntimeError, match="_local_scalar_dense"):
+            step(**b)
 
 
 def test_num_items_as_a_number_and_bad_batches(tmp_path):
@@ -123,14 +202,16 @@ def test_refuses_what_a_capture_cannot_replay(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family):
+@pytest.mark.parametrize("family,packed", [("llama", False), ("gemma3_text", False), ("llama", True)])
+def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed):
     """A 4-bit bf16 model with LoRA on the GPU: eight steps through the graph (two warm-up,
     the capture, five replays) give the eager steps' losses and adapters within bf16
-    rounding, and the learning rate set after the capture takes effect."""
+    rounding, and the learning rate set after the capture takes effect; packed rows with
+    boundaries that change from batch to batch too."""
     model = _model(tmp_path, device="cuda", dtype=torch.bfloat16, family=family)
     twin = copy.deepcopy(model)
-    batches = _batches(8, "cuda")
+    batches = ([{k: v.cuda() for k, v in b.items()} for b in _packed(8, seq=40)] if packed
+               else _batches(8, "cuda"))
 
     def optimizer(m):
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, capturable=True)

@@ -178,3 +178,34 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
     kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
     assert kept == ["checkpoint-6", "checkpoint-7"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 7
+
+
+def test_cuda_graph_mode_trains_as_the_plain_loop(tmp_path, monkeypatch, kernel_device):
+    """cuda_graph=True (on the CPU: the graphed step's eager emulation, which checks on its
+    third step that nothing is read back to the host where the Triton kernels run) pads rows
+    to max_seq_length, drops the mask and hands the boundaries over: the same losses as the
+    plain loop, and a resumed run continues as the whole one."""
+    from fastqlora.ops import backend
+
+    short = dict(max_steps=3, max_seq_length=64)
+    plain = _trainer(_cfg(tmp_path / "plain", **short)).train()
+    graphed = _trainer(_cfg(tmp_path / "graph", cuda_graph=True, **short))
+    assert graphed.graphed is not None
+    with backend("triton"):  # the kernels' path, under the interpreter: the readback check runs
+        history = graphed.train()
+    assert graphed.graphed.captured and graphed.graphed.static["input_ids"].shape == (2, 64)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
+    whole = _trainer(_cfg(tmp_path / "whole", cuda_graph=True, max_steps=4)).train()
+    cut = _trainer(_cfg(tmp_path / "cut", cuda_graph=True, max_steps=4))
+    _interrupt_at(cut, monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    resumed = _trainer(_cfg(tmp_path / "cut", max_steps=4, cuda_graph=True, resume=True)).train()
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in whole], rel=1e-6)
+
+
+def test_cuda_graph_mode_refuses_what_it_cannot_replay(tmp_path):
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        _cfg(tmp_path, cuda_graph=True, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="lora_dropout=0"):
+        _cfg(tmp_path, cuda_graph=True, lora_dropout=0.1)

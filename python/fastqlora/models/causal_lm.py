@@ -139,7 +139,8 @@ class CausalLM(nn.Module):
         trl's SFTTrainer projects through ``get_output_embeddings()`` with its own loss."""
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
-        h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
+                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         return BaseModelOutputWithPast(last_hidden_state=h)
 
     def add_model_tags(self, tags) -> None:
@@ -186,15 +187,32 @@ class CausalLM(nn.Module):
             object.__setattr__(self, "_offload_cache", OffloadArenaCache())  # one per model, not a submodule
         return run_layers(self.model.layers, h, ctx, mode, arena_cache=getattr(self, "_offload_cache", None))
 
-    def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+    def hidden_states(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                      cu_seqlens=None, max_seqlen=None):
+        """The final norm's output ``[B, S, H]``. ``cu_seqlens`` (int32 ``[n+1]`` over the
+        flattened B·S tokens; trailing repeats of B·S are empty sequences) with ``max_seqlen``
+        (an int at least the longest sequence) and restarting ``position_ids`` give packed
+        sequences' boundaries without the host reading them (a CUDA graph can replay such a
+        step): position ids must then restart at 0 for each sequence, below max_seqlen."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if (cu_seqlens is None) != (max_seqlen is None) or (cu_seqlens is not None and position_ids is None):
+            raise ValueError("cu_seqlens (cu_seq_lens_q) needs max_seqlen (max_length_q) and position_ids with it")
+        if cu_seqlens is not None and attention_mask is not None:
+            raise ValueError("pass either attention_mask or cu_seqlens (cu_seq_lens_q), not both")
         next_cast_epoch()  # adapters' 16-bit copies of A and B are cast anew for this forward
         h = self._inputs(self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         adapters = [m for m in self.model.layers.modules() if isinstance(m, LoraAdapter)]
         if adapters:  # all at once, in the dtype the projections will compute in
             cast_all(adapters, compute_dtype(h), self._adapter_groups())
         B, S = h.shape[:2]
+        if cu_seqlens is not None:  # the caller's layout: nothing read back
+            if position_ids.shape != (B, S):
+                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, S)}")
+            cu, n = cu_seqlens.to(device=h.device, dtype=torch.int32), int(max_seqlen)
+            cos, sin, local = self.rope_tables(n, h.device)
+            h = self._run_layers(h, Context(cos, sin, position_ids, cu, n, local))
+            return self.model.norm(h)
         generated = position_ids is None
         position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
         # the table length without reading the ids back (a device sync) when they are 0..S-1
@@ -210,8 +228,11 @@ class CausalLM(nn.Module):
         ignores -100; it is the mean over counted tokens, or their sum divided by
         ``num_items_in_batch`` when given (gradient accumulation). Logits are returned
         without labels, and with them only when asked (``return_logits=True``), since
-        the fused loss never builds them."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
+        the fused loss never builds them. ``cu_seq_lens_q`` and ``max_length_q`` (the names
+        transformers' flattening collator uses) give packed sequences' boundaries as
+        :meth:`hidden_states` describes."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
+                               kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         w = self.lm_head_weight()
         loss = None
         if labels is not None:

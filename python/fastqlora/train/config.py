@@ -42,6 +42,9 @@ class TrainConfig:
     max_steps: int | None = None
     num_epochs: float = 1.0
     optim: str = "adamw"
+    # replay each step from a CUDA graph (train/step_graph.py; experimental, not yet measured):
+    # rows padded to max_seq_length, one micro-batch a step, no LoRA dropout, one process
+    cuda_graph: bool = False
     seed: int = 3407
     # bookkeeping
     logging_steps: int = 1
@@ -75,6 +78,12 @@ class TrainConfig:
             raise ValueError(f"eval_split is a share of the examples, in [0, 1); got {self.eval_split}")
         if self.eval_dataset and self.eval_split:
             raise ValueError("give eval_dataset or eval_split, not both")
+        if self.cuda_graph and (self.gradient_accumulation_steps != 1 or self.optim != "adamw"
+                                or self.lora_dropout > 0 or self.use_gradient_checkpointing in ("offload", "unsloth")):
+            raise ValueError("cuda_graph=True replays one whole step: it needs gradient_accumulation_steps=1, "
+                             "optim='adamw', lora_dropout=0 and checkpointing without offload; got "
+                             f"{self.gradient_accumulation_steps}, {self.optim!r}, {self.lora_dropout}, "
+                             f"{self.use_gradient_checkpointing!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
 

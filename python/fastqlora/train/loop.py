@@ -53,7 +53,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: 
         except ImportError as exc:
             raise ImportError("optim='adamw_8bit' needs bitsandbytes: pip install bitsandbytes") from exc
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # a captured step keeps AdamW's step counts on the device (no readback)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             capturable=cfg.cuda_graph and device.type == "cuda")
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -88,6 +90,17 @@ class Trainer:
         if self.group is not None:
             distributed.broadcast_parameters(self.params)
         self.optimizer = build_optimizer(self.params, cfg, self.device)
+        self.graphed = None
+        if cfg.cuda_graph:
+            if self.group is not None:
+                raise ValueError("cuda_graph=True trains in one process (its step has no gradient all-reduce)")
+            from .step_graph import GraphedTrainStep
+
+            # every row of a batch padded to max_seq_length: one shape, and at most one more
+            # sequence a row (the padding's own run of positions)
+            most = max((sum(p == 0 for p in r.position_ids) for r in rows), default=1) + 1
+            self.graphed = GraphedTrainStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm,
+                                            max_sequences=cfg.batch_size * most)
         steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * self.world * cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         self.step = 0
@@ -144,6 +157,10 @@ class Trainer:
                              f"global batches of that many processes' rows)")
         load_adapter_weights(self.model, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a graphed run saves its rate as a tensor
+            group["lr"] = float(group["lr"])
+        if self.graphed is not None:  # the captured step reads the rate from the device
+            self.graphed.device_lr()
         self.step, self.position = state["step"], tuple(state["position"])
         self.history = list(state["history"])
         set_rng_state(state["rng"])
@@ -167,6 +184,9 @@ class Trainer:
     def _set_lr(self) -> float:
         lr = self.cfg.learning_rate * lr_factor(self.step, self.total_steps, self.cfg.warmup_steps,
                                                 self.cfg.lr_scheduler)
+        if self.graphed is not None:  # a device tensor the captured step reads
+            self.graphed.set_lr(lr)
+            return lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -177,6 +197,10 @@ class Trainer:
         ``micro_batches``."""
         if num_items is None:
             num_items = sum(count_label_tokens(b) for b in micro_batches if b is not None)
+        if self.graphed is not None:  # one micro-batch, padded to max_seq_length, no mask
+            (mb,) = micro_batches
+            batch = {k: v for k, v in mb.items() if k != "attention_mask"}
+            return float(self.graphed(**_to_device(batch, self.device), num_items_in_batch=max(num_items, 1)))
         self.model.train()
         total = 0.0
         for mb in micro_batches:
@@ -219,7 +243,8 @@ class Trainer:
                     tokens += sum(len(self.rows[i]) for i in rows)
                     num_items += sum(row_label_tokens(self.rows[i]) for i in rows)
                     mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                    micro.append(collate([self.rows[i] for i in mine], self.pad_id) if mine else None)
+                    width = cfg.max_seq_length if self.graphed is not None else None
+                    micro.append(collate([self.rows[i] for i in mine], self.pad_id, width) if mine else None)
                     position = (epoch, index + 1)
                 t0 = time.perf_counter()
                 loss = self.train_step(micro, num_items)

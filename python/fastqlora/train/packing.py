@@ -58,10 +58,13 @@ def unpacked_rows(examples: Sequence[Example], max_seq_length: int) -> list[Row]
     ]
 
 
-def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest; padding gets label -100, mask 0, and its own
-    position run so it forms a separate sequence."""
-    width = max(len(r) for r in rows)
+def collate(rows: Sequence[Row], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest (or to ``width``: one shape for every batch); padding
+    gets label -100, mask 0, and its own position run so it forms a separate sequence."""
+    longest = max(len(r) for r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"a row holds {longest} tokens, more than the batch width {width}")
+    width = longest if width is None else width
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

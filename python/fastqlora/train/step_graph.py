@@ -17,16 +17,22 @@ What a capture needs, and how this step provides it:
   the masks) and no offloaded checkpoints (their pinned host buffers are allocated during
   the step);
 - the batch lives in static tensors: each call copies its batch in, so every batch must
-  have the shape, dtype and keys of the first; rows of one length without padding or packing
-  boundaries (``input_ids``, ``labels`` with -100 where a token does not count,
-  ``num_items_in_batch``): an ``attention_mask`` or packed ``position_ids`` make the model read
-  the sequences' boundaries on the host, so they are refused.
+  have the shape, dtype and keys of the first (``input_ids``, ``labels`` with -100 where a
+  token does not count, ``num_items_in_batch``, and for packed rows ``position_ids``
+  restarting at 0 for each sequence; padding at a row's end as its own run of positions);
+- the host never reads the sequences' boundaries during the step: from packed
+  ``position_ids`` this step computes them on the CPU (``cu_seq_lens_q``, padded to a fixed
+  number of sequences with empty ones, which the attention kernels skip, and
+  ``max_length_q`` = the row length) and copies them in with the batch. An ``attention_mask``
+  would be read on the host by the model, so it is refused (padding needs none here: as its
+  own run of positions it forms a sequence of its own, with labels -100).
 The call after the warm-up captures (a capture records the work without running it, so it
 replays at once), later calls replay. A capture that fails warns and the steps go on eagerly.
 
-``capture=False`` (what a CPU has) runs every step eagerly but checks, on the step that would
-be captured, that the forward and backward read nothing back to the host: the readback a
-capture would refuse fails there too, by name.
+``capture=False`` (what a CPU has) runs every step eagerly; where the ops take the Triton
+kernels (a GPU's path; on a CPU under ``TRITON_INTERPRET=1`` with ``ops.backend("triton")``)
+it checks, on the step that would be captured, that the forward and backward read nothing
+back to the host: the readback a capture would refuse fails there too, by name.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..lora import LoraAdapter, next_cast_epoch
+from ..ops.dispatch import use_triton
 
 # aten ops that copy a device value to the host (what a CUDA-graph capture refuses)
 _READBACK_OPS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
@@ -61,11 +68,13 @@ class GraphedTrainStep:
     ``float(loss)`` reads it (one sync), ``loss.clone()`` keeps it.
 
     ``max_grad_norm > 0`` clips the trainable parameters' gradients to that total norm before
-    the optimizer step, as the Trainer does.
+    the optimizer step, as the Trainer does. ``max_sequences``: the most sequences a packed
+    batch may hold (the attention's grid is fixed at the capture); by default twice the first
+    batch's count.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = 0.0,
-                 warmup: int = 2, capture: bool | None = None) -> None:
+                 warmup: int = 2, capture: bool | None = None, max_sequences: int | None = None) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 (the step runs once before its capture), got {warmup}")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -88,9 +97,8 @@ class GraphedTrainStep:
                     raise ValueError(f"{type(optimizer).__name__} must be built with capturable=True for a "
                                      "CUDA graph (its step count stays on the device), e.g. "
                                      "torch.optim.AdamW(params, lr=..., capturable=True)")
-                if not isinstance(group["lr"], torch.Tensor):  # changeable after the capture
-                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         self.model, self.optimizer, self.params = model, optimizer, params
+        self.device_lr()
         self.max_grad_norm = float(max_grad_norm)
         self.warmup = warmup
         self.calls = 0
@@ -98,6 +106,18 @@ class GraphedTrainStep:
         self.captured = False  # the graph is in use (or, without capture, the check has run)
         self.static: dict[str, torch.Tensor] | None = None
         self.loss: torch.Tensor | None = None
+        self.max_sequences = max_sequences
+        self.max_length: int | None = None  # max_length_q of packed batches: the row length
+
+    def device_lr(self) -> None:
+        """With a capture, every group's learning rate as a one-element tensor on the model's
+        device (changeable after the capture by :meth:`set_lr`; called again after an
+        optimizer's ``load_state_dict`` put numbers back)."""
+        if not self.capture:
+            return
+        for group in self.optimizer.param_groups:
+            if not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == self.params[0].device):
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.params[0].device)
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of every parameter group for the next steps (a captured step
@@ -112,11 +132,11 @@ class GraphedTrainStep:
     def _load(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         device = self.params[0].device
         items = {}
-        held = sorted({"attention_mask", "position_ids"} & batch.keys())
-        if held:
-            raise ValueError(f"a graphed step takes input_ids and labels of one shape, not {held}: the model "
-                             "reads a mask's or packed positions' sequence boundaries on the host, which a "
-                             "capture cannot hold (not yet supported)")
+        if "attention_mask" in batch:
+            raise ValueError("a graphed step takes no attention_mask (the model would read it on the host): "
+                             "give padding its own run of position_ids (0, 1, ...) and labels -100 instead")
+        if "cu_seq_lens_q" in batch or "max_length_q" in batch:
+            raise ValueError("a graphed step computes cu_seq_lens_q and max_length_q from position_ids itself")
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor):
                 if key != "num_items_in_batch" or not isinstance(value, (int, float)):
@@ -124,6 +144,8 @@ class GraphedTrainStep:
                                     "(and a number for num_items_in_batch)")
                 value = torch.tensor(value, dtype=torch.float32)
             items[key] = value
+        if "position_ids" in items:
+            items["cu_seq_lens_q"] = self._boundaries(items["position_ids"])
         if self.static is None:
             self.static = {k: v.to(device, copy=True) for k, v in items.items()}
             return self.static
@@ -138,7 +160,33 @@ class GraphedTrainStep:
             want.copy_(value, non_blocking=True)
         return self.static
 
+    def _boundaries(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """cu_seq_lens_q of packed rows, from the ids' CPU copy: int32, the sequences' starts
+        over the flattened tokens, then B·S repeated up to ``max_sequences`` + 1 entries."""
+        pos = position_ids.detach().to("cpu", torch.int64)
+        if pos.dim() != 2:
+            raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(pos.shape)}")
+        B, S = pos.shape
+        starts = torch.ones(B, S, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        if bool((pos[starts] != 0).any()) or int(pos.max()) >= S:
+            raise ValueError("a graphed step takes position_ids that restart at 0 for each sequence (as packing "
+                             f"makes them) and stay below the row length {S}")
+        first = starts.reshape(-1).nonzero().flatten()
+        if self.max_sequences is None:
+            self.max_sequences = min(B * S, 2 * first.numel())
+        if first.numel() > self.max_sequences:
+            raise ValueError(f"this batch packs {first.numel()} sequences; the graphed step holds at most "
+                             f"{self.max_sequences} (pass max_sequences=)")
+        if self.max_length is None:
+            self.max_length = S
+        cu = torch.full((self.max_sequences + 1,), B * S, dtype=torch.int32)
+        cu[:first.numel()] = first.to(torch.int32)
+        return cu
+
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "cu_seq_lens_q" in batch:
+            batch = {**batch, "max_length_q": self.max_length}
         out = self.model(**batch)
         if out.loss is None:
             raise ValueError("the model returned no loss: pass labels in the batch")
@@ -158,13 +206,17 @@ class GraphedTrainStep:
         static = self._load(batch)
         self.calls += 1
         if not self.capture:
-            if self.calls == self.warmup + 1:  # where the capture would be: nothing may be read back
+            # where the capture would be nothing may be read back: checked where the ops take
+            # the kernels a GPU runs (the CPU's torch paths read masks back and never capture)
+            if self.calls == self.warmup + 1 and use_triton(static["input_ids"] if "input_ids" in static
+                                                            else self.params[0]):
                 with _NoReadback():
                     loss = self._forward_backward(static)
                 self.optimizer.step()  # (a CPU optimizer is not capturable; checked on the GPU)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.captured = True
                 return loss
+            self.captured = self.captured or self.calls > self.warmup
             return self._eager(static)
         if self.graph is not None:
             self.graph.replay()
