@@ -14,6 +14,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg, self.device)
         self.graphed = None
         if cfg.cuda_graph:
+            if self.device.type != "cuda":
+                warnings.warn("cuda_graph=True replays steps from a CUDA graph only on a CUDA device; on "
+                              f"{self.device.type} the steps run eagerly", RuntimeWarning, stacklevel=2)
             if self.group is not None:
                 raise ValueError("cuda_graph=True trains in one process (its step has no gradient all-reduce)")
             from .step_graph import GraphedTrainStep
@@ -199,8 +203,8 @@ class Trainer:
             num_items = sum(count_label_tokens(b) for b in micro_batches if b is not None)
         if self.graphed is not None:  # one micro-batch, padded to max_seq_length, no mask
             (mb,) = micro_batches
-            batch = {k: v for k, v in mb.items() if k != "attention_mask"}
-            return float(self.graphed(**_to_device(batch, self.device), num_items_in_batch=max(num_items, 1)))
+            batch = {k: v for k, v in mb.items() if k != "attention_mask"}  # CPU tensors: the step copies
+            return float(self.graphed(**batch, num_items_in_batch=max(num_items, 1)))  # them in, boundaries read here
         self.model.train()
         total = 0.0
         for mb in micro_batches:
