@@ -14,7 +14,8 @@ import _nf4_helpers as nf4h
 
 from fastqlora.lora import LoraAdapter, cast_all, next_cast_epoch
 from fastqlora.models.linear import FrozenLinear
-from fastqlora.ops.lora_linear import decoding, lora_linear
+from fastqlora.ops.lora_decode import decoding
+from fastqlora.ops.lora_linear import lora_linear
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,7 +22,8 @@ from ..decode_graph import DecodeGraph
 from ..generation import KVCache, generate
 from ..lora import LoraAdapter, cast_all, next_cast_epoch
 from ..ops.dispatch import decode_graph_enabled, grouped_lora_enabled
-from ..ops.lora_linear import compute_dtype, decoding
+from ..ops.lora_decode import decoding
+from ..ops.lora_linear import compute_dtype
 from .config import ModelConfig
 from .decoder import Context, DecoderModel
 from .linear import FrozenLinear, group_adapters

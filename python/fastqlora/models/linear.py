@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.dispatch import fused_nf4_enabled, grouped_lora_enabled
-from ..ops.lora_linear import compute_dtype, decode_route, in_decoding, lora_decode_group, lora_linear, lora_linear_group
+from ..ops.lora_decode import decode_route, in_decoding, lora_decode_group
+from ..ops.lora_linear import compute_dtype, lora_linear, lora_linear_group
 from ..quant import NF4Tensor
 
 _NF4_PREFIX = "nf4_"

@@ -90,7 +90,7 @@ def grouped_lora_enabled() -> bool:
 
 def decode_kernels_enabled(graphed: bool = False) -> bool:
     """Whether generation's few-row NF4 projections go to the NF4 dispatch (the decode
-    kernels; ops.lora_linear.decoding) instead of dequantize + cuBLAS: by default in steps
+    kernels; ops.lora_decode.decoding) instead of dequantize + cuBLAS: by default in steps
     captured as a CUDA graph (``graphed``) and not in eager ones, where launches bound the
     step; ``FASTQLORA_DECODE_KERNELS=1`` / ``0`` forces it on / off."""
     return _switch("FASTQLORA_DECODE_KERNELS", "dequantize + cuBLAS", "the NF4 dispatch",
