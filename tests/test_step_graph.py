@@ -38,6 +38,22 @@ def _batches(n, device, rows=2, seq=11, seed=0):
     return out
 
 
+def _eager_losses(model, batches, max_grad_norm=0.0):
+    """The plain loop's losses (AdamW, lr 1e-2), training ``model`` in place."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for b in batches:
+        out = model(**b)
+        out.loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+    return losses
+
+
 def _adapters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -51,15 +67,7 @@ def test_emulated_steps_equal_eager_steps_and_read_nothing_back(tmp_path, kernel
     twin = copy.deepcopy(model)
     batches = _batches(4, "cpu")
     with backend("triton"):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        want = []
-        for b in batches:
-            out = model(**b)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.5)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            want.append(float(out.loss.detach()))
+        want = _eager_losses(model, batches, max_grad_norm=0.5)
         opt2 = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
         step = GraphedTrainStep(twin, opt2, max_grad_norm=0.5, capture=False)
         got = [float(step(**b)) for b in batches]
@@ -123,14 +131,7 @@ def test_packed_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
     twin = copy.deepcopy(model)
     batches = _packed(3)
     with backend("triton"):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        want = []
-        for b in batches:
-            out = model(**b)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            want.append(float(out.loss.detach()))
+        want = _eager_losses(model, batches)
         step = GraphedTrainStep(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2),
                                 capture=False, max_sequences=12)
         got = [float(step(**b)) for b in batches]

@@ -222,13 +222,17 @@ class GraphedTrainStep:
             self.graph.replay()
             return self.loss
         if self.calls <= self.warmup or self.captured:  # warm-up, or a capture that failed
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self._eager(static)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
+            return self._eager_on_side_stream(static)
         return self._capture(static)
+
+    def _eager_on_side_stream(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """An eager step on a side stream (torch's rule for the steps around a capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self._eager(static)
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
 
     def _capture(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
         self.captured = True
@@ -246,12 +250,7 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
             torch.cuda.synchronize()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self._eager(static)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
+            return self._eager_on_side_stream(static)
         self.graph, self.loss = graph, loss
         graph.replay()  # the capture recorded this step's work without running it
         return loss
