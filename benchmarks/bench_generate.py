@@ -58,13 +58,13 @@ def load_baseline(ckpt: str):
     return model, gen
 
 
-def load_ours(ckpt: str, capacity: int):
+def load_ours(ckpt: str, capacity: int, device: str | None = None):
     import torch
 
     from fastqlora import FastLanguageModel
 
-    model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=capacity, dtype=torch.bfloat16,
-                                                 load_in_4bit=True)
+    model, _ = FastLanguageModel.from_pretrained(ckpt, max_seq_length=capacity, load_in_4bit=True, device=device,
+                                                 dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                              target_modules=TARGETS, use_gradient_checkpointing=False)
     model.eval()
