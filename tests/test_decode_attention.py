@@ -131,3 +131,14 @@ def test_switch_refuses_bad_values(monkeypatch):
     monkeypatch.setenv("FASTQLORA_DECODE_ATTENTION", "true")
     with pytest.raises(ValueError, match="FASTQLORA_DECODE_ATTENTION"):
         decode_attention_enabled()
+
+
+def test_an_eager_step_makes_its_position_tensor_once():
+    """The layers of one eager step share the position the kernels read (one host-to-device
+    copy a step, not one a layer); the next step's position is a new tensor."""
+    from fastqlora.generation import _position_tensor
+
+    first = _position_tensor(7, torch.device("cpu"))
+    assert _position_tensor(7, torch.device("cpu")) is first and first.tolist() == [7]
+    nxt = _position_tensor(8, torch.device("cpu"))
+    assert nxt is not first and nxt.tolist() == [8] and first.tolist() == [7]

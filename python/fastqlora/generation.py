@@ -82,9 +82,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     keys and values are never repeated per query head."""
     B, n, Hq, D = q.shape
     if n == 1 and decode_attention_enabled() and use_triton(q) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
-        from .triton_kernels.decode_attention import decode_attention_fwd  # one launch a layer
+        from .triton_kernels.decode_attention import decode_attention_fwd  # two launches a layer
 
-        pos = start if isinstance(start, torch.Tensor) else torch.tensor([start], device=q.device)
+        pos = start if isinstance(start, torch.Tensor) else _position_tensor(start, q.device)
         return decode_attention_fwd(q, k, v, valid, pos, scale, sliding_window, softcap)
     kf = k.float().transpose(1, 2)  # [B, Hk, T, D]
     vf = v.float().transpose(1, 2)
@@ -100,6 +100,19 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
         out.append(_attend(q[:, i:i + rows], kf[:, :, :end], vf[:, :, :end], valid, start + i, scale,
                            sliding_window, softcap).to(q.dtype))
     return torch.cat(out, dim=1)
+
+
+_last_position: tuple[int, torch.device, torch.Tensor] | None = None
+
+
+def _position_tensor(start: int, device: torch.device) -> torch.Tensor:
+    """An eager step's cache position as the one-element device tensor the decode-attention
+    kernels read: made once a step and shared by its layers (each copy from the host is a
+    transfer the host waits for)."""
+    global _last_position
+    if _last_position is None or _last_position[0] != start or _last_position[1] != device:
+        _last_position = (start, device, torch.tensor([start], device=device))
+    return _last_position[2]
 
 
 # the most bytes of fp32 scores one piece of a prefill's cached attention holds at once
