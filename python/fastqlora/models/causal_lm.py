@@ -210,16 +210,15 @@ class CausalLM(nn.Module):
         if cu_seqlens is not None:  # the caller's layout: nothing read back
             if position_ids.shape != (B, S):
                 raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, S)}")
-            cu, n = cu_seqlens.to(device=h.device, dtype=torch.int32), int(max_seqlen)
-            cos, sin, local = self.rope_tables(n, h.device)
-            h = self._run_layers(h, Context(cos, sin, position_ids, cu, n, local))
-            return self.model.norm(h)
-        generated = position_ids is None
-        position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
-        # the table length without reading the ids back (a device sync) when they are 0..S-1
-        n = S if generated else int(position_ids.max()) + 1
+            cu = cu_seqlens.to(device=h.device, dtype=torch.int32)
+            n = max_len = int(max_seqlen)  # positions restart at 0, so the table needs no more
+        else:
+            generated = position_ids is None
+            position_ids, cu = sequence_layout(B, S, h.device, attention_mask, position_ids)
+            # the table length without reading the ids back (a device sync) when they are 0..S-1
+            n = S if generated else int(position_ids.max()) + 1
+            max_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else None
         cos, sin, local = self.rope_tables(n, h.device)
-        max_len = int((cu[1:] - cu[:-1]).max()) if cu is not None else None
         h = self._run_layers(h, Context(cos, sin, position_ids, cu, max_len, local))
         return self.model.norm(h)
 

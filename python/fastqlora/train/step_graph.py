@@ -36,6 +36,7 @@ back to the host: the readback a capture would refuse fails there too, by name.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -195,8 +196,11 @@ class GraphedTrainStep:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         return out.loss.detach()
 
-    def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self._forward_backward(batch)
+    def _eager(self, batch: dict[str, torch.Tensor], check: bool = False) -> torch.Tensor:
+        """One step launched from Python; ``check``: its forward and backward under the
+        readback check (the optimizer's are checked on the GPU: a CPU one is not capturable)."""
+        with _NoReadback() if check else contextlib.nullcontext():
+            loss = self._forward_backward(batch)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
@@ -208,16 +212,9 @@ class GraphedTrainStep:
         if not self.capture:
             # where the capture would be nothing may be read back: checked where the ops take
             # the kernels a GPU runs (the CPU's torch paths read masks back and never capture)
-            if self.calls == self.warmup + 1 and use_triton(static["input_ids"] if "input_ids" in static
-                                                            else self.params[0]):
-                with _NoReadback():
-                    loss = self._forward_backward(static)
-                self.optimizer.step()  # (a CPU optimizer is not capturable; checked on the GPU)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.captured = True
-                return loss
-            self.captured = self.captured or self.calls > self.warmup
-            return self._eager(static)
+            check = self.calls == self.warmup + 1 and use_triton(static.get("input_ids", self.params[0]))
+            self.captured = self.calls > self.warmup
+            return self._eager(static, check)
         if self.graph is not None:
             self.graph.replay()
             return self.loss
