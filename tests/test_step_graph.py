@@ -1,6 +1,6 @@
-"""The training step captured as a CUDA graph (fastqlora.train.step_graph): on the CPU, the
-eager emulation and its check that nothing is read back to the host; on the GPU, the
-replayed steps against eager ones."""
+"""The training step captured as a CUDA graph (fastqlora.train.step_graph): the eager
+emulation and its check that nothing is read back to the host (on the CPU under the Triton
+interpreter, or on the GPU); on the GPU, the replayed steps against eager ones."""
 from __future__ import annotations
 
 import copy
@@ -63,18 +63,28 @@ def test_emulated_steps_equal_eager_steps_and_read_nothing_back(tmp_path, kernel
     """Without a capture the graphed step is the eager step: the same losses and adapters
     after four steps; the step where the capture would be (the third) ran under the
     readback check (Triton kernels under the interpreter, the fused loss included)."""
-    model = _model(tmp_path, checkpointing=checkpointing)
+    model = _model(tmp_path, device=kernel_device, checkpointing=checkpointing)
     twin = copy.deepcopy(model)
-    batches = _batches(4, "cpu")
+    batches = _batches(4, kernel_device)
     with backend("triton"):
         want = _eager_losses(model, batches, max_grad_norm=0.5)
         opt2 = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
         step = GraphedTrainStep(twin, opt2, max_grad_norm=0.5, capture=False)
         got = [float(step(**b)) for b in batches]
     assert step.captured and step.graph is None
-    assert got == pytest.approx(want, rel=1e-6)
+    assert got == pytest.approx(want, rel=_tol(kernel_device))
     a, b = _adapters(model), _adapters(twin)
-    assert all(rel_err(b[k], a[k]) < 1e-6 for k in a)
+    assert all(rel_err(b[k], a[k]) < _tol(kernel_device) for k in a)
+
+
+def _tol(device: str) -> float:
+    """The emulated and the plain step run the same kernels in the same order; on a GPU some
+    (split-K sums, atomics in attention's backward) may round in a different order."""
+    return 1e-6 if device == "cpu" else 1e-4
+
+
+def _on(batches, device):
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def _packed(n, seed=1, rows=2, seq=12):
@@ -101,13 +111,13 @@ def _packed(n, seed=1, rows=2, seq=12):
 def test_given_boundaries_equal_the_ones_the_model_finds(tmp_path, kernel_device, mode):
     """cu_seq_lens_q (with trailing empty sequences) and max_length_q give the loss and
     gradients that the model computes from the same restarting position ids."""
-    model = _model(tmp_path)
-    b = _packed(1)[0]
+    model = _model(tmp_path, device=kernel_device)
+    b = _on(_packed(1), kernel_device)[0]
     pos = b["position_ids"]
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     first = starts.reshape(-1).nonzero().flatten()
-    cu = torch.cat([first, torch.full((4,), pos.numel())]).to(torch.int32)
+    cu = torch.cat([first, torch.full((4,), pos.numel(), device=pos.device)]).to(torch.int32)
 
     def run(**kw):
         model.zero_grad(set_to_none=True)
@@ -118,8 +128,8 @@ def test_given_boundaries_equal_the_ones_the_model_finds(tmp_path, kernel_device
 
     want, want_g = run()
     got, got_g = run(cu_seq_lens_q=cu, max_length_q=pos.shape[1])
-    assert rel_err(got, want) < 1e-6
-    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got_g, want_g))
+    assert rel_err(got, want) < _tol(kernel_device)
+    assert all(rel_err(a, b) < 10 * _tol(kernel_device) for a, b in zip(got_g, want_g))
     with pytest.raises(ValueError, match="max_length_q"):
         model(**b, cu_seq_lens_q=cu)
 
@@ -127,18 +137,18 @@ def test_given_boundaries_equal_the_ones_the_model_finds(tmp_path, kernel_device
 def test_packed_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
     """Packed rows through the graphed step (boundaries computed on the host, padded to a
     fixed count) train as the eager steps that find the boundaries themselves."""
-    model = _model(tmp_path)
+    model = _model(tmp_path, device=kernel_device)
     twin = copy.deepcopy(model)
-    batches = _packed(3)
+    batches = _on(_packed(3), kernel_device)
     with backend("triton"):
         want = _eager_losses(model, batches)
         step = GraphedTrainStep(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2),
                                 capture=False, max_sequences=12)
         got = [float(step(**b)) for b in batches]
     assert step.captured and step.static["cu_seq_lens_q"].shape == (13,)
-    assert got == pytest.approx(want, rel=1e-6)
+    assert got == pytest.approx(want, rel=_tol(kernel_device))
     a, b = _adapters(model), _adapters(twin)
-    assert all(rel_err(b[k], a[k]) < 1e-6 for k in a)
+    assert all(rel_err(b[k], a[k]) < _tol(kernel_device) for k in a)
     bad = dict(batches[0], position_ids=batches[0]["position_ids"] + 1)
     with pytest.raises(ValueError, match="restart at 0"):
         step(**bad)
@@ -151,7 +161,7 @@ def test_packed_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
 def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch, kernel_device):
     """A step that reads a device value back (what a capture refuses) fails where the capture
     would be, naming the op; the warm-up steps before it run."""
-    model = _model(tmp_path)
+    model = _model(tmp_path, device=kernel_device)
     real = type(model).forward
 
     def forward(self, *args, **kwargs):
@@ -162,7 +172,7 @@ def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch, kernel_device):
     monkeypatch.setattr(type(model), "forward", forward)
     step = GraphedTrainStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
                             capture=False)
-    b = _batches(1, "cpu")[0]
+    b = _batches(1, kernel_device)[0]
     with backend("triton"):  # the check runs where the ops take the kernels a GPU runs
         step(**b)
         step(**b)

@@ -1,0 +1,128 @@
+"""The Trainer's steps, eager against replayed from a CUDA graph (TrainConfig.cuda_graph).
+
+bench_e2e.py times a bare loop on full random rows; this times what `fastqlora train` runs:
+packed rows of examples of random lengths, the learning-rate schedule, clipping, the metrics
+file. A graphed step pads every row to max_seq_length (packed rows are nearly full anyway) and
+replays forward, backward, clipping and AdamW as one graph, so the host's launch cost leaves
+the step. Tokens a second count the examples' tokens, not padding; the first steps (eager
+warm-up and the capture) are left out of the timing.
+
+    python benchmarks/bench_trainer.py --shape llama-3.2-1b --batch 2 --seq 2048 --steps 12
+    python benchmarks/bench_trainer.py --ckpt path/to/model --device cpu --seq 64 --steps 4   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def examples(n_tokens: int, vocab: int, low: int, high: int, seed: int) -> list:
+    """Random examples (lengths uniform in [low, high]) of ``n_tokens`` tokens in all, every
+    token but the first of an example counted in the loss."""
+    from fastqlora.train.data import Example
+
+    rng = random.Random(seed)
+    out, total = [], 0
+    while total < n_tokens:
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(low, high))]
+        out.append(Example(input_ids=ids, labels=[-100] + ids[1:]))
+        total += len(ids)
+    return out
+
+
+def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int, skip: int,
+             low: int, high: int) -> dict:
+    import torch
+
+    from fastqlora import FastLanguageModel
+    from fastqlora.train import TrainConfig, Trainer
+    from fastqlora.train.packing import pack_examples
+
+    t0 = time.perf_counter()
+    model, _ = FastLanguageModel.from_pretrained(ckpt, load_in_4bit=True, device=device)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    rows = pack_examples(examples(batch * seq * steps, vocab, low, min(high, seq), seed=0), seq, seed=0)
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg = TrainConfig(model=ckpt, dataset="-", output_dir=out_dir, max_seq_length=seq, batch_size=batch,
+                          max_steps=steps, cuda_graph=mode == "graph", plot=False, progress=False,
+                          learning_rate=1e-4)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(model, None, cfg, rows=rows)
+        history = trainer.train()
+        graphed = trainer.graphed is not None and trainer.graphed.graph is not None
+    timed = history[skip:]
+    seconds = sum(r["seconds"] for r in timed)
+    res = {"mode": mode, "load_s": load_s, "steps": len(history), "timed_steps": len(timed),
+           "tokens_per_s": sum(r["tokens"] for r in timed) / seconds if seconds else 0.0,
+           "step_s_median": sorted(r["seconds"] for r in timed)[len(timed) // 2] if timed else 0.0,
+           "losses": [r["loss"] for r in history], "graph_replayed": graphed}
+    if device == "cuda":
+        res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del trainer, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-3.2-1b", help="random_checkpoint.py's shape (when no --ckpt)")
+    p.add_argument("--ckpt", help="a model folder (default: a random checkpoint of --shape under --ckpt-root)")
+    p.add_argument("--ckpt-root", default="/tmp/fq-ckpts")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--modes", default="eager,graph")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--skip", type=int, default=3, help="first steps left out of the timing (warm-up, capture)")
+    p.add_argument("--lengths", default="64-1024", help="examples' lengths, LOW-HIGH tokens")
+    p.add_argument("--out", default=str(HERE / "results" / "trainer.json"))
+    args = p.parse_args(argv)
+    if args.skip >= args.steps:
+        raise SystemExit(f"--skip ({args.skip}) must be below --steps ({args.steps})")
+    low, high = (int(v) for v in args.lengths.split("-"))
+    ckpt = args.ckpt
+    if ckpt is None:
+        ckpt = os.path.join(args.ckpt_root, args.shape)
+        if not os.path.exists(os.path.join(ckpt, "config.json")):
+            sys.path.insert(0, str(HERE))
+            from random_checkpoint import write_random_checkpoint
+
+            write_random_checkpoint(ckpt, shape=args.shape)
+    import torch
+
+    results = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+               "torch": torch.__version__, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+               "ckpt": ckpt, "batch": args.batch, "seq": args.seq, "lengths": args.lengths, "runs": []}
+    for mode in args.modes.split(","):
+        if mode not in ("eager", "graph"):
+            raise SystemExit(f"unknown mode {mode!r}: choose eager, graph")
+        res = run_mode(ckpt, mode, args.device, args.batch, args.seq, args.steps, args.skip, low, high)
+        results["runs"].append(res)
+        mem = f", {res['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in res else ""
+        print(f"{mode:6} {res['tokens_per_s']:10,.0f} tok/s, median step {res['step_s_median'] * 1e3:.1f} ms{mem}, "
+              f"graph replayed: {res['graph_replayed']}", flush=True)
+    by = {r["mode"]: r for r in results["runs"]}
+    if "eager" in by and "graph" in by and by["eager"]["tokens_per_s"]:
+        results["graph_speedup"] = by["graph"]["tokens_per_s"] / by["eager"]["tokens_per_s"]
+        print(f"graph / eager: {results['graph_speedup']:.2f}x", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
