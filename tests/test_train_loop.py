@@ -11,7 +11,7 @@ from fastqlora import FastLanguageModel
 from fastqlora.cli import main as cli_main
 from fastqlora.demo import data_dir, run_demo
 from fastqlora.train import TrainConfig, Trainer
-from fastqlora.train.data import load_dataset
+from fastqlora.train.data import Example, load_dataset
 from fastqlora.train.packing import collate, pack_examples, unpacked_rows
 
 MODEL = str(data_dir() / "demo_model")
@@ -121,7 +121,8 @@ def test_cli_train_generate_export(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {MODEL}\ndataset: {DATA}\nmax_seq_length: 256\nmax_steps: 2\nr: 4\n"
                    f"use_gradient_checkpointing: false\nprogress: false\n")
-    assert cli_main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run"), "--batch-size", "1"]) == 0
+    assert cli_main(["train", "--config", str(cfg), "--output-dir", str(tmp_path / "run"), "--batch-size", "1",
+                     "--cuda-graph", "auto"]) == 0
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
     assert cli_main(["generate", "--model", str(adapter), "--prompt", "What is", "--max-new-tokens", "3"]) == 0
@@ -211,3 +212,47 @@ def test_cuda_graph_mode_refuses_what_it_cannot_replay(tmp_path):
         _cfg(tmp_path, cuda_graph=True, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="lora_dropout=0"):
         _cfg(tmp_path, cuda_graph=True, lora_dropout=0.1)
+
+
+def test_cuda_graph_auto_chooses_by_device_settings_and_fill(tmp_path):
+    """The default ("auto") replays a graph only on one CUDA device, with settings a graph can
+    replay and packed rows that padding to max_seq_length grows by at most a third; on the CPU
+    it trains eagerly without a warning."""
+    assert TrainConfig(model=MODEL, dataset=DATA).cuda_graph == "auto"
+    assert _cfg(tmp_path, cuda_graph="False").cuda_graph is False  # a config file's string
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        _cfg(tmp_path, cuda_graph="sometimes")
+    assert _cfg(tmp_path, gradient_accumulation_steps=2, lora_dropout=0.1).graph_blockers() == [
+        "gradient_accumulation_steps", "lora_dropout"]
+    trainer = _trainer(_cfg(tmp_path, max_seq_length=64))
+    assert trainer.graphed is None and not trainer.optimizer.param_groups[0]["capturable"]
+    trainer.device = torch.device("cuda")  # the choice alone, as it would be made on a GPU
+    full = trainer.rows
+    assert sum(len(r) for r in full) * 4 >= 3 * len(full) * 64 and trainer._wants_graph(full)
+    short = unpacked_rows([Example(e.input_ids[:20], e.labels[:20])
+                           for e in load_dataset(DATA, trainer.tokenizer, 64, True)], 64)
+    assert sum(len(r) for r in short) * 4 < 3 * len(short) * 64 and not trainer._wants_graph(short)
+    for blocked in (dict(packing=False), dict(gradient_accumulation_steps=2), dict(optim="adamw_8bit"),
+                    dict(cuda_graph=False)):
+        trainer.cfg = _cfg(tmp_path, max_seq_length=64, **blocked)
+        assert not trainer._wants_graph(full), blocked
+    trainer.cfg = _cfg(tmp_path, max_seq_length=64)
+    trainer.group = object()  # several processes: the graph has no all-reduce
+    assert not trainer._wants_graph(full)
+
+
+@pytest.mark.gpu
+def test_default_trainer_replays_a_graph_on_the_gpu(tmp_path):
+    """On a GPU the default settings train from a CUDA graph, with the eager run's losses
+    within bf16 rounding."""
+    def run(out, **kw):
+        cfg = _cfg(out, max_seq_length=64, max_steps=6, **kw)
+        model, tok = FastLanguageModel.from_pretrained(MODEL, max_seq_length=64, device="cuda")
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=1)
+        trainer = Trainer(model, tok, cfg)
+        return trainer, [h["loss"] for h in trainer.train()]
+
+    graphed, got = run(tmp_path / "auto")
+    assert graphed.graphed is not None and graphed.graphed.graph is not None
+    _, want = run(tmp_path / "eager", cuda_graph=False)
+    assert got == pytest.approx(want, rel=2e-2)

@@ -27,6 +27,10 @@ def _checkpointing(text: str) -> bool | str:
     return _bool(text)
 
 
+def _bool_or_auto(text: str) -> bool | str:
+    return "auto" if text.lower() == "auto" else _bool(text)
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -34,6 +38,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         hint = str(hints[f.name])
         if f.name == "use_gradient_checkpointing":
             kind = _checkpointing
+        elif f.name == "cuda_graph":
+            kind = _bool_or_auto
         elif "bool" in hint:
             kind = _bool
         elif "int" in hint and "float" not in hint:

@@ -42,9 +42,10 @@ class TrainConfig:
     max_steps: int | None = None
     num_epochs: float = 1.0
     optim: str = "adamw"
-    # replay each step from a CUDA graph (train/step_graph.py; experimental, not yet measured):
-    # rows padded to max_seq_length, one micro-batch a step, no LoRA dropout, one process
-    cuda_graph: bool = False
+    # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length,
+    # one micro-batch a step, no LoRA dropout, one process. "auto": where all that holds, on a
+    # CUDA device, with packed rows that padding would grow by at most a third (graph_blockers)
+    cuda_graph: bool | str = "auto"
     seed: int = 3407
     # bookkeeping
     logging_steps: int = 1
@@ -78,14 +79,31 @@ class TrainConfig:
             raise ValueError(f"eval_split is a share of the examples, in [0, 1); got {self.eval_split}")
         if self.eval_dataset and self.eval_split:
             raise ValueError("give eval_dataset or eval_split, not both")
-        if self.cuda_graph and (self.gradient_accumulation_steps != 1 or self.optim != "adamw"
-                                or self.lora_dropout > 0 or self.use_gradient_checkpointing in ("offload", "unsloth")):
+        if isinstance(self.cuda_graph, str) and self.cuda_graph.lower() in ("true", "false"):
+            self.cuda_graph = self.cuda_graph.lower() == "true"  # from a config file's string
+        if self.cuda_graph not in (True, False, "auto"):
+            raise ValueError(f"cuda_graph must be true, false or 'auto', got {self.cuda_graph!r}")
+        if self.cuda_graph is True and self.graph_blockers():
             raise ValueError("cuda_graph=True replays one whole step: it needs gradient_accumulation_steps=1, "
                              "optim='adamw', lora_dropout=0 and checkpointing without offload; got "
                              f"{self.gradient_accumulation_steps}, {self.optim!r}, {self.lora_dropout}, "
                              f"{self.use_gradient_checkpointing!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+
+    def graph_blockers(self) -> list[str]:
+        """The settings that keep a step from being replayed as one CUDA graph (empty: none)."""
+        out = []
+        if self.gradient_accumulation_steps != 1:
+            out.append("gradient_accumulation_steps")
+        if self.optim != "adamw":
+            out.append("optim")
+        if self.lora_dropout > 0:
+            out.append("lora_dropout")
+        if self.use_gradient_checkpointing in ("offload", "unsloth"):
+            out.append("use_gradient_checkpointing")
+        return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

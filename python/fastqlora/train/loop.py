@@ -45,7 +45,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
+                    capturable: bool = False):
     if cfg.optim == "adamw_8bit":
         if device.type != "cuda":
             raise ValueError("optim='adamw_8bit' needs a CUDA device (bitsandbytes' 8-bit AdamW); use optim='adamw'")
@@ -56,7 +57,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: 
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # a captured step keeps AdamW's step counts on the device (no readback)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                             capturable=cfg.cuda_graph and device.type == "cuda")
+                             capturable=capturable and device.type == "cuda")
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -90,9 +91,10 @@ class Trainer:
             raise ValueError("the model has no trainable parameters: call FastLanguageModel.get_peft_model first")
         if self.group is not None:
             distributed.broadcast_parameters(self.params)
-        self.optimizer = build_optimizer(self.params, cfg, self.device)
+        graph = self._wants_graph(rows)
+        self.optimizer = build_optimizer(self.params, cfg, self.device, capturable=graph)
         self.graphed = None
-        if cfg.cuda_graph:
+        if graph:
             if self.device.type != "cuda":
                 warnings.warn("cuda_graph=True replays steps from a CUDA graph only on a CUDA device; on "
                               f"{self.device.type} the steps run eagerly", RuntimeWarning, stacklevel=2)
@@ -110,6 +112,18 @@ class Trainer:
         self.step = 0
         self.position = (0, 0)  # (epoch, batch index) of the next micro-batch
         self.history: list[dict[str, float]] = []
+
+    def _wants_graph(self, rows) -> bool:
+        """cuda_graph=True: always (checked by the config); "auto": on one CUDA device, with
+        settings a graph can replay and packed rows that padding to max_seq_length grows by
+        at most a third (the graph's step costs what a full-width step does)."""
+        cfg = self.cfg
+        if cfg.cuda_graph != "auto":
+            return bool(cfg.cuda_graph)
+        if self.device.type != "cuda" or self.group is not None or cfg.graph_blockers() or not cfg.packing:
+            return False
+        tokens = sum(len(r) for r in rows)
+        return tokens * 4 >= 3 * len(rows) * cfg.max_seq_length
 
     # -- state -------------------------------------------------------------------------
     def _rows(self, examples) -> list:
