@@ -4,7 +4,7 @@
 # tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...), profile (PROFILE_ARGS=...),
 # families (the model families' GPU tests, bf16 kernels against the reference ops),
 # generate (generation's GPU tests, then bench_generate.py with GEN_ARGS),
-# train-graph (the graphed training step's GPU tests, then bench_e2e.py ours vs ours-graph, GRAPH_ARGS)
+# train-graph (the graphed training step's GPU tests, bench_trainer.py eager vs graph, then bench_e2e.py ours vs ours-graph, GRAPH_ARGS)
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -45,8 +45,11 @@ for stage in "$@"; do
       python3 "$FQ_SRC/benchmarks/bench_generate.py" --out "$OUT/generate.json" \
         ${GEN_ARGS:---shapes llama-3-8b:1,llama-3-8b:8 --systems baseline,ours,ours-graph-dequant,ours-torch-attn} 2>&1 | grep -v Warn | tail -24 ;;
     train-graph)  # the training step as a CUDA graph: its GPU tests, then ours vs ours-graph (GRAPH_ARGS)
-      timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider -m gpu "$FQ_SRC/tests/test_step_graph.py" \
-        2>&1 | tail -8 | tee "$OUT/train_graph_tests.log"
+      timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider "$FQ_SRC/tests/test_step_graph.py" \
+        "$FQ_SRC/tests/test_bench_trainer.py" 2>&1 | tail -8 | tee "$OUT/train_graph_tests.log"
+      timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider -m gpu "$FQ_SRC/tests/test_train_loop.py" \
+        2>&1 | tail -4 | tee -a "$OUT/train_graph_tests.log"
+      python3 "$FQ_SRC/benchmarks/bench_trainer.py" --shape llama-3.2-1b --out "$OUT/trainer.json" 2>&1 | grep -v Warn | tail -4
       python3 "$FQ_SRC/benchmarks/bench_e2e.py" --out "$OUT/e2e_graph.json" --steps 4 \
         ${GRAPH_ARGS:---shapes llama-3.2-1b:2x2048,smollm3-3b:2x2048 --systems ours,ours-graph} 2>&1 | grep -v Warn | tail -12 ;;
     *) echo "unknown stage $stage" ;;
