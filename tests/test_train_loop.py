@@ -256,3 +256,22 @@ def test_default_trainer_replays_a_graph_on_the_gpu(tmp_path):
     assert graphed.graphed is not None and graphed.graphed.graph is not None
     _, want = run(tmp_path / "eager", cuda_graph=False)
     assert got == pytest.approx(want, rel=2e-2)
+
+
+def test_resume_takes_this_runs_optimizer_mode(tmp_path, monkeypatch):
+    """A checkpoint written by a graphed run (capturable AdamW, its rate a tensor) resumes in an
+    eager run: the loaded groups take this run's mode and the losses continue as the whole run's."""
+    whole = _trainer(_cfg(tmp_path / "whole", max_steps=4)).train()
+    cut = _trainer(_cfg(tmp_path / "cut", max_steps=4))
+    _interrupt_at(cut, monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        cut.train()
+    state_file = next((tmp_path / "cut" / "checkpoint-3").glob("*.pt"))
+    state = torch.load(state_file, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:  # as a graphed run on a GPU saves them
+        group["capturable"], group["lr"] = True, torch.tensor(group["lr"])
+    torch.save(state, state_file)
+    resumed = _trainer(_cfg(tmp_path / "cut", max_steps=4, resume=True))
+    history = resumed.train()
+    assert all(not g["capturable"] for g in resumed.optimizer.param_groups)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in whole], rel=1e-6)

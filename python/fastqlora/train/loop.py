@@ -175,8 +175,17 @@ class Trainer:
                              f"global batches of that many processes' rows)")
         load_adapter_weights(self.model, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
+        # the checkpoint may come from a run in the other mode (eager or graphed): the loaded
+        # groups take this run's choice, and AdamW's step counts live where that choice keeps
+        # them (on the device for a captured step, on the CPU otherwise)
+        capturable = self.graphed is not None and self.device.type == "cuda"
         for group in self.optimizer.param_groups:  # a graphed run saves its rate as a tensor
             group["lr"] = float(group["lr"])
+            if "capturable" in group:
+                group["capturable"] = capturable
+        for st in self.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(self.device if capturable else "cpu", torch.float32)
         if self.graphed is not None:  # the captured step reads the rate from the device
             self.graphed.device_lr()
         self.step, self.position = state["step"], tuple(state["position"])
