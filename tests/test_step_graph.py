@@ -212,36 +212,83 @@ def test_refuses_what_a_capture_cannot_replay(tmp_path):
         GraphedTrainStep(model, torch.optim.AdamW(params), warmup=0, capture=False)
 
 
+def _steps(batches, micro):
+    """Consecutive batches grouped ``micro`` to a step, each given the step's label count."""
+    out = []
+    for i in range(0, len(batches) - micro + 1, micro):
+        group = batches[i:i + micro]
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+        out.append([{**b, "num_items_in_batch": n} for b in group])
+    return out
+
+
+def test_accumulated_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
+    """run() over two micro-batches a step (packed rows) trains as the eager loop that
+    accumulates their gradients; the would-be capture step passes the readback check; the
+    micro-batch count is fixed by the first step."""
+    model = _model(tmp_path, device=kernel_device)
+    twin = copy.deepcopy(model)
+    steps = _steps(_on(_packed(8), kernel_device), 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    with backend("triton"):
+        want = []
+        for micro in steps:
+            total = 0.0
+            for b in micro:
+                loss = model(**b).loss
+                loss.backward()
+                total += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            want.append(total)
+        step = GraphedTrainStep(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2),
+                                max_grad_norm=0.5, capture=False, max_sequences=12)
+        got = [float(step.run(micro)) for micro in steps]
+    assert step.captured and len(step.statics) == 2
+    assert got == pytest.approx(want, rel=_tol(kernel_device))
+    a, b = _adapters(model), _adapters(twin)
+    assert all(rel_err(b[k], a[k]) < _tol(kernel_device) for k in a)
+    with pytest.raises(ValueError, match="3 micro-batches; the captured step takes 2"):
+        step.run(steps[0] + steps[1][:1])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("family,packed", [("llama", False), ("gemma3_text", False), ("llama", True)])
-def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed):
+@pytest.mark.parametrize("family,packed,micro", [("llama", False, 1), ("gemma3_text", False, 1), ("llama", True, 1),
+                                                 ("llama", True, 2)])
+def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed, micro):
     """A 4-bit bf16 model with LoRA on the GPU: eight steps through the graph (two warm-up,
     the capture, five replays) give the eager steps' losses and adapters within bf16
     rounding, and the learning rate set after the capture takes effect; packed rows with
-    boundaries that change from batch to batch too."""
+    boundaries that change from batch to batch too, and two micro-batches a step."""
     model = _model(tmp_path, device="cuda", dtype=torch.bfloat16, family=family)
     twin = copy.deepcopy(model)
-    batches = ([{k: v.cuda() for k, v in b.items()} for b in _packed(8, seq=40)] if packed
-               else _batches(8, "cuda"))
+    batches = ([{k: v.cuda() for k, v in b.items()} for b in _packed(8 * micro, seq=40)] if packed
+               else _batches(8 * micro, "cuda"))
+    steps = _steps(batches, micro)
 
     def optimizer(m):
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, capturable=True)
 
     opt = optimizer(model)
     want = []
-    for i, b in enumerate(batches):
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 if i < 5 else 3e-4
-        out = model(**b)
-        out.loss.backward()
+    for i, group in enumerate(steps):
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 if i < 5 else 3e-4
+        total = 0.0
+        for b in group:
+            out = model(**b)
+            out.loss.backward()
+            total += float(out.loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        want.append(float(out.loss.detach()))
+        want.append(total)
     step = GraphedTrainStep(twin, optimizer(twin))
     got = []
-    for i, b in enumerate(batches):
+    for i, group in enumerate(steps):
         step.set_lr(1e-3 if i < 5 else 3e-4)
-        got.append(float(step(**b)))
+        got.append(float(step.run(group)))
     assert step.graph is not None
     assert got == pytest.approx(want, rel=2e-2)
     a, b = _adapters(model), _adapters(twin)

@@ -43,7 +43,7 @@ class TrainConfig:
     num_epochs: float = 1.0
     optim: str = "adamw"
     # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length,
-    # one micro-batch a step, no LoRA dropout, one process. "auto": where all that holds, on a
+    # no LoRA dropout, one process. "auto": where all that holds, on a
     # CUDA device, with packed rows that padding would grow by at most a third (graph_blockers)
     cuda_graph: bool | str = "auto"
     seed: int = 3407
@@ -84,9 +84,8 @@ class TrainConfig:
         if self.cuda_graph not in (True, False, "auto"):
             raise ValueError(f"cuda_graph must be true, false or 'auto', got {self.cuda_graph!r}")
         if self.cuda_graph is True and self.graph_blockers():
-            raise ValueError("cuda_graph=True replays one whole step: it needs gradient_accumulation_steps=1, "
-                             "optim='adamw', lora_dropout=0 and checkpointing without offload; got "
-                             f"{self.gradient_accumulation_steps}, {self.optim!r}, {self.lora_dropout}, "
+            raise ValueError("cuda_graph=True replays one whole step: it needs optim='adamw', lora_dropout=0 "
+                             f"and checkpointing without offload; got {self.optim!r}, {self.lora_dropout}, "
                              f"{self.use_gradient_checkpointing!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
@@ -95,8 +94,6 @@ class TrainConfig:
     def graph_blockers(self) -> list[str]:
         """The settings that keep a step from being replayed as one CUDA graph (empty: none)."""
         out = []
-        if self.gradient_accumulation_steps != 1:
-            out.append("gradient_accumulation_steps")
         if self.optim != "adamw":
             out.append("optim")
         if self.lora_dropout > 0:

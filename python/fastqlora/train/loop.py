@@ -224,10 +224,11 @@ class Trainer:
         ``micro_batches``."""
         if num_items is None:
             num_items = sum(count_label_tokens(b) for b in micro_batches if b is not None)
-        if self.graphed is not None:  # one micro-batch, padded to max_seq_length, no mask
-            (mb,) = micro_batches
-            batch = {k: v for k, v in mb.items() if k != "attention_mask"}  # CPU tensors: the step copies
-            return float(self.graphed(**batch, num_items_in_batch=max(num_items, 1)))  # them in, boundaries read here
+        if self.graphed is not None:  # micro-batches padded to one shape, no mask (one process: none is None)
+            # CPU tensors: the step copies them in and reads the packed rows' boundaries here
+            batches = [{**{k: v for k, v in mb.items() if k != "attention_mask"},
+                        "num_items_in_batch": max(num_items, 1)} for mb in micro_batches]
+            return float(self.graphed.run(batches))
         self.model.train()
         total = 0.0
         for mb in micro_batches:
@@ -270,8 +271,10 @@ class Trainer:
                     tokens += sum(len(self.rows[i]) for i in rows)
                     num_items += sum(row_label_tokens(self.rows[i]) for i in rows)
                     mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                    width = cfg.max_seq_length if self.graphed is not None else None
-                    micro.append(collate([self.rows[i] for i in mine], self.pad_id, width) if mine else None)
+                    # a graphed step takes one shape: full width, and an epoch's short last
+                    # batch filled with rows of padding (no label counts in them)
+                    shape = (cfg.max_seq_length, cfg.batch_size) if self.graphed is not None else (None, None)
+                    micro.append(collate([self.rows[i] for i in mine], self.pad_id, *shape) if mine else None)
                     position = (epoch, index + 1)
                 t0 = time.perf_counter()
                 loss = self.train_step(micro, num_items)

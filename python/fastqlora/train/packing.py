@@ -58,17 +58,23 @@ def unpacked_rows(examples: Sequence[Example], max_seq_length: int) -> list[Row]
     ]
 
 
-def collate(rows: Sequence[Row], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Row], pad_id: int, width: int | None = None,
+            height: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest (or to ``width``: one shape for every batch); padding
-    gets label -100, mask 0, and its own position run so it forms a separate sequence."""
+    gets label -100, mask 0, and its own position run so it forms a separate sequence.
+    ``height``: that many rows, the missing ones all padding (an epoch's short last batch
+    in the shape of the others)."""
     longest = max(len(r) for r in rows)
     if width is not None and width < longest:
         raise ValueError(f"a row holds {longest} tokens, more than the batch width {width}")
+    if height is not None and height < len(rows):
+        raise ValueError(f"{len(rows)} rows do not fit a batch of height {height}")
     width = longest if width is None else width
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    height = len(rows) if height is None else height
+    ids = torch.full((height, width), pad_id, dtype=torch.long)
+    labels = torch.full((height, width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.arange(width).repeat(height, 1)  # the padding rows' own run
+    mask = torch.zeros((height, width), dtype=torch.long)
     for b, r in enumerate(rows):
         n = len(r)
         ids[b, :n] = torch.tensor(r.input_ids)

@@ -1,5 +1,5 @@
-"""A whole training step — forward, backward, gradient clipping, optimizer step — captured
-once as a CUDA graph and replayed for each batch of the same shape.
+"""A whole training step — forward and backward of each micro-batch, gradient clipping,
+optimizer step — captured once as a CUDA graph and replayed for each step of the same shape.
 
 Why: at a few thousand tokens a step, a small model's step is bound by the host, not the GPU
 (SmolLM3-3B on the H200: ~330 ms of wall for ~180 ms of kernels, ~6,600 launches at tens of
@@ -28,6 +28,10 @@ What a capture needs, and how this step provides it:
   own run of positions it forms a sequence of its own, with labels -100).
 The call after the warm-up captures (a capture records the work without running it, so it
 replays at once), later calls replay. A capture that fails warns and the steps go on eagerly.
+Gradient accumulation (:meth:`GraphedTrainStep.run` over several micro-batches) is unrolled in
+the graph: each micro-batch has its own static tensors, the backward passes add into the same
+gradients, and the step's loss is the sum of the micro-batches' losses (each already divided by
+the whole step's ``num_items_in_batch``).
 
 ``capture=False`` (what a CPU has) runs every step eagerly; where the ops take the Triton
 kernels (a GPU's path; on a CPU under ``TRITON_INTERPRET=1`` with ``ops.backend("triton")``)
@@ -65,8 +69,10 @@ class GraphedTrainStep:
     """``step(**batch) -> loss``: one optimizer step of ``model`` on ``batch`` (the model's
     forward arguments: input_ids, labels, ... as tensors of one fixed shape;
     ``num_items_in_batch`` may be a number), replayed from a CUDA graph after ``warmup``
-    eager steps. The returned loss is a 0-dim device tensor that the next call overwrites:
-    ``float(loss)`` reads it (one sync), ``loss.clone()`` keeps it.
+    eager steps; ``step.run([batch, ...])``: one optimizer step over several micro-batches
+    (gradient accumulation; their number fixed by the first call). The returned loss is a 0-dim
+    device tensor that the next call overwrites: ``float(loss)`` reads it (one sync),
+    ``loss.clone()`` keeps it.
 
     ``max_grad_norm > 0`` clips the trainable parameters' gradients to that total norm before
     the optimizer step, as the Trainer does. ``max_sequences``: the most sequences a packed
@@ -105,7 +111,7 @@ class GraphedTrainStep:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured = False  # the graph is in use (or, without capture, the check has run)
-        self.static: dict[str, torch.Tensor] | None = None
+        self.statics: list[dict[str, torch.Tensor]] | None = None  # one a micro-batch
         self.loss: torch.Tensor | None = None
         self.max_sequences = max_sequences
         self.max_length: int | None = None  # max_length_q of packed batches: the row length
@@ -129,15 +135,43 @@ class GraphedTrainStep:
             else:
                 group["lr"] = lr
 
+    @property
+    def static(self) -> dict[str, torch.Tensor] | None:
+        """The first micro-batch's static tensors (the only ones without accumulation)."""
+        return self.statics[0] if self.statics else None
+
     # -- the step ----------------------------------------------------------------------
-    def _load(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _load(self, batches: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        if not batches:
+            raise ValueError("a step needs at least one micro-batch")
+        if self.statics is not None and len(batches) != len(self.statics):
+            raise ValueError(f"this step has {len(batches)} micro-batches; the captured step takes "
+                             f"{len(self.statics)} (a graphed step needs one shape)")
         device = self.params[0].device
-        items = {}
+        loaded = [self._items(batch) for batch in batches]
+        if self.statics is None:
+            self.statics = [{k: v.to(device, copy=True) for k, v in items.items()} for items in loaded]
+            return self.statics
+        for items, static in zip(loaded, self.statics):
+            if items.keys() != static.keys():
+                raise ValueError(f"the batch has keys {sorted(items)}, the captured step {sorted(static)}")
+            for key, value in items.items():
+                want = static[key]
+                if value.shape != want.shape or value.dtype != want.dtype:
+                    raise ValueError(f"batch[{key!r}] is {tuple(value.shape)} {value.dtype}; the captured step "
+                                     f"takes {tuple(want.shape)} {want.dtype} (a graphed step needs one batch "
+                                     "shape: pack to a fixed length)")
+                want.copy_(value, non_blocking=True)
+        return self.statics
+
+    def _items(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One micro-batch's tensors (numbers made tensors, packed rows' boundaries added)."""
         if "attention_mask" in batch:
             raise ValueError("a graphed step takes no attention_mask (the model would read it on the host): "
                              "give padding its own run of position_ids (0, 1, ...) and labels -100 instead")
         if "cu_seq_lens_q" in batch or "max_length_q" in batch:
             raise ValueError("a graphed step computes cu_seq_lens_q and max_length_q from position_ids itself")
+        items = {}
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor):
                 if key != "num_items_in_batch" or not isinstance(value, (int, float)):
@@ -147,19 +181,7 @@ class GraphedTrainStep:
             items[key] = value
         if "position_ids" in items:
             items["cu_seq_lens_q"] = self._boundaries(items["position_ids"])
-        if self.static is None:
-            self.static = {k: v.to(device, copy=True) for k, v in items.items()}
-            return self.static
-        if items.keys() != self.static.keys():
-            raise ValueError(f"the batch has keys {sorted(items)}, the captured step {sorted(self.static)}")
-        for key, value in items.items():
-            want = self.static[key]
-            if value.shape != want.shape or value.dtype != want.dtype:
-                raise ValueError(f"batch[{key!r}] is {tuple(value.shape)} {value.dtype}; the captured step takes "
-                                 f"{tuple(want.shape)} {want.dtype} (a graphed step needs one batch shape: pack "
-                                 "to a fixed length)")
-            want.copy_(value, non_blocking=True)
-        return self.static
+        return items
 
     def _boundaries(self, position_ids: torch.Tensor) -> torch.Tensor:
         """cu_seq_lens_q of packed rows, from the ids' CPU copy: int32, the sequences' starts
@@ -185,53 +207,62 @@ class GraphedTrainStep:
         cu[:first.numel()] = first.to(torch.int32)
         return cu
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "cu_seq_lens_q" in batch:
-            batch = {**batch, "max_length_q": self.max_length}
-        out = self.model(**batch)
-        if out.loss is None:
-            raise ValueError("the model returned no loss: pass labels in the batch")
-        out.loss.backward()
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        total = None
+        for batch in batches:  # the backward passes add into the same gradients
+            if "cu_seq_lens_q" in batch:
+                batch = {**batch, "max_length_q": self.max_length}
+            out = self.model(**batch)
+            if out.loss is None:
+                raise ValueError("the model returned no loss: pass labels in the batch")
+            out.loss.backward()
+            loss = out.loss.detach()
+            total = loss if total is None else total + loss
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-        return out.loss.detach()
+        return total
 
-    def _eager(self, batch: dict[str, torch.Tensor], check: bool = False) -> torch.Tensor:
+    def _eager(self, batches: list[dict[str, torch.Tensor]], check: bool = False) -> torch.Tensor:
         """One step launched from Python; ``check``: its forward and backward under the
         readback check (the optimizer's are checked on the GPU: a CPU one is not capturable)."""
         with _NoReadback() if check else contextlib.nullcontext():
-            loss = self._forward_backward(batch)
+            loss = self._forward_backward(batches)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
     def __call__(self, **batch: Any) -> torch.Tensor:
+        return self.run([batch])
+
+    def run(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """One optimizer step over ``micro_batches`` (each as ``__call__``'s batch, with the whole
+        step's ``num_items_in_batch``); returns the sum of their losses."""
         self.model.train()
-        static = self._load(batch)
+        statics = self._load(list(micro_batches))
         self.calls += 1
         if not self.capture:
             # where the capture would be nothing may be read back: checked where the ops take
             # the kernels a GPU runs (the CPU's torch paths read masks back and never capture)
-            check = self.calls == self.warmup + 1 and use_triton(static.get("input_ids", self.params[0]))
+            check = self.calls == self.warmup + 1 and use_triton(statics[0].get("input_ids", self.params[0]))
             self.captured = self.calls > self.warmup
-            return self._eager(static, check)
+            return self._eager(statics, check)
         if self.graph is not None:
             self.graph.replay()
             return self.loss
         if self.calls <= self.warmup or self.captured:  # warm-up, or a capture that failed
-            return self._eager_on_side_stream(static)
-        return self._capture(static)
+            return self._eager_on_side_stream(statics)
+        return self._capture(statics)
 
-    def _eager_on_side_stream(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _eager_on_side_stream(self, statics: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """An eager step on a side stream (torch's rule for the steps around a capture)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            loss = self._eager(static)
+            loss = self._eager(statics)
         torch.cuda.current_stream().wait_stream(side)
         return loss
 
-    def _capture(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _capture(self, statics: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         self.captured = True
         self.optimizer.zero_grad(set_to_none=True)  # the backward allocates the gradients in the graph's pool
         torch.cuda.synchronize()
@@ -239,7 +270,7 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                loss = self._forward_backward(static)
+                loss = self._forward_backward(statics)
                 self.optimizer.step()
         except Exception as exc:  # noqa: BLE001  (any capture failure: go on eagerly)
             warnings.warn(f"capturing the training step as a CUDA graph failed ({exc}); the steps run "
@@ -247,7 +278,7 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
             torch.cuda.synchronize()
-            return self._eager_on_side_stream(static)
+            return self._eager_on_side_stream(statics)
         self.graph, self.loss = graph, loss
         graph.replay()  # the capture recorded this step's work without running it
         return loss
