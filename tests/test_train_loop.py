@@ -207,22 +207,20 @@ def test_cuda_graph_mode_trains_as_the_plain_loop(tmp_path, monkeypatch, kernel_
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in whole], rel=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:cuda_graph=True replays:RuntimeWarning")
-def test_cuda_graph_mode_accumulates_and_fills_an_epochs_short_batch(tmp_path, kernel_device):
+def test_cuda_graph_mode_accumulates_and_fills_an_epochs_short_batch(tmp_path):
     """cuda_graph=True with gradient accumulation (the micro-batches unrolled in one step) over
     an epoch's end, whose short last batch gets rows of padding to keep the step's shape: the
-    plain loop's losses, the readback check passed on the would-be capture step."""
-    from fastqlora.ops import backend
-
+    plain loop's losses (reference ops: the readback check of accumulated steps under the
+    Triton kernels is test_step_graph's)."""
     probe = _trainer(_cfg(tmp_path / "probe", max_seq_length=64, max_steps=1))
     rows = len(probe.rows)
     batch = next(b for b in (3, 4, 5, 6, 7) if rows % b)
     steps = -(-rows // (2 * batch)) + 1  # past the first epoch's end
     short = dict(max_steps=steps, max_seq_length=64, batch_size=batch, gradient_accumulation_steps=2)
     plain = _trainer(_cfg(tmp_path / "plain", **short)).train()
-    graphed = _trainer(_cfg(tmp_path / "graph", cuda_graph=True, **short))
-    with backend("triton"):
-        history = graphed.train()
+    with pytest.warns(RuntimeWarning, match="only on a CUDA device"):
+        graphed = _trainer(_cfg(tmp_path / "graph", cuda_graph=True, **short))
+    history = graphed.train()
     assert len(graphed.graphed.statics) == 2 and graphed.graphed.static["input_ids"].shape == (batch, 64)
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
     assert [h["tokens"] for h in history] == [h["tokens"] for h in plain]
