@@ -43,8 +43,8 @@ class TrainConfig:
     num_epochs: float = 1.0
     optim: str = "adamw"
     # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length,
-    # no LoRA dropout, one process. "auto": where all that holds, on a
-    # CUDA device, with packed rows that padding would grow by at most a third (graph_blockers)
+    # no LoRA dropout, one process. "auto": where the settings allow it (graph_blockers), on
+    # one CUDA device, with packed rows that padding would grow by at most a third
     cuda_graph: bool | str = "auto"
     seed: int = 3407
     # bookkeeping
@@ -89,7 +89,6 @@ class TrainConfig:
                              f"{self.use_gradient_checkpointing!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
-
 
     def graph_blockers(self) -> list[str]:
         """The settings that keep a step from being replayed as one CUDA graph (empty: none)."""
