@@ -257,17 +257,21 @@ def test_cuda_graph_auto_chooses_by_device_settings_and_fill(tmp_path):
     assert trainer.graphed is None and not trainer.optimizer.param_groups[0]["capturable"]
     trainer.device = torch.device("cuda")  # the choice alone, as it would be made on a GPU
     full = trainer.rows
-    assert sum(len(r) for r in full) * 4 >= 3 * len(full) * 64 and trainer._wants_graph(full)
+    assert sum(len(r) for r in full) * 4 >= 3 * len(full) * 64 and trainer._step_mode(full)[0]
     short = unpacked_rows([Example(e.input_ids[:20], e.labels[:20])
                            for e in load_dataset(DATA, trainer.tokenizer, 64, True)], 64)
-    assert sum(len(r) for r in short) * 4 < 3 * len(short) * 64 and not trainer._wants_graph(short)
+    assert sum(len(r) for r in short) * 4 < 3 * len(short) * 64 and not trainer._step_mode(short)[0]
     for blocked in (dict(packing=False), dict(use_gradient_checkpointing="offload"), dict(optim="adamw_8bit"),
                     dict(cuda_graph=False)):
         trainer.cfg = _cfg(tmp_path, max_seq_length=64, **blocked)
-        assert not trainer._wants_graph(full), blocked
+        assert not trainer._step_mode(full)[0], blocked
+    trainer.cfg = _cfg(tmp_path, max_seq_length=64, optim="adamw_8bit", packing=False)
+    assert "with this optim, packing" in trainer._step_mode(full)[1]
     trainer.cfg = _cfg(tmp_path, max_seq_length=64)
+    assert "average" in trainer._step_mode(short)[1] and "CUDA graph" in trainer._step_mode(full)[1]
     trainer.group = object()  # several processes: the graph has no all-reduce
-    assert not trainer._wants_graph(full)
+    assert trainer._step_mode(full) == (False, "eager training steps (several processes: a graphed step has "
+                                                "no all-reduce)")
 
 
 @pytest.mark.gpu

@@ -91,7 +91,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters: call FastLanguageModel.get_peft_model first")
         if self.group is not None:
             distributed.broadcast_parameters(self.params)
-        graph = self._wants_graph(rows)
+        graph, self.step_mode = self._step_mode(rows)
         self.optimizer = build_optimizer(self.params, cfg, self.device, capturable=graph)
         self.graphed = None
         if graph:
@@ -113,17 +113,30 @@ class Trainer:
         self.position = (0, 0)  # (epoch, batch index) of the next micro-batch
         self.history: list[dict[str, float]] = []
 
-    def _wants_graph(self, rows) -> bool:
-        """cuda_graph=True: always (checked by the config); "auto": on one CUDA device, with
+    def _step_mode(self, rows) -> tuple[bool, str]:
+        """Whether the steps replay a CUDA graph, and a line saying so (or why not).
+        cuda_graph=True: always (checked by the config); "auto": on one CUDA device, with
         settings a graph can replay and packed rows that padding to max_seq_length grows by
         at most a third (the graph's step costs what a full-width step does)."""
         cfg = self.cfg
-        if cfg.cuda_graph != "auto":
-            return bool(cfg.cuda_graph)
-        if self.device.type != "cuda" or self.group is not None or cfg.graph_blockers() or not cfg.packing:
-            return False
+        graphed = "training steps replayed from a CUDA graph (cuda_graph=false turns it off)"
+        if cfg.cuda_graph is not True and cfg.cuda_graph != "auto":
+            return False, "eager training steps (cuda_graph=false)"
+        if cfg.cuda_graph is True:
+            return True, graphed
+        if self.device.type != "cuda":
+            return False, f"eager training steps (on {self.device.type}; a CUDA graph needs a CUDA device)"
+        if self.group is not None:
+            return False, "eager training steps (several processes: a graphed step has no all-reduce)"
+        blockers = cfg.graph_blockers() + ([] if cfg.packing else ["packing"])
+        if blockers:
+            return False, f"eager training steps (a CUDA graph cannot replay them with this {', '.join(blockers)})"
         tokens = sum(len(r) for r in rows)
-        return tokens * 4 >= 3 * len(rows) * cfg.max_seq_length
+        if tokens * 4 < 3 * len(rows) * cfg.max_seq_length:
+            return False, (f"eager training steps (the packed rows are {tokens / max(1, len(rows)):.0f} tokens "
+                           f"long on average: padded to max_seq_length={cfg.max_seq_length} for a CUDA graph "
+                           "they would run mostly padding; cuda_graph=true insists)")
+        return True, graphed
 
     # -- state -------------------------------------------------------------------------
     def _rows(self, examples) -> list:
@@ -260,6 +273,8 @@ class Trainer:
                                                             encoding="utf-8")
         batches = iterate_batches(self.rows, cfg.batch_size * self.world, cfg.seed, *self.position)
         progress = Progress(self.total_steps, self.step, enabled=cfg.progress and self.main, device=self.device)
+        if self.device.type == "cuda" and self.main and cfg.progress:  # where the choice matters, say it
+            progress.write(self.step_mode)
         try:
             while self.step < self.total_steps:
                 lr = self._set_lr()
