@@ -252,6 +252,10 @@ def test_accumulated_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
     assert all(rel_err(b[k], a[k]) < _tol(kernel_device) for k in a)
     with pytest.raises(ValueError, match="3 micro-batches; the captured step takes 2"):
         step.run(steps[0] + steps[1][:1])
+    with pytest.raises(TypeError, match="each a dict"):
+        step.run([steps[0][0], 7])
+    with pytest.raises(ValueError, match="at least one micro-batch"):
+        step.run([])
 
 
 @pytest.mark.gpu

@@ -104,7 +104,7 @@ class Trainer:
 
             # every row of a batch padded to max_seq_length: one shape, and at most one more
             # sequence a row (the padding's own run of positions)
-            most = max((sum(p == 0 for p in r.position_ids) for r in rows), default=1) + 1
+            most = max((r.position_ids.count(0) for r in rows), default=1) + 1
             self.graphed = GraphedTrainStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm,
                                             max_sequences=cfg.batch_size * most)
         steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * self.world * cfg.gradient_accumulation_steps))
@@ -120,7 +120,7 @@ class Trainer:
         at most a third (the graph's step costs what a full-width step does)."""
         cfg = self.cfg
         graphed = "training steps replayed from a CUDA graph (cuda_graph=false turns it off)"
-        if cfg.cuda_graph is not True and cfg.cuda_graph != "auto":
+        if cfg.cuda_graph is False:  # the config holds True, False or "auto"
             return False, "eager training steps (cuda_graph=false)"
         if cfg.cuda_graph is True:
             return True, graphed

@@ -144,6 +144,9 @@ class GraphedTrainStep:
     def _load(self, batches: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         if not batches:
             raise ValueError("a step needs at least one micro-batch")
+        if not all(isinstance(b, dict) for b in batches):
+            raise TypeError("run() takes a list of micro-batches, each a dict of the model's forward arguments; got "
+                            f"{[type(b).__name__ for b in batches]}")
         if self.statics is not None and len(batches) != len(self.statics):
             raise ValueError(f"this step has {len(batches)} micro-batches; the captured step takes "
                              f"{len(self.statics)} (a graphed step needs one shape)")
