@@ -3,6 +3,7 @@ emulation and its check that nothing is read back to the host (on the CPU under 
 interpreter, or on the GPU); on the GPU, the replayed steps against eager ones."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -156,6 +157,39 @@ def test_packed_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
                              capture=False, max_sequences=3)
     with pytest.raises(ValueError, match="at most 3"):
         small(**batches[0])
+
+
+def test_the_eager_trainers_batch_reads_nothing_back(tmp_path, kernel_device):
+    """The Trainer's eager steps give the model its rows' boundaries from the host
+    (cu_seq_lens_q, max_length_q) instead of the attention mask: the loss and gradients of
+    the mask's batch, and a forward and backward that read nothing back to the host."""
+    from fastqlora.train.loop import _to_device
+    from fastqlora.train.packing import Row, collate
+    from fastqlora.train.step_graph import _NoReadback
+
+    model = _model(tmp_path, device=kernel_device)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for lengths in ((5, 4, 3), (7,), (2, 6)):  # rows of 12, 7 and 8 tokens: padding in two
+        ids = torch.randint(0, 101, (sum(lengths),), generator=g).tolist()
+        pos = [i for n in lengths for i in range(n)]
+        labels = [-100 if p == 0 else t for t, p in zip(ids, pos)]
+        rows.append(Row(ids, labels, pos))
+    batch = collate(rows, pad_id=0)
+
+    def run(b, check=False):
+        model.zero_grad(set_to_none=True)
+        with backend("triton"), _NoReadback() if check else contextlib.nullcontext():
+            loss = model(**b, num_items_in_batch=torch.tensor(20.0, device=kernel_device)).loss
+            loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    want, want_g = run({k: v.to(kernel_device) for k, v in batch.items()})  # the model reads the mask
+    given = _to_device(batch, torch.device(kernel_device))
+    assert "attention_mask" not in given and given["max_length_q"] == 7
+    got, got_g = run(given, check=True)
+    assert rel_err(got, want) < _tol(kernel_device)
+    assert all(rel_err(a, b) < 10 * _tol(kernel_device) for a, b in zip(got_g, want_g))
 
 
 def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch, kernel_device):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from fastqlora.demo import data_dir
@@ -90,6 +91,25 @@ def test_collate_pads_as_its_own_sequence():
     assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert count_label_tokens(b) == 2
+
+
+def test_packed_boundaries_from_the_position_ids():
+    from fastqlora.train.packing import Row, packed_boundaries
+
+    rows = [Row([5, 6, 7, 8, 9], [5] * 5, [0, 1, 2, 0, 1]), Row([8, 4], [-100, 4], [0, 1])]
+    b = collate(rows, pad_id=0)
+    cu, longest = packed_boundaries(b["position_ids"])
+    # row 0: [0, 3) [3, 5); row 1: [5, 7) then its padding [7, 10)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 7, 10]
+    assert longest == 3
+    cu, longest = packed_boundaries(collate(rows[1:], pad_id=0)["position_ids"])
+    assert cu.tolist() == [0, 2] and longest == 2
+    with pytest.raises(ValueError, match="restart at 0"):
+        packed_boundaries(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="restart at 0"):
+        packed_boundaries(torch.tensor([[0, 1, 3]]))  # a jump inside a sequence
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        packed_boundaries(torch.tensor([0, 1, 2]))
 
 
 def test_batch_order_is_reproducible_and_resumable():

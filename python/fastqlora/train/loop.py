@@ -25,7 +25,8 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import load_dataset, split_examples
-from .packing import collate, count_label_tokens, iterate_batches, pack_examples, row_label_tokens, unpacked_rows
+from .packing import (collate, count_label_tokens, iterate_batches, pack_examples, packed_boundaries, row_label_tokens,
+                      unpacked_rows)
 from .progress import Progress
 
 
@@ -60,8 +61,19 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: 
                              capturable=capturable and device.type == "cuda")
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """A collated batch on ``device``, its rows' sequence boundaries computed here on the host
+    (``cu_seq_lens_q``, ``max_length_q``) instead of its attention mask: from the mask the
+    model would find them on the device and read them back, several syncs a forward. The
+    padding is a run of positions of its own (collate), so it attends only to itself."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "attention_mask"}
+    if "position_ids" in batch:
+        cu, longest = packed_boundaries(batch["position_ids"])
+        out["cu_seq_lens_q"] = cu.to(device, non_blocking=True)
+        out["max_length_q"] = longest
+    elif "attention_mask" in batch:
+        out["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
+    return out
 
 
 class Trainer:

@@ -85,6 +85,28 @@ def collate(rows: Sequence[Row], pad_id: int, width: int | None = None,
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
 
 
+def packed_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seq_lens_q, the longest sequence's length) of packed rows, read from the position
+    ids' CPU copy, so that the model's forward never reads its batch's layout back from the
+    device (a sync a forward, and what a CUDA graph cannot hold).
+
+    A sequence starts at every 0 of ``position_ids`` ``[B, S]`` and at each row's start; the
+    ids count up by one inside a sequence (as :func:`collate` makes them: the padding at a
+    row's end is a run of its own). ``cu_seq_lens_q`` is int32: the sequences' starts over
+    the flattened B·S tokens, then B·S."""
+    pos = position_ids.detach().to("cpu", torch.int64)
+    if pos.dim() != 2:
+        raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(pos.shape)}")
+    B, S = pos.shape
+    starts = torch.ones(B, S, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if bool((pos[starts] != 0).any()) or int(pos.max()) >= S:
+        raise ValueError("position_ids must restart at 0 for each sequence (as packing makes them), count up by "
+                         f"one inside it and stay below the row length {S}")
+    cu = torch.cat([starts.reshape(-1).nonzero().flatten(), torch.tensor([B * S])])
+    return cu.to(torch.int32), int(torch.diff(cu).max())
+
+
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that count in the loss after the model's one-token label shift."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

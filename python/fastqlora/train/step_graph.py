@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..lora import LoraAdapter, next_cast_epoch
 from ..ops.dispatch import use_triton
+from .packing import packed_boundaries
 
 # aten ops that copy a device value to the host (what a CUDA-graph capture refuses)
 _READBACK_OPS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
@@ -187,28 +188,21 @@ class GraphedTrainStep:
         return items
 
     def _boundaries(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """cu_seq_lens_q of packed rows, from the ids' CPU copy: int32, the sequences' starts
-        over the flattened tokens, then B·S repeated up to ``max_sequences`` + 1 entries."""
-        pos = position_ids.detach().to("cpu", torch.int64)
-        if pos.dim() != 2:
-            raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(pos.shape)}")
-        B, S = pos.shape
-        starts = torch.ones(B, S, dtype=torch.bool)
-        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        if bool((pos[starts] != 0).any()) or int(pos.max()) >= S:
-            raise ValueError("a graphed step takes position_ids that restart at 0 for each sequence (as packing "
-                             f"makes them) and stay below the row length {S}")
-        first = starts.reshape(-1).nonzero().flatten()
+        """cu_seq_lens_q of packed rows, from the ids' CPU copy (:func:`packed_boundaries`),
+        then B·S repeated up to ``max_sequences`` + 1 entries: empty sequences, so that every
+        batch gives the captured grid one shape."""
+        cu, _ = packed_boundaries(position_ids)
+        count = cu.numel() - 1
         if self.max_sequences is None:
-            self.max_sequences = min(B * S, 2 * first.numel())
-        if first.numel() > self.max_sequences:
-            raise ValueError(f"this batch packs {first.numel()} sequences; the graphed step holds at most "
+            self.max_sequences = min(position_ids.numel(), 2 * count)
+        if count > self.max_sequences:
+            raise ValueError(f"this batch packs {count} sequences; the graphed step holds at most "
                              f"{self.max_sequences} (pass max_sequences=)")
         if self.max_length is None:
-            self.max_length = S
-        cu = torch.full((self.max_sequences + 1,), B * S, dtype=torch.int32)
-        cu[:first.numel()] = first.to(torch.int32)
-        return cu
+            self.max_length = position_ids.shape[-1]
+        padded = torch.full((self.max_sequences + 1,), position_ids.numel(), dtype=torch.int32)
+        padded[:count] = cu[:count]
+        return padded
 
     def _forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         total = None
