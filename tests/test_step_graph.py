@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -331,3 +332,61 @@ def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed, m
     assert got == pytest.approx(want, rel=2e-2)
     a, b = _adapters(model), _adapters(twin)
     assert max(rel_err(b[k], a[k]) for k in a) < 2e-2
+
+
+_NCCL_STEP = r"""
+import copy, json, os, sys, warnings
+sys.path.insert(0, sys.argv[2])
+import torch
+import torch.distributed as dist
+from test_step_graph import _batches, _model
+from fastqlora.train.step_graph import GraphedTrainStep
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
+from pathlib import Path
+model = _model(Path(sys.argv[1]), device="cuda", dtype=torch.bfloat16)
+twin = copy.deepcopy(model)
+batches = _batches(7, "cuda")
+def optimizer(m):
+    return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, capturable=True)
+out = {}
+for name, m, summed in (("plain", model, False), ("summed", twin, True)):
+    step = GraphedTrainStep(m, optimizer(m), max_grad_norm=1.0, sum_across_processes=summed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and goes on eagerly: fail instead
+        out[name] = [float(step(**b)) for b in batches]
+    assert step.graph is not None
+out["adapters"] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+                      for a, b in zip([p for p in twin.parameters() if p.requires_grad],
+                                      [p for p in model.parameters() if p.requires_grad]))
+print("RESULT", json.dumps(out))
+sys.stdout.flush()
+os._exit(0)  # torch.distributed's teardown after a captured collective may hang (pytorch#115388)
+"""
+
+
+@pytest.mark.gpu
+def test_the_all_reduce_is_captured_in_the_step_on_the_gpu(tmp_path):
+    """With sum_across_processes the step's gradient and loss all-reduce (NCCL) is captured in
+    the graph and replayed: a one-process group on this GPU trains as the step without it
+    (the sum over one process is the identity; the capture must succeed, with no warning).
+    Two processes on two GPUs: test_distributed.py."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "nccl_step.py"
+    script.write_text(_NCCL_STEP)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(Path(__file__).parent), str(port)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-6000:]
+    out = json.loads(run.stdout.split("RESULT", 1)[1])
+    assert out["summed"] == pytest.approx(out["plain"], rel=1e-3)
+    assert out["adapters"] < 1e-2

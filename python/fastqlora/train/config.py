@@ -43,8 +43,8 @@ class TrainConfig:
     num_epochs: float = 1.0
     optim: str = "adamw"
     # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length,
-    # no LoRA dropout, one process. "auto": where the settings allow it (graph_blockers), on
-    # one CUDA device, with packed rows that padding would grow by at most a third
+    # no LoRA dropout. "auto": where the settings allow it (graph_blockers), on CUDA devices,
+    # with packed rows that padding would grow by at most a third
     cuda_graph: bool | str = "auto"
     seed: int = 3407
     # bookkeeping

@@ -110,15 +110,14 @@ class Trainer:
             if self.device.type != "cuda":
                 warnings.warn("cuda_graph=True replays steps from a CUDA graph only on a CUDA device; on "
                               f"{self.device.type} the steps run eagerly", RuntimeWarning, stacklevel=2)
-            if self.group is not None:
-                raise ValueError("cuda_graph=True trains in one process (its step has no gradient all-reduce)")
             from .step_graph import GraphedTrainStep
 
             # every row of a batch padded to max_seq_length: one shape, and at most one more
             # sequence a row (the padding's own run of positions)
             most = max((r.position_ids.count(0) for r in rows), default=1) + 1
             self.graphed = GraphedTrainStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm,
-                                            max_sequences=cfg.batch_size * most)
+                                            max_sequences=cfg.batch_size * most,
+                                            sum_across_processes=self.group is not None)
         steps_per_epoch = math.ceil(len(rows) / (cfg.batch_size * self.world * cfg.gradient_accumulation_steps))
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
         self.step = 0
@@ -138,8 +137,6 @@ class Trainer:
             return True, graphed
         if self.device.type != "cuda":
             return False, f"eager training steps (on {self.device.type}; a CUDA graph needs a CUDA device)"
-        if self.group is not None:
-            return False, "eager training steps (several processes: a graphed step has no all-reduce)"
         blockers = cfg.graph_blockers() + ([] if cfg.packing else ["packing"])
         if blockers:
             return False, f"eager training steps (a CUDA graph cannot replay them with this {', '.join(blockers)})"
@@ -249,7 +246,7 @@ class Trainer:
         ``micro_batches``."""
         if num_items is None:
             num_items = sum(count_label_tokens(b) for b in micro_batches if b is not None)
-        if self.graphed is not None:  # micro-batches padded to one shape, no mask (one process: none is None)
+        if self.graphed is not None:  # micro-batches padded to one shape, no mask, none None
             # CPU tensors: the step copies them in and reads the packed rows' boundaries here
             batches = [{**{k: v for k, v in mb.items() if k != "attention_mask"},
                         "num_items_in_batch": max(num_items, 1)} for mb in micro_batches]
@@ -299,9 +296,14 @@ class Trainer:
                     num_items += sum(row_label_tokens(self.rows[i]) for i in rows)
                     mine = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                     # a graphed step takes one shape: full width, and an epoch's short last
-                    # batch filled with rows of padding (no label counts in them)
-                    shape = (cfg.max_seq_length, cfg.batch_size) if self.graphed is not None else (None, None)
-                    micro.append(collate([self.rows[i] for i in mine], self.pad_id, *shape) if mine else None)
+                    # batch filled with rows of padding (no label counts in them); one process's
+                    # batch, and a process whose slice is empty a batch of padding alone (it
+                    # still takes part in the step's all-reduce)
+                    if self.graphed is not None:
+                        micro.append(collate([self.rows[i] for i in mine], self.pad_id, cfg.max_seq_length,
+                                             cfg.batch_size))
+                    else:
+                        micro.append(collate([self.rows[i] for i in mine], self.pad_id) if mine else None)
                     position = (epoch, index + 1)
                 t0 = time.perf_counter()
                 loss = self.train_step(micro, num_items)

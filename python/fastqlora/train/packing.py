@@ -63,8 +63,10 @@ def collate(rows: Sequence[Row], pad_id: int, width: int | None = None,
     """Right-pad rows to the longest (or to ``width``: one shape for every batch); padding
     gets label -100, mask 0, and its own position run so it forms a separate sequence.
     ``height``: that many rows, the missing ones all padding (an epoch's short last batch
-    in the shape of the others)."""
-    longest = max(len(r) for r in rows)
+    in the shape of the others; with ``width``, ``rows`` may be empty: a batch of padding)."""
+    if not rows and width is None:
+        raise ValueError("collate needs rows, or a width for a batch of padding alone")
+    longest = max((len(r) for r in rows), default=0)
     if width is not None and width < longest:
         raise ValueError(f"a row holds {longest} tokens, more than the batch width {width}")
     if height is not None and height < len(rows):

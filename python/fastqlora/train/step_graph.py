@@ -33,6 +33,11 @@ the graph: each micro-batch has its own static tensors, the backward passes add 
 gradients, and the step's loss is the sum of the micro-batches' losses (each already divided by
 the whole step's ``num_items_in_batch``).
 
+With several data-parallel processes (``sum_across_processes=True``, torch.distributed
+initialized; ``train/distributed.py``) the step sums the gradients and the loss over them
+after the last backward, inside the graph: NCCL's all-reduce is captured like any kernel
+(every process replays its graph, and the collectives pair up in the same order).
+
 ``capture=False`` (what a CPU has) runs every step eagerly; where the ops take the Triton
 kernels (a GPU's path; on a CPU under ``TRITON_INTERPRET=1`` with ``ops.backend("triton")``)
 it checks, on the step that would be captured, that the forward and backward read nothing
@@ -49,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..lora import LoraAdapter, next_cast_epoch
 from ..ops.dispatch import use_triton
+from . import distributed
 from .packing import packed_boundaries
 
 # aten ops that copy a device value to the host (what a CUDA-graph capture refuses)
@@ -76,13 +82,16 @@ class GraphedTrainStep:
     ``loss.clone()`` keeps it.
 
     ``max_grad_norm > 0`` clips the trainable parameters' gradients to that total norm before
-    the optimizer step, as the Trainer does. ``max_sequences``: the most sequences a packed
+    the optimizer step, as the Trainer does. ``sum_across_processes``: each process trains
+    its slice of a global batch, and the gradients and loss are summed over the processes
+    before clipping (every process must call the step, with batches of one shape). ``max_sequences``: the most sequences a packed
     batch may hold (the attention's grid is fixed at the capture); by default twice the first
     batch's count.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = 0.0,
-                 warmup: int = 2, capture: bool | None = None, max_sequences: int | None = None) -> None:
+                 warmup: int = 2, capture: bool | None = None, max_sequences: int | None = None,
+                 sum_across_processes: bool = False) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 (the step runs once before its capture), got {warmup}")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -105,6 +114,9 @@ class GraphedTrainStep:
                     raise ValueError(f"{type(optimizer).__name__} must be built with capturable=True for a "
                                      "CUDA graph (its step count stays on the device), e.g. "
                                      "torch.optim.AdamW(params, lr=..., capturable=True)")
+        if sum_across_processes and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("sum_across_processes=True needs torch.distributed initialized (e.g. under torchrun)")
+        self.sum_across_processes = sum_across_processes
         self.model, self.optimizer, self.params = model, optimizer, params
         self.device_lr()
         self.max_grad_norm = float(max_grad_norm)
@@ -215,6 +227,9 @@ class GraphedTrainStep:
             out.loss.backward()
             loss = out.loss.detach()
             total = loss if total is None else total + loss
+        if self.sum_across_processes:  # each loss is already over the global step's label count
+            distributed.sum_gradients(self.params)
+            torch.distributed.all_reduce(total)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         return total
