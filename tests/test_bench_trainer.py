@@ -20,8 +20,8 @@ def test_eager_and_graph_modes_train_alike_on_the_cpu(tmp_path):
     with pytest.warns(RuntimeWarning, match="only on a CUDA device"):
         res = bench_trainer.main(["--ckpt", str(data_dir() / "demo_model"), "--device", "cpu", "--seq", "48",
                                   "--batch", "2", "--steps", "3", "--skip", "1", "--lengths", "5-30",
-                                  "--out", str(out)])
-    assert json.loads(out.read_text()) == res
+                                  "--accumulation", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == res and res["accumulation"] == 2
     eager, graph = res["runs"]
     assert eager["steps"] == graph["steps"] == 3 and eager["timed_steps"] == 2
     assert eager["tokens_per_s"] > 0 and not graph["graph_replayed"]
