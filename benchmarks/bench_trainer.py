@@ -41,7 +41,7 @@ def examples(n_tokens: int, vocab: int, low: int, high: int, seed: int) -> list:
 
 
 def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int, skip: int,
-             low: int, high: int, accumulation: int = 1) -> dict:
+             low: int, high: int, accumulation: int = 1, dropout: float = 0.0) -> dict:
     import torch
 
     from fastqlora import FastLanguageModel
@@ -50,14 +50,15 @@ def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int
 
     t0 = time.perf_counter()
     model, _ = FastLanguageModel.from_pretrained(ckpt, load_in_4bit=True, device=device)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=dropout,
+                                             use_gradient_checkpointing=True)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     rows = pack_examples(examples(batch * seq * steps * accumulation, vocab, low, min(high, seq), seed=0), seq, seed=0)
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(model=ckpt, dataset="-", output_dir=out_dir, max_seq_length=seq, batch_size=batch,
                           max_steps=steps, cuda_graph=mode == "graph", plot=False, progress=False,
-                          learning_rate=1e-4, gradient_accumulation_steps=accumulation)
+                          learning_rate=1e-4, gradient_accumulation_steps=accumulation, lora_dropout=dropout)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(model, None, cfg, rows=rows)
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches a step (gradient_accumulation_steps)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the timing (warm-up, capture)")
     p.add_argument("--lengths", default="64-1024", help="examples' lengths, LOW-HIGH tokens")
     p.add_argument("--out", default=str(HERE / "results" / "trainer.json"))
@@ -109,12 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
                "torch": torch.__version__, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
                "ckpt": ckpt, "batch": args.batch, "seq": args.seq, "lengths": args.lengths,
-               "accumulation": args.accumulation, "runs": []}
+               "accumulation": args.accumulation, "lora_dropout": args.lora_dropout, "runs": []}
     for mode in args.modes.split(","):
         if mode not in ("eager", "graph"):
             raise SystemExit(f"unknown mode {mode!r}: choose eager, graph")
         res = run_mode(ckpt, mode, args.device, args.batch, args.seq, args.steps, args.skip, low, high,
-                       args.accumulation)
+                       args.accumulation, args.lora_dropout)
         results["runs"].append(res)
         mem = f", {res['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in res else ""
         print(f"{mode:6} {res['tokens_per_s']:10,.0f} tok/s, median step {res['step_s_median'] * 1e3:.1f} ms{mem}, "

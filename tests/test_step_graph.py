@@ -193,6 +193,28 @@ def test_the_eager_trainers_batch_reads_nothing_back(tmp_path, kernel_device):
     assert all(rel_err(a, b) < 10 * _tol(kernel_device) for a, b in zip(got_g, want_g))
 
 
+def test_dropout_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
+    """LoRA dropout through the graphed step (its kernel's seed counter on the device, the
+    checkpointed recomputation rewinding it): the eager loop's losses and adapters from the
+    same seed, the step that would be captured checked to read nothing back."""
+    from fastqlora.ops import dropout as lora_dropout_state
+
+    model = _model(tmp_path, device=kernel_device, dropout=0.2)
+    twin = copy.deepcopy(model)
+    batches = _batches(4, kernel_device)
+    with backend("triton"), lora_dropout_state.counting():
+        lora_dropout_state.manual_seed(4)
+        want = _eager_losses(model, batches)
+        lora_dropout_state.manual_seed(4)
+        step = GraphedTrainStep(twin, torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2),
+                                capture=False)
+        got = [float(step(**b)) for b in batches]
+    assert step.captured
+    assert got == pytest.approx(want, rel=_tol(kernel_device))
+    a, b = _adapters(model), _adapters(twin)
+    assert all(rel_err(b[k], a[k]) < _tol(kernel_device) for k in a)
+
+
 def test_a_readback_in_the_step_is_named(tmp_path, monkeypatch, kernel_device):
     """A step that reads a device value back (what a capture refuses) fails where the capture
     would be, naming the op; the warm-up steps before it run."""
@@ -233,10 +255,6 @@ def test_num_items_as_a_number_and_bad_batches(tmp_path):
 
 
 def test_refuses_what_a_capture_cannot_replay(tmp_path):
-    model = _model(tmp_path, dropout=0.1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    with pytest.raises(ValueError, match="lora_dropout"):
-        GraphedTrainStep(model, torch.optim.AdamW(params), capture=False)
     model = _model(tmp_path / "b", checkpointing="offload")
     params = [p for p in model.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="offload"):
@@ -294,14 +312,18 @@ def test_accumulated_emulated_steps_equal_eager_steps(tmp_path, kernel_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family,packed,micro", [("llama", False, 1), ("gemma3_text", False, 1), ("llama", True, 1),
-                                                 ("llama", True, 2)])
-def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed, micro):
+@pytest.mark.parametrize("family,packed,micro,dropout", [
+    ("llama", False, 1, 0.0), ("gemma3_text", False, 1, 0.0), ("llama", True, 1, 0.0), ("llama", True, 2, 0.0),
+    ("llama", True, 2, 0.1)])
+def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed, micro, dropout):
     """A 4-bit bf16 model with LoRA on the GPU: eight steps through the graph (two warm-up,
     the capture, five replays) give the eager steps' losses and adapters within bf16
     rounding, and the learning rate set after the capture takes effect; packed rows with
-    boundaries that change from batch to batch too, and two micro-batches a step."""
-    model = _model(tmp_path, device="cuda", dtype=torch.bfloat16, family=family)
+    boundaries that change from batch to batch too, two micro-batches a step, and LoRA
+    dropout (each replay's masks those of the eager step from the same seed)."""
+    from fastqlora.ops import dropout as lora_dropout_state
+
+    model = _model(tmp_path, device="cuda", dtype=torch.bfloat16, family=family, dropout=dropout)
     twin = copy.deepcopy(model)
     batches = ([{k: v.cuda() for k, v in b.items()} for b in _packed(8 * micro, seq=40)] if packed
                else _batches(8 * micro, "cuda"))
@@ -311,18 +333,21 @@ def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed, m
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, capturable=True)
 
     opt = optimizer(model)
+    lora_dropout_state.manual_seed(8)
     want = []
     for i, group in enumerate(steps):
         for g in opt.param_groups:
             g["lr"] = 1e-3 if i < 5 else 3e-4
         total = 0.0
-        for b in group:
-            out = model(**b)
-            out.loss.backward()
-            total += float(out.loss.detach())
+        with lora_dropout_state.counting():  # the eager steps draw LoRA dropout as the graph does
+            for b in group:
+                out = model(**b)
+                out.loss.backward()
+                total += float(out.loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
         want.append(total)
+    lora_dropout_state.manual_seed(8)
     step = GraphedTrainStep(twin, optimizer(twin))
     got = []
     for i, group in enumerate(steps):
@@ -332,6 +357,9 @@ def test_replayed_steps_equal_eager_steps_on_the_gpu(tmp_path, family, packed, m
     assert got == pytest.approx(want, rel=2e-2)
     a, b = _adapters(model), _adapters(twin)
     assert max(rel_err(b[k], a[k]) for k in a) < 2e-2
+    if dropout:
+        with backend("reference"), pytest.raises(ValueError, match="torch's generator"):
+            GraphedTrainStep(twin, optimizer(twin))
 
 
 _NCCL_STEP = r"""

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops.dropout import lora_dropout
+
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OTHER_TARGETS = ("embed_tokens", "lm_head")
 FUSED_TARGETS = ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections
@@ -147,7 +149,7 @@ class LoraAdapter(nn.Module):
         return ac, bc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        h = lora_dropout(x, self.dropout_p, self.training)
         a = self.lora_A.to(x.dtype)
         b = self.lora_B.to(x.dtype)
         return F.linear(F.linear(h, a), b) * self.scale

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.dispatch import fused_nf4_enabled, grouped_lora_enabled
+from ..ops.dropout import lora_dropout
 from ..ops.lora_decode import decode_route, in_decoding, lora_decode_group
 from ..ops.lora_linear import compute_dtype, lora_linear, lora_linear_group
 from ..quant import NF4Tensor
@@ -115,7 +115,7 @@ class FrozenLinear(nn.Module):
             return lora_linear(x, base, self.bias)
         if not hasattr(a, "lora_A"):  # any other adapter module: added on top
             return lora_linear(x, base, self.bias) + a(x)
-        x_lora = F.dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else None
+        x_lora = lora_dropout(x, a.dropout_p, self.training) if a.dropout_p > 0 else None
         cast = a.cast_weights(compute_dtype(x)) if hasattr(a, "cast_weights") else None
         return lora_linear(x, base, self.bias, a.lora_A, a.lora_B, a.scale, x_lora, cast=cast)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import current_backend
+from .dropout import lora_dropout
 from ..quant import dequantize_nf4_reference
 from .nf4_linear import frozen_matmul, frozen_matmul_t, is_nf4, out_features
 
@@ -68,7 +69,7 @@ def lora_linear_reference(x: torch.Tensor, p: LoraProj) -> torch.Tensor:
     w = dequantize_nf4_reference(p.weight, x.dtype) if is_nf4(p.weight) else p.weight.to(x.dtype)
     y = F.linear(x, w, None if p.bias is None else p.bias.to(x.dtype))
     if p.has_lora:
-        xl = F.dropout(x, p.dropout) if p.dropout > 0 else x
+        xl = lora_dropout(x, p.dropout)
         y = y + F.linear(F.linear(xl, p.lora_A.to(x.dtype)), p.lora_B.to(x.dtype)) * p.scale
     return y
 
@@ -177,7 +178,7 @@ def lora_projections(x: torch.Tensor, projs: Sequence[LoraProj]) -> tuple[torch.
         check_proj(p, x.shape[-1])
     if _use_reference(x, projs):
         return tuple(lora_linear_reference(x, p) for p in projs)
-    xls = [F.dropout(x, p.dropout) if (p.has_lora and p.dropout > 0) else None for p in projs]
+    xls = [lora_dropout(x, p.dropout) if (p.has_lora and p.dropout > 0) else None for p in projs]
     tensors = (
         xls
         + [p.bias for p in projs]

@@ -11,12 +11,17 @@ from typing import Any
 
 import torch
 
+from ..ops import dropout as lora_dropout_state
+
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.random.get_rng_state()}
+    """Every generator a step draws from: Python's, torch's, and LoRA dropout's device seed
+    counters (ops/dropout.py)."""
+    state = {"python": random.getstate(), "torch": torch.random.get_rng_state(),
+             "lora_dropout": lora_dropout_state.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -27,6 +32,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    lora_dropout_state.set_state(state.get("lora_dropout", {}))
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dict[str, Any]) -> Path:

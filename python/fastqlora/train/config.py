@@ -42,8 +42,8 @@ class TrainConfig:
     max_steps: int | None = None
     num_epochs: float = 1.0
     optim: str = "adamw"
-    # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length,
-    # no LoRA dropout. "auto": where the settings allow it (graph_blockers), on CUDA devices,
+    # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length.
+    # "auto": where the settings allow it (graph_blockers), on CUDA devices,
     # with packed rows that padding would grow by at most a third
     cuda_graph: bool | str = "auto"
     seed: int = 3407
@@ -84,9 +84,8 @@ class TrainConfig:
         if self.cuda_graph not in (True, False, "auto"):
             raise ValueError(f"cuda_graph must be true, false or 'auto', got {self.cuda_graph!r}")
         if self.cuda_graph is True and self.graph_blockers():
-            raise ValueError("cuda_graph=True replays one whole step: it needs optim='adamw', lora_dropout=0 "
-                             f"and checkpointing without offload; got {self.optim!r}, {self.lora_dropout}, "
-                             f"{self.use_gradient_checkpointing!r}")
+            raise ValueError("cuda_graph=True replays one whole step: it needs optim='adamw' and checkpointing "
+                             f"without offload; got {self.optim!r}, {self.use_gradient_checkpointing!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
@@ -95,8 +94,6 @@ class TrainConfig:
         out = []
         if self.optim != "adamw":
             out.append("optim")
-        if self.lora_dropout > 0:
-            out.append("lora_dropout")
         if self.use_gradient_checkpointing in ("offload", "unsloth"):
             out.append("use_gradient_checkpointing")
         return out

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..ops import dropout as lora_dropout_state
 from . import distributed
 from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -275,6 +276,7 @@ class Trainer:
         elif self.step == 0:
             random.seed(cfg.seed)  # dropout and sampling replay the same way run after run
             torch.manual_seed(cfg.seed)
+            lora_dropout_state.manual_seed(cfg.seed)
         rank = self.group.rank if self.group is not None else 0
         if self.main:  # the metrics file starts as the history so far (empty, or the resumed one)
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -13,9 +13,12 @@ What a capture needs, and how this step provides it:
 - everything that is decided on a first call (Triton's compilation, the NF4 dispatch's timed
   choice, the optimizer's state, the split-K counters) happens before the capture: the first
   ``warmup`` calls run eagerly, on a side stream as torch's capture rules ask;
-- no random numbers (LoRA dropout is refused: the checkpointed recomputation could not replay
-  the masks) and no offloaded checkpoints (their pinned host buffers are allocated during
-  the step);
+- random numbers only from counters on the device: the step runs inside
+  ``ops.dropout.counting()``, where LoRA dropout's kernel reads its seed from a device counter
+  that the step advances, so each replay draws fresh masks and the checkpointed
+  recomputation rewinds the counter to draw its forward's again (torch's generator, whose
+  state a recomputation restores from the host, is not used);
+  no offloaded checkpoints (their pinned host buffers are allocated during the step);
 - the batch lives in static tensors: each call copies its batch in, so every batch must
   have the shape, dtype and keys of the first (``input_ids``, ``labels`` with -100 where a
   token does not count, ``num_items_in_batch``, and for packed rows ``position_ids``
@@ -53,6 +56,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..lora import LoraAdapter, next_cast_epoch
+from ..ops import dropout as lora_dropout_state
 from ..ops.dispatch import use_triton
 from . import distributed
 from .packing import packed_boundaries
@@ -101,10 +105,10 @@ class GraphedTrainStep:
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the model on a CUDA device; its parameters are on {device}")
-        dropout = sorted({m.dropout_p for m in model.modules() if isinstance(m, LoraAdapter) and m.dropout_p > 0})
-        if dropout:
-            raise ValueError(f"the adapters use lora_dropout {dropout}: a captured step cannot replay the "
-                             "dropout masks in its recomputation; use lora_dropout=0 or train without the graph")
+        dropout = any(isinstance(m, LoraAdapter) and m.dropout_p > 0 for m in model.modules())
+        if dropout and self.capture and not use_triton(params[0]):
+            raise ValueError("LoRA dropout in a CUDA graph needs the Triton kernels' dropout (its seed counts on the "
+                             "device); the reference ops draw from torch's generator, which a capture cannot replay")
         if getattr(model, "gradient_checkpointing", "off") == "offload":
             raise ValueError("gradient checkpointing with offload allocates pinned host buffers during the step, "
                              "which a CUDA graph cannot hold; use use_gradient_checkpointing=True")
@@ -249,6 +253,10 @@ class GraphedTrainStep:
     def run(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         """One optimizer step over ``micro_batches`` (each as ``__call__``'s batch, with the whole
         step's ``num_items_in_batch``); returns the sum of their losses."""
+        with lora_dropout_state.counting():  # LoRA dropout's seeds on the device, eager steps too
+            return self._run(micro_batches)
+
+    def _run(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         self.model.train()
         statics = self._load(list(micro_batches))
         self.calls += 1
