@@ -60,6 +60,22 @@ def test_seeded_calls_repeat_and_successive_calls_differ(kernel_device):
         lora_dropout(x, 1.0)
 
 
+def test_draws_of_one_philox_call_are_independent(kernel_device):
+    """The kernel gives the eight 16-bit halves of a Philox call to elements BLOCK/8 apart:
+    masks at those distances (and neighbours) are kept together a quarter of the time at
+    p = 0.5, as independent draws are."""
+    from fastqlora.triton_kernels.dropout import _BLOCK
+
+    x = torch.ones(3 * _BLOCK + 77, device=kernel_device)
+    with backend("triton"), lora_dropout_state.counting():
+        lora_dropout_state.manual_seed(17)
+        kept = lora_dropout(x, 0.5) != 0
+    q = _BLOCK // 8
+    for gap in (1, q, 2 * q, 4 * q):
+        both = (kept[:-gap] & kept[gap:]).float().mean().item()
+        assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / (x.numel() - gap)), gap
+
+
 def test_outside_counting_it_is_torchs_dropout(kernel_device):
     """Eager training (no counting block) keeps torch's one-op dropout and its generator."""
     x = torch.randn(4, 999, device=kernel_device)
