@@ -231,6 +231,17 @@ class CausalLM(nn.Module):
         the fused loss never builds them. ``cu_seq_lens_q`` and ``max_length_q`` (the names
         transformers' flattening collator uses) give packed sequences' boundaries as
         :meth:`hidden_states` describes."""
+        graphed = getattr(self, "_graphed_loss", None)
+        if (graphed is not None and not graphed.inside and labels is not None and inputs_embeds is None
+                and not return_logits and not self.return_logits_with_loss and self.training
+                and torch.is_grad_enabled()
+                and not any(v is not None and v is not False for k, v in kwargs.items()
+                            if k not in ("use_cache", "return_dict"))):
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                     "labels": labels, "num_items_in_batch": num_items_in_batch}
+            loss = graphed({k: v for k, v in batch.items() if v is not None})
+            if loss is not None:  # else this batch runs eagerly below
+                return CausalLMOutputWithPast(loss=loss, logits=None)
         h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
                                kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         w = self.lm_head_weight()

@@ -1,0 +1,135 @@
+"""transformers' Trainer driving a fastqlora model, with and without
+``FastLanguageModel.for_training(model, cuda_graph=True)`` (the loss forward and backward
+replayed from a CUDA graph per batch shape; the Trainer's AdamW, clipping and schedule eager).
+
+Random token rows of a fixed length (the collator's padding gives every batch one shape, as
+packing or a fixed max_length does), LoRA r=16 on the seven projections, checkpointing on,
+bf16; tokens a second over the steps after ``--skip`` (warm-up and capture), each mode in
+its own process.
+
+    python benchmarks/bench_hf_trainer.py --shape llama-3.2-1b --batch 2 --seq 2048 --steps 12
+    python benchmarks/bench_hf_trainer.py --ckpt path/to/model --device cpu --seq 48 --steps 3   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int, skip: int) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from fastqlora import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(ckpt, load_in_4bit=True, device=device)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
+    FastLanguageModel.for_training(model, cuda_graph=mode == "graph")
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(0, vocab, (seq,), generator=g)), "labels": ids.clone()}
+            for _ in range(batch * steps)]
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    losses: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
+                                 learning_rate=1e-4, report_to=[], logging_steps=1, save_strategy="no",
+                                 use_cpu=device == "cpu", bf16=device == "cuda", max_grad_norm=1.0,
+                                 dataloader_num_workers=0)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock(), Losses()]).train()
+    timed = times[skip:]
+    res = {"mode": mode, "steps": len(times), "timed_steps": len(timed),
+           "tokens_per_s": batch * seq * len(timed) / sum(timed) if timed else 0.0,
+           "step_s_median": sorted(timed)[len(timed) // 2] if timed else 0.0, "losses": losses,
+           "graphs": sum(e.graph is not None for e in model._graphed_loss.entries.values())
+           if getattr(model, "_graphed_loss", None) is not None else 0}
+    if device == "cuda":
+        res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-3.2-1b", help="random_checkpoint.py's shape (when no --ckpt)")
+    p.add_argument("--ckpt")
+    p.add_argument("--ckpt-root", default="/tmp/fq-ckpts")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--modes", default="eager,graph")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--skip", type=int, default=3)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process, print JSON
+    p.add_argument("--out", default=str(HERE / "results" / "hf_trainer.json"))
+    args = p.parse_args(argv)
+    if args.skip >= args.steps:
+        raise SystemExit(f"--skip ({args.skip}) must be below --steps ({args.steps})")
+    ckpt = args.ckpt
+    if ckpt is None:
+        ckpt = os.path.join(args.ckpt_root, args.shape)
+        if not os.path.exists(os.path.join(ckpt, "config.json")):
+            sys.path.insert(0, str(HERE))
+            from random_checkpoint import write_random_checkpoint
+
+            write_random_checkpoint(ckpt, shape=args.shape)
+    if args.one:
+        res = run_mode(ckpt, args.one, args.device, args.batch, args.seq, args.steps, args.skip)
+        print("RESULT " + json.dumps(res), flush=True)
+        return res
+    import torch
+
+    results = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+               "torch": torch.__version__, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+               "ckpt": ckpt, "batch": args.batch, "seq": args.seq, "runs": []}
+    for mode in args.modes.split(","):
+        if mode not in ("eager", "graph"):
+            raise SystemExit(f"unknown mode {mode!r}: choose eager, graph")
+        cmd = [sys.executable, __file__, "--ckpt", ckpt, "--device", args.device, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--skip", str(args.skip), "--one", mode]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0 or "RESULT " not in run.stdout:
+            raise SystemExit(f"{mode} failed:\n{run.stderr[-4000:]}")
+        res = json.loads(run.stdout.split("RESULT ", 1)[1])
+        results["runs"].append(res)
+        mem = f", {res['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in res else ""
+        print(f"{mode:6} {res['tokens_per_s']:10,.0f} tok/s, median step {res['step_s_median'] * 1e3:.1f} ms{mem}, "
+              f"graphs: {res['graphs']}", flush=True)
+    by = {r["mode"]: r for r in results["runs"]}
+    if "eager" in by and "graph" in by and by["eager"]["tokens_per_s"]:
+        results["graph_speedup"] = by["graph"]["tokens_per_s"] / by["eager"]["tokens_per_s"]
+        print(f"graph / eager: {results['graph_speedup']:.2f}x", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

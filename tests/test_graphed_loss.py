@@ -1,0 +1,124 @@
+"""FastLanguageModel.for_training(model, cuda_graph=True): a training forward's loss and its
+backward replayed together from a CUDA graph (train/graphed_loss.py), for loops that step
+their own optimizer. On the CPU the same path runs without a capture (the batch padded to a
+bucket, boundaries from the host, the gradients computed in the forward and handed over in
+the backward): the plain forward's loss and gradients, right padding and packed rows alike;
+on the GPU the replays against eager steps."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import rel_err, write_hf_model
+
+from fastqlora import FastLanguageModel
+from fastqlora.ops import backend
+
+
+def _model(tmp_path, device="cpu", dtype=torch.float32):
+    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=dtype, device=device)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return model
+
+
+def _padded(device, seed=0, rows=3, seq=13):
+    """Right-padded rows of different lengths (HF's collator), labels -100 on the padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 101, (rows, seq), generator=g)
+    lengths = torch.tensor([seq, seq - 4, seq - 9])[:rows]
+    mask = (torch.arange(seq) < lengths[:, None]).long()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _packed(device):
+    """One row of three sequences (trl's padding-free batches): restarting position ids."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 101, (1, 21), generator=g)
+    pos = torch.cat([torch.arange(8), torch.arange(6), torch.arange(7)])[None]
+    labels = ids.clone()
+    labels[0, [0, 8, 14]] = -100
+    return {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device)}
+
+
+def _grads(model, batch, scale=1.0):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    (loss * scale).backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("make", [_padded, _packed])
+def test_the_graphed_path_gives_the_plain_loss_and_gradients(tmp_path, kernel_device, make):
+    model = _model(tmp_path, kernel_device)
+    twin = copy.deepcopy(model)
+    FastLanguageModel.for_training(twin, cuda_graph=True, bucket=16, capture=False)
+    batch = make(kernel_device)
+    with backend("triton"):
+        want, wg = _grads(model, batch, scale=0.5)  # a loss divided for accumulation
+        got, gg = _grads(twin, batch, scale=0.5)
+        got2, gg2 = _grads(twin, dict(batch, num_items_in_batch=torch.tensor(7, device=kernel_device)))
+        want2, wg2 = _grads(model, dict(batch, num_items_in_batch=torch.tensor(7, device=kernel_device)))
+    entry = next(iter(twin._graphed_loss.entries.values()))
+    assert entry.static["input_ids"].shape[1] % 16 == 0 and entry.calls == 2  # padded to the bucket
+    tol = 1e-5 if kernel_device == "cpu" else 1e-4
+    for (w, wgr), (g, ggr) in (((want, wg), (got, gg)), ((want2, wg2), (got2, gg2))):
+        assert rel_err(g, w) < tol
+        assert all(rel_err(ggr[k], wgr[k]) < 10 * tol for k in wgr)
+
+
+def test_what_runs_eagerly_and_what_is_refused(tmp_path):
+    model = _model(tmp_path)
+    FastLanguageModel.for_training(model, cuda_graph=True, capture=False)
+    graphed = model._graphed_loss
+    b = _padded("cpu")
+    left = dict(b, attention_mask=b["attention_mask"].flip(1))  # left padding: eager
+    assert graphed(left) is None
+    assert graphed(dict(b, output_hidden_states=True)) is None  # an input it does not know
+    loss = model(**b).loss  # graphed
+    model(**b).loss.backward()  # a second forward of the shape overwrote the first's gradients
+    with pytest.raises(RuntimeError, match="overwritten by a later graphed forward"):
+        loss.backward()
+    with torch.no_grad():  # evaluation runs the plain forward
+        assert model(**b).loss is not None and model(**b).loss.grad_fn is None
+    FastLanguageModel.for_training(model, cuda_graph=False)
+    assert model._graphed_loss is None
+    with pytest.raises(ValueError, match="positive"):
+        FastLanguageModel.for_training(model, cuda_graph=True, bucket=0)
+
+
+@pytest.mark.gpu
+def test_replayed_loss_and_gradients_on_the_gpu(tmp_path):
+    """bf16 on the GPU, AdamW stepping outside: six steps of two batch shapes (each shape's two
+    warm-up calls, its capture, replays) give the eager steps' losses and adapters within bf16
+    rounding; the graphs were captured."""
+    model = _model(tmp_path, "cuda", torch.bfloat16)
+    twin = copy.deepcopy(model)
+    FastLanguageModel.for_training(twin, cuda_graph=True)
+    batches = [_padded("cuda", seed=i, seq=13 if i % 2 else 40) for i in range(10)]
+
+    def train(m):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for b in batches:
+            loss = m(**b).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        return losses
+
+    want, got = train(model), train(twin)
+    assert all(e.graph is not None for e in twin._graphed_loss.entries.values())
+    assert len(twin._graphed_loss.entries) == 2
+    assert got == pytest.approx(want, rel=2e-2)
+    a = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in twin.named_parameters() if p.requires_grad}
+    assert max(rel_err(b[k], a[k]) for k in a) < 2e-2
