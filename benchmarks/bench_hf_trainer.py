@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import eager_graph  # noqa: E402
 
 
 def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int, skip: int) -> dict:
@@ -77,58 +79,26 @@ def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="llama-3.2-1b", help="random_checkpoint.py's shape (when no --ckpt)")
-    p.add_argument("--ckpt")
-    p.add_argument("--ckpt-root", default="/tmp/fq-ckpts")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", default="eager,graph")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--skip", type=int, default=3)
+    p = eager_graph.parser(__doc__.split("\n")[0], "hf_trainer.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process, print JSON
-    p.add_argument("--out", default=str(HERE / "results" / "hf_trainer.json"))
     args = p.parse_args(argv)
     if args.skip >= args.steps:
         raise SystemExit(f"--skip ({args.skip}) must be below --steps ({args.steps})")
-    ckpt = args.ckpt
-    if ckpt is None:
-        ckpt = os.path.join(args.ckpt_root, args.shape)
-        if not os.path.exists(os.path.join(ckpt, "config.json")):
-            sys.path.insert(0, str(HERE))
-            from random_checkpoint import write_random_checkpoint
-
-            write_random_checkpoint(ckpt, shape=args.shape)
+    ckpt = eager_graph.checkpoint(args.ckpt, args.ckpt_root, args.shape)
     if args.one:
         res = run_mode(ckpt, args.one, args.device, args.batch, args.seq, args.steps, args.skip)
         print("RESULT " + json.dumps(res), flush=True)
         return res
-    import torch
-
-    results = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
-               "torch": torch.__version__, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-               "ckpt": ckpt, "batch": args.batch, "seq": args.seq, "runs": []}
-    for mode in args.modes.split(","):
-        if mode not in ("eager", "graph"):
-            raise SystemExit(f"unknown mode {mode!r}: choose eager, graph")
+    results = eager_graph.header(args.device, ckpt, batch=args.batch, seq=args.seq)
+    for mode in eager_graph.modes(args.modes):
         cmd = [sys.executable, __file__, "--ckpt", ckpt, "--device", args.device, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--skip", str(args.skip), "--one", mode]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0 or "RESULT " not in run.stdout:
             raise SystemExit(f"{mode} failed:\n{run.stderr[-4000:]}")
         res = json.loads(run.stdout.split("RESULT ", 1)[1])
-        results["runs"].append(res)
-        mem = f", {res['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in res else ""
-        print(f"{mode:6} {res['tokens_per_s']:10,.0f} tok/s, median step {res['step_s_median'] * 1e3:.1f} ms{mem}, "
-              f"graphs: {res['graphs']}", flush=True)
-    by = {r["mode"]: r for r in results["runs"]}
-    if "eager" in by and "graph" in by and by["eager"]["tokens_per_s"]:
-        results["graph_speedup"] = by["graph"]["tokens_per_s"] / by["eager"]["tokens_per_s"]
-        print(f"graph / eager: {results['graph_speedup']:.2f}x", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    return results
+        eager_graph.add_run(results, res, f"graphs: {res['graphs']}")
+    return eager_graph.finish(results, args.out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ warm-up and the capture) are left out of the timing.
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import os
 import random
 import sys
 import tempfile
@@ -24,6 +21,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import eager_graph  # noqa: E402
 
 
 def examples(n_tokens: int, vocab: int, low: int, high: int, seed: int) -> list:
@@ -80,54 +80,22 @@ def run_mode(ckpt: str, mode: str, device: str, batch: int, seq: int, steps: int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="llama-3.2-1b", help="random_checkpoint.py's shape (when no --ckpt)")
-    p.add_argument("--ckpt", help="a model folder (default: a random checkpoint of --shape under --ckpt-root)")
-    p.add_argument("--ckpt-root", default="/tmp/fq-ckpts")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--modes", default="eager,graph")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=12)
+    p = eager_graph.parser(__doc__.split("\n")[0], "trainer.json")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches a step (gradient_accumulation_steps)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--skip", type=int, default=3, help="first steps left out of the timing (warm-up, capture)")
     p.add_argument("--lengths", default="64-1024", help="examples' lengths, LOW-HIGH tokens")
-    p.add_argument("--out", default=str(HERE / "results" / "trainer.json"))
     args = p.parse_args(argv)
     if args.skip >= args.steps:
         raise SystemExit(f"--skip ({args.skip}) must be below --steps ({args.steps})")
     low, high = (int(v) for v in args.lengths.split("-"))
-    ckpt = args.ckpt
-    if ckpt is None:
-        ckpt = os.path.join(args.ckpt_root, args.shape)
-        if not os.path.exists(os.path.join(ckpt, "config.json")):
-            sys.path.insert(0, str(HERE))
-            from random_checkpoint import write_random_checkpoint
-
-            write_random_checkpoint(ckpt, shape=args.shape)
-    import torch
-
-    results = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
-               "torch": torch.__version__, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-               "ckpt": ckpt, "batch": args.batch, "seq": args.seq, "lengths": args.lengths,
-               "accumulation": args.accumulation, "lora_dropout": args.lora_dropout, "runs": []}
-    for mode in args.modes.split(","):
-        if mode not in ("eager", "graph"):
-            raise SystemExit(f"unknown mode {mode!r}: choose eager, graph")
+    ckpt = eager_graph.checkpoint(args.ckpt, args.ckpt_root, args.shape)
+    results = eager_graph.header(args.device, ckpt, batch=args.batch, seq=args.seq, lengths=args.lengths,
+                                 accumulation=args.accumulation, lora_dropout=args.lora_dropout)
+    for mode in eager_graph.modes(args.modes):
         res = run_mode(ckpt, mode, args.device, args.batch, args.seq, args.steps, args.skip, low, high,
                        args.accumulation, args.lora_dropout)
-        results["runs"].append(res)
-        mem = f", {res['peak_alloc_gib']:.2f} GiB" if "peak_alloc_gib" in res else ""
-        print(f"{mode:6} {res['tokens_per_s']:10,.0f} tok/s, median step {res['step_s_median'] * 1e3:.1f} ms{mem}, "
-              f"graph replayed: {res['graph_replayed']}", flush=True)
-    by = {r["mode"]: r for r in results["runs"]}
-    if "eager" in by and "graph" in by and by["eager"]["tokens_per_s"]:
-        results["graph_speedup"] = by["graph"]["tokens_per_s"] / by["eager"]["tokens_per_s"]
-        print(f"graph / eager: {results['graph_speedup']:.2f}x", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    return results
+        eager_graph.add_run(results, res, f"graph replayed: {res['graph_replayed']}")
+    return eager_graph.finish(results, args.out)
 
 
 if __name__ == "__main__":
