@@ -81,6 +81,8 @@ def test_what_runs_eagerly_and_what_is_refused(tmp_path):
     b = _padded("cpu")
     left = dict(b, attention_mask=b["attention_mask"].flip(1))  # left padding: eager
     assert graphed(left) is None
+    counted_padding = dict(b, labels=b["input_ids"])  # labels on the padding: eager
+    assert graphed(counted_padding) is None
     assert graphed(dict(b, output_hidden_states=True)) is None  # an input it does not know
     loss = model(**b).loss  # graphed
     model(**b).loss.backward()  # a second forward of the shape overwrote the first's gradients

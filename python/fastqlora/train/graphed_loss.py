@@ -25,7 +25,8 @@ What it refuses, by name: a backward after another graphed forward of the same s
 overwritten the gradients it would hand over (two forwards before one backward, as a
 preference loss built from two losses would do: turn the graph off for that). What runs
 eagerly instead: inputs other than input_ids, labels, attention_mask, position_ids and
-num_items_in_batch; an attention mask that is not right padding; a shape past
+num_items_in_batch; an attention mask that is not right padding, or labels counted on the
+padding; a shape past
 ``max_graphs``; evaluation, no_grad, and forwards that ask for logits.
 """
 from __future__ import annotations
@@ -108,8 +109,11 @@ class GraphedLoss:
         if mask is not None:
             m = mask.detach().cpu().to(torch.int64)
             lengths = m.sum(1)
-            # right padding only: each row's ones come first
+            # right padding only: each row's ones come first; and no label counted on the padding
+            # (the eager forward would count it, at positions this path numbers differently)
             if not bool((m == (torch.arange(S) < lengths[:, None]).to(torch.int64)).all()):
+                return None
+            if bool(((m == 0) & (labels != -100)).any()):
                 return None
         W = -(-S // self.bucket) * self.bucket
         out_ids = torch.zeros(B, W, dtype=ids.dtype)
