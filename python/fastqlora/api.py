@@ -201,8 +201,9 @@ class FastLanguageModel:
     def for_training(model: FastModel, cuda_graph: bool | None = None, **graph_options) -> FastModel:
         """Training mode. ``cuda_graph=True``: on a GPU each training forward that computes a
         loss (labels given, no logits asked for) and its backward replay from a CUDA graph per
-        batch shape (``train.graphed_loss``; for transformers' Trainer, trl and plain loops that
-        step their own optimizer); ``False`` turns that off; None leaves it as it was.
+        batch shape (``train.graphed_loss``; for transformers' Trainer and plain loops that
+        step their own optimizer; trl's SFTTrainer computes its loss from the hidden states
+        itself and stays eager); ``False`` turns that off; None leaves it as it was.
         ``graph_options``: GraphedLoss's ``bucket``, ``max_graphs``, ``warmup``."""
         model.train()
         if cuda_graph is not None:

@@ -1,7 +1,8 @@
 """A model's loss forward and its backward replayed together from a CUDA graph, for training
 loops that call ``model(**batch).loss.backward()`` and step the optimizer themselves:
-transformers' Trainer, trl's SFTTrainer, a plain loop. (``fastqlora train`` captures its whole
-step instead: ``step_graph.py``.)
+transformers' Trainer, a plain loop. (``fastqlora train`` captures its whole step instead:
+``step_graph.py``. trl's SFTTrainer computes its loss itself from ``model.base_model``'s hidden
+states, not through this forward, so its steps stay eager.)
 
 Turned on by ``FastLanguageModel.for_training(model, cuda_graph=True)``. Then a training
 forward that is given labels and asked for no logits runs through :class:`GraphedLoss`:
