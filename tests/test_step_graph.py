@@ -263,6 +263,10 @@ def test_refuses_what_a_capture_cannot_replay(tmp_path):
         GraphedTrainStep(model, torch.optim.AdamW(params), capture=True)
     with pytest.raises(ValueError, match="warmup"):
         GraphedTrainStep(model, torch.optim.AdamW(params), warmup=0, capture=False)
+    model = _model(tmp_path / "c")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="torch.distributed initialized"):
+        GraphedTrainStep(model, torch.optim.AdamW(params), capture=False, sum_across_processes=True)
 
 
 def _steps(batches, micro):

@@ -94,7 +94,7 @@ def test_collate_pads_as_its_own_sequence():
 
 
 def test_packed_boundaries_from_the_position_ids():
-    from fastqlora.train.packing import Row, packed_boundaries
+    from fastqlora.train.packing import Row, pad_boundaries, packed_boundaries
 
     rows = [Row([5, 6, 7, 8, 9], [5] * 5, [0, 1, 2, 0, 1]), Row([8, 4], [-100, 4], [0, 1])]
     b = collate(rows, pad_id=0)
@@ -102,6 +102,9 @@ def test_packed_boundaries_from_the_position_ids():
     # row 0: [0, 3) [3, 5); row 1: [5, 7) then its padding [7, 10)
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 7, 10]
     assert longest == 3
+    assert pad_boundaries(cu, 6).tolist() == [0, 3, 5, 7, 10, 10, 10]  # two empty sequences at the end
+    with pytest.raises(ValueError, match="at most 3"):
+        pad_boundaries(cu, 3)
     cu, longest = packed_boundaries(collate(rows[1:], pad_id=0)["position_ids"])
     assert cu.tolist() == [0, 2] and longest == 2
     with pytest.raises(ValueError, match="restart at 0"):

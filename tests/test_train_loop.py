@@ -234,6 +234,11 @@ def test_collate_fills_rows_to_a_height():
     assert b["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 3]]
     with pytest.raises(ValueError, match="height 0"):
         collate(rows, 0, height=0)
+    empty = collate([], 0, 4, 2)  # a process with no rows this time: a batch of padding alone
+    assert empty["input_ids"].shape == (2, 4) and (empty["labels"] == -100).all()
+    assert empty["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="a width for a batch of padding"):
+        collate([], 0)
 
 
 def test_cuda_graph_mode_refuses_what_it_cannot_replay(tmp_path):

@@ -32,6 +32,7 @@ padding; a shape past
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -39,7 +40,8 @@ import torch
 
 from ..lora import next_cast_epoch
 from ..ops import dropout as lora_dropout_state
-from .packing import packed_boundaries
+from .packing import pad_boundaries, packed_boundaries
+from .step_graph import has_dropout, on_side_stream
 
 _KEYS = frozenset({"input_ids", "labels", "attention_mask", "position_ids", "num_items_in_batch"})
 
@@ -91,6 +93,7 @@ class GraphedLoss:
         self.capture = capture
         self.entries: dict[tuple, _Entry] = {}
         self.inside = False  # the model's forward, called from here, runs as usual
+        self.dropout: bool | None = None  # whether LoRA dropout counts seeds on the device
 
     # -- the batch in a fixed shape ------------------------------------------------------
     def _fixed(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, torch.Tensor]] | None:
@@ -140,9 +143,8 @@ class GraphedLoss:
         slots = entry.slots if entry is not None else max(2 * count, 8)
         if count > slots:
             return None
-        padded = torch.full((slots + 1,), B * W, dtype=torch.int32)
-        padded[:count] = cu[:count]
-        return key, {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos, "cu_seq_lens_q": padded,
+        return key, {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos,
+                     "cu_seq_lens_q": pad_boundaries(cu, slots),
                      "num_items_in_batch": torch.clamp(num, min=1.0)}
 
     # -- the call ----------------------------------------------------------------------
@@ -168,12 +170,16 @@ class GraphedLoss:
                 entry.static[k].copy_(v, non_blocking=True)
         entry.calls += 1
         entry.replays += 1
-        with lora_dropout_state.counting():
+        if self.dropout is None:  # the adapters are attached by the first training forward
+            self.dropout = has_dropout(self.model)
+        with lora_dropout_state.counting() if self.dropout else contextlib.nullcontext():
             if entry.graph is not None:
                 entry.graph.replay()
                 loss, grads = entry.loss, entry.grads
-            elif not capture or entry.calls <= self.warmup or entry.failed:
-                loss, grads = self._eager(entry, params, side=capture)
+            elif not capture:
+                loss, grads = self._forward_backward(entry, params)
+            elif entry.calls <= self.warmup or entry.failed:
+                loss, grads = on_side_stream(self._forward_backward, entry, params)
             else:
                 loss, grads = self._capture(entry, params)
         entry.grads = grads
@@ -191,16 +197,6 @@ class GraphedLoss:
         grads = torch.autograd.grad(out.loss, params, allow_unused=True)
         return out.loss.detach(), grads
 
-    def _eager(self, entry: _Entry, params, side: bool):
-        if not side:
-            return self._forward_backward(entry, params)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # torch's rule for the calls around a capture
-            out = self._forward_backward(entry, params)
-        torch.cuda.current_stream().wait_stream(stream)
-        return out
-
     def _capture(self, entry: _Entry, params):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -213,7 +209,7 @@ class GraphedLoss:
             entry.failed = True
             next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
             torch.cuda.synchronize()
-            return self._eager(entry, params, side=True)
+            return on_side_stream(self._forward_backward, entry, params)
         entry.graph, entry.loss = graph, loss
         graph.replay()  # the capture recorded this call's work without running it
         return loss, grads

@@ -127,8 +127,8 @@ class Trainer:
 
     def _step_mode(self, rows) -> tuple[bool, str]:
         """Whether the steps replay a CUDA graph, and a line saying so (or why not).
-        cuda_graph=True: always (checked by the config); "auto": on one CUDA device, with
-        settings a graph can replay and packed rows that padding to max_seq_length grows by
+        cuda_graph=True: always (checked by the config); "auto": on CUDA devices (one process
+        or several), with settings a graph can replay and packed rows that padding to max_seq_length grows by
         at most a third (the graph's step costs what a full-width step does)."""
         cfg = self.cfg
         graphed = "training steps replayed from a CUDA graph (cuda_graph=false turns it off)"

@@ -109,6 +109,18 @@ def packed_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu.to(torch.int32), int(torch.diff(cu).max())
 
 
+def pad_boundaries(cu: torch.Tensor, slots: int) -> torch.Tensor:
+    """``cu`` (from :func:`packed_boundaries`) extended to ``slots`` + 1 entries by repeating
+    its total: empty sequences, which the attention kernels skip, so that batches packing
+    different numbers of sequences give a captured CUDA graph one shape."""
+    count = cu.numel() - 1
+    if count > slots:
+        raise ValueError(f"this batch packs {count} sequences; at most {slots} fit")
+    out = torch.full((slots + 1,), int(cu[-1]), dtype=torch.int32)
+    out[:count] = cu[:count]
+    return out
+
+
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that count in the loss after the model's one-token label shift."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

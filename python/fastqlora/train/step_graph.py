@@ -59,7 +59,7 @@ from ..lora import LoraAdapter, next_cast_epoch
 from ..ops import dropout as lora_dropout_state
 from ..ops.dispatch import use_triton
 from . import distributed
-from .packing import packed_boundaries
+from .packing import pad_boundaries, packed_boundaries
 
 # aten ops that copy a device value to the host (what a CUDA-graph capture refuses)
 _READBACK_OPS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
@@ -74,6 +74,23 @@ class _NoReadback(TorchDispatchMode):
             raise RuntimeError(f"the training step reads a value back to the host ({func._schema.name}), "
                                "which a CUDA-graph capture cannot hold; see fastqlora.train.step_graph")
         return func(*args, **(kwargs or {}))
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether any LoRA adapter of ``model`` drops its input (its step then counts dropout
+    seeds on the device; without, recomputations need no counter snapshot)."""
+    return any(isinstance(m, LoraAdapter) and m.dropout_p > 0 for m in model.modules())
+
+
+def on_side_stream(fn, *args):
+    """``fn(*args)`` on a side stream that waits for, and is waited on by, the current one
+    (torch's rule for the eager calls around a CUDA-graph capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    return out
 
 
 class GraphedTrainStep:
@@ -105,8 +122,8 @@ class GraphedTrainStep:
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the model on a CUDA device; its parameters are on {device}")
-        dropout = any(isinstance(m, LoraAdapter) and m.dropout_p > 0 for m in model.modules())
-        if dropout and self.capture and not use_triton(params[0]):
+        self.dropout = has_dropout(model)
+        if self.dropout and self.capture and not use_triton(params[0]):
             raise ValueError("LoRA dropout in a CUDA graph needs the Triton kernels' dropout (its seed counts on the "
                              "device); the reference ops draw from torch's generator, which a capture cannot replay")
         if getattr(model, "gradient_checkpointing", "off") == "offload":
@@ -216,9 +233,7 @@ class GraphedTrainStep:
                              f"{self.max_sequences} (pass max_sequences=)")
         if self.max_length is None:
             self.max_length = position_ids.shape[-1]
-        padded = torch.full((self.max_sequences + 1,), position_ids.numel(), dtype=torch.int32)
-        padded[:count] = cu[:count]
-        return padded
+        return pad_boundaries(cu, self.max_sequences)
 
     def _forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         total = None
@@ -253,7 +268,8 @@ class GraphedTrainStep:
     def run(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         """One optimizer step over ``micro_batches`` (each as ``__call__``'s batch, with the whole
         step's ``num_items_in_batch``); returns the sum of their losses."""
-        with lora_dropout_state.counting():  # LoRA dropout's seeds on the device, eager steps too
+        # LoRA dropout's seeds on the device, eager steps too
+        with lora_dropout_state.counting() if self.dropout else contextlib.nullcontext():
             return self._run(micro_batches)
 
     def _run(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
@@ -270,17 +286,8 @@ class GraphedTrainStep:
             self.graph.replay()
             return self.loss
         if self.calls <= self.warmup or self.captured:  # warm-up, or a capture that failed
-            return self._eager_on_side_stream(statics)
+            return on_side_stream(self._eager, statics)
         return self._capture(statics)
-
-    def _eager_on_side_stream(self, statics: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """An eager step on a side stream (torch's rule for the steps around a capture)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            loss = self._eager(statics)
-        torch.cuda.current_stream().wait_stream(side)
-        return loss
 
     def _capture(self, statics: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         self.captured = True
@@ -298,7 +305,7 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
             torch.cuda.synchronize()
-            return self._eager_on_side_stream(statics)
+            return on_side_stream(self._eager, statics)
         self.graph, self.loss = graph, loss
         graph.replay()  # the capture recorded this step's work without running it
         return loss
