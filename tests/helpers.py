@@ -131,3 +131,39 @@ def write_hf_image_text(path: Path, family: str = "gemma3", seed: int = 0, **tex
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_lora_model(tmp_path, device="cpu", dtype=torch.float32):
+    """A two-layer Llama in NF4 with rank-4 LoRA (B random, so every adapter has a gradient),
+    checkpointing on: what the graphed training paths' tests run."""
+    from fastqlora import FastLanguageModel
+
+    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=dtype, device=device)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return model
+
+
+def right_padded_batch(device, seed=0, rows=3, seq=13):
+    """Right-padded rows of different lengths (HF's collator), labels -100 on the padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 101, (rows, seq), generator=g)
+    lengths = torch.tensor([seq, seq - 4, seq - 9])[:rows]
+    mask = (torch.arange(seq) < lengths[:, None]).long()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def packed_batch(device):
+    """One row of three sequences (trl's padding-free batches): restarting position ids."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 101, (1, 21), generator=g)
+    pos = torch.cat([torch.arange(8), torch.arange(6), torch.arange(7)])[None]
+    labels = ids.clone()
+    labels[0, [0, 8, 14]] = -100
+    return {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device)}

@@ -199,20 +199,25 @@ class FastLanguageModel:
 
     @staticmethod
     def for_training(model: FastModel, cuda_graph: bool | None = None, **graph_options) -> FastModel:
-        """Training mode. ``cuda_graph=True``: on a GPU each training forward that computes a
-        loss (labels given, no logits asked for) and its backward replay from a CUDA graph per
-        batch shape (``train.graphed_loss``; for transformers' Trainer and plain loops that
-        step their own optimizer; trl's SFTTrainer computes its loss from the hidden states
-        itself and stays eager); ``False`` turns that off; None leaves it as it was.
-        ``graph_options``: GraphedLoss's ``bucket``, ``max_graphs``, ``warmup``."""
+        """Training mode. ``cuda_graph=True``: on a GPU, replay each training step's model
+        work from CUDA graphs, one set per batch shape: a forward that computes the loss
+        (labels given, no logits asked for) runs with its backward from one graph
+        (``train.graphed_loss``: transformers' Trainer, plain loops); ``model.base_model(...)``,
+        which trl's SFTTrainer calls to compute its own loss from the hidden states, runs its
+        forward and its backward from two (``train.graphed_backbone``). The optimizer and
+        everything else the loop does stays eager. ``False`` turns that off; None leaves it as
+        it was. ``graph_options``: ``bucket`` (widths padded to a multiple, 128),
+        ``max_graphs`` (shapes with graphs, 4), ``warmup`` (eager calls of a shape first, 2)."""
         model.train()
         if cuda_graph is not None:
             if cuda_graph:
+                from .train.graphed_backbone import GraphedBackbone
                 from .train.graphed_loss import GraphedLoss
 
                 model._graphed_loss = GraphedLoss(model, **graph_options)
+                model._graphed_backbone = GraphedBackbone(model, **graph_options)
             else:
-                model._graphed_loss = None
+                model._graphed_loss = model._graphed_backbone = None
         return model
 
 

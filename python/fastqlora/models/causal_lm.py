@@ -140,6 +140,12 @@ class CausalLM(nn.Module):
         trl's SFTTrainer projects through ``get_output_embeddings()`` with its own loss."""
         from transformers.modeling_outputs import BaseModelOutputWithPast
 
+        graphed = getattr(self, "_graphed_backbone", None)
+        if (graphed is not None and inputs_embeds is None and self.training and torch.is_grad_enabled()):
+            h = graphed({"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                         **kwargs})
+            if h is not None:  # else this batch runs eagerly below
+                return BaseModelOutputWithPast(last_hidden_state=h)
         h = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
                                kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
         return BaseModelOutputWithPast(last_hidden_state=h)

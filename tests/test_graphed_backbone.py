@@ -1,0 +1,134 @@
+"""FastLanguageModel.for_training(model, cuda_graph=True): ``model.base_model(...)`` (what
+trl's SFTTrainer calls before its own fused LM head) replays the backbone's forward and its
+backward from two CUDA graphs (train/graphed_backbone.py). On the CPU the same path runs
+without a capture (the batch padded to a bucket, boundaries from the host, the backward
+through the padded batch): the plain backbone's hidden states and gradients, right padding
+and packed rows alike, and two widths in one bucket; trl's SFTTrainer trains to the same
+adapters; on the GPU the replays against eager steps."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import packed_batch, rel_err, right_padded_batch, tiny_lora_model
+
+from fastqlora import FastLanguageModel
+from fastqlora.ops import backend
+
+HEAD = torch.randn(101, 64, generator=torch.Generator().manual_seed(9))
+
+
+def _head_loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What trl does with the hidden states: the next token's cross-entropy through a head."""
+    logits = h[:, :-1].float() @ HEAD.to(h.device).T
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _step(model, batch):
+    model.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    h = model.base_model(**inputs, use_cache=False).last_hidden_state
+    _head_loss(h, batch["labels"]).backward()
+    valid = batch["labels"] != -100
+    return h.detach()[valid], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_graphed_backbone_gives_the_plain_hidden_states_and_gradients(tmp_path, kernel_device):
+    model = tiny_lora_model(tmp_path, kernel_device)
+    twin = copy.deepcopy(model)
+    FastLanguageModel.for_training(twin, cuda_graph=True, bucket=64, capture=False)
+    # two widths in one bucket (the narrower one after the wider), then packed rows
+    batches = [right_padded_batch(kernel_device, seed=1, seq=40), right_padded_batch(kernel_device, seed=2, seq=13),
+               packed_batch(kernel_device)]
+    tol = 1e-5 if kernel_device == "cpu" else 1e-4
+    with backend("triton"):
+        for batch in batches:
+            want, wg = _step(model, batch)
+            got, gg = _step(twin, batch)
+            assert rel_err(got, want) < tol
+            assert all(rel_err(gg[k], wg[k]) < 10 * tol for k in wg)
+    entries = twin._graphed_backbone.entries
+    assert sorted(e.calls for e in entries.values()) == [1, 2]  # every batch took the path
+    assert all(k[1] == 64 for k in entries)  # padded to the bucket
+
+
+def test_what_runs_eagerly_and_what_is_refused(tmp_path):
+    model = tiny_lora_model(tmp_path)
+    FastLanguageModel.for_training(model, cuda_graph=True, capture=False)
+    graphed = model._graphed_backbone
+    b = {k: v for k, v in right_padded_batch("cpu").items() if k != "labels"}
+    assert graphed(dict(b, attention_mask=b["attention_mask"].flip(1))) is None  # left padding
+    assert graphed(dict(b, output_hidden_states=True)) is None  # an input it does not know
+    assert graphed(dict(b, cu_seq_lens_q=torch.tensor([0, 13]))) is None  # boundaries without positions
+    h = model.base_model(**b).last_hidden_state  # graphed
+    assert h.grad_fn is not None and graphed.entries
+    model.base_model(**b).last_hidden_state.sum().backward()  # a second forward of the shape
+    with pytest.raises(RuntimeError, match="overwritten by a later graphed forward"):
+        h.sum().backward()
+    with torch.no_grad():  # evaluation runs the plain backbone
+        assert model.base_model(**b).last_hidden_state.grad_fn is None
+    FastLanguageModel.for_training(model, cuda_graph=False)
+    assert model._graphed_backbone is None and model._graphed_loss is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="trl's SFTTrainer runs its own Triton kernel: needs a GPU or TRITON_INTERPRET=1")
+def test_trl_sft_trainer_trains_alike(tmp_path):
+    """trl's SFTTrainer (its fused LM head on base_model's hidden states) with and without the
+    graphed backbone (its CPU emulation): every training forward takes the path, and the
+    adapters after three steps are the plain ones."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from fastqlora.demo import data_dir
+
+    ds = datasets.Dataset.from_list([{"text": f"The capital of Spain is Madrid. Number {i * 7}."} for i in range(6)])
+    adapters = []
+    for graph in (False, True):
+        model, tok = FastLanguageModel.from_pretrained(str(data_dir() / "demo_model"), load_in_4bit=True,
+                                                       device="cpu", dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+        FastLanguageModel.for_training(model, cuda_graph=graph, capture=False)
+        cfg = trl.SFTConfig(output_dir=str(tmp_path / str(graph)), per_device_train_batch_size=2, max_steps=3,
+                            learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+                            max_length=64, seed=3, bf16=False)  # fp32: the paths equal within rounding
+        trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok).train()
+        if graph:
+            assert sum(e.calls for e in model._graphed_backbone.entries.values()) == 3
+        adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    plain, graphed = adapters
+    assert max(rel_err(graphed[k], plain[k]) for k in plain) < 1e-4
+
+
+@pytest.mark.gpu
+def test_replayed_backbone_on_the_gpu(tmp_path):
+    """bf16 on the GPU, AdamW stepping outside, the previous step's hidden states and loss
+    still referenced during the next forward (as a loop's variables are): ten steps of two
+    batch shapes (each shape's two warm-up calls, its capture, replays) give the eager steps'
+    losses and adapters within bf16 rounding; the graphs were captured."""
+    model = tiny_lora_model(tmp_path, "cuda", torch.bfloat16)
+    twin = copy.deepcopy(model)
+    FastLanguageModel.for_training(twin, cuda_graph=True)
+    batches = [right_padded_batch("cuda", seed=i, seq=13 if i % 2 else 140) for i in range(10)]
+
+    def train(m):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for b in batches:
+            h = m.base_model(**{k: v for k, v in b.items() if k != "labels"}).last_hidden_state
+            loss = _head_loss(h, b["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return losses
+
+    want, got = train(model), train(twin)
+    entries = twin._graphed_backbone.entries
+    assert len(entries) == 2 and all(e.forward is not None for e in entries.values())
+    assert got == pytest.approx(want, rel=2e-2)
+    a = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in twin.named_parameters() if p.requires_grad}
+    assert max(rel_err(b[k], a[k]) for k in a) < 2e-2
