@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -20,8 +19,8 @@ from fastqlora.demo import data_dir  # noqa: E402
 
 @pytest.mark.parametrize("trainer", ["transformers", "trl"])
 def test_both_modes_train_alike_on_the_cpu(tmp_path, trainer):
-    if trainer == "trl" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("trl's SFTTrainer runs its own Triton kernel: needs a GPU or TRITON_INTERPRET=1")
+    if trainer == "trl" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("trains on the CPU, where trl's own Triton kernel needs TRITON_INTERPRET=1")
     out = tmp_path / "hf.json"
     res = bench_hf_trainer.main(["--ckpt", str(data_dir() / "demo_model"), "--device", "cpu", "--seq", "40",
                                  "--batch", "2", "--steps", "3", "--skip", "1", "--trainer", trainer,

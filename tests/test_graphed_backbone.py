@@ -74,8 +74,8 @@ def test_what_runs_eagerly_and_what_is_refused(tmp_path):
     assert model._graphed_backbone is None and model._graphed_loss is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="trl's SFTTrainer runs its own Triton kernel: needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="trains on the CPU, where trl's own Triton kernel needs TRITON_INTERPRET=1")
 def test_trl_sft_trainer_trains_alike(tmp_path):
     """trl's SFTTrainer (its fused LM head on base_model's hidden states) with and without the
     graphed backbone (its CPU emulation): every training forward takes the path, and the

@@ -75,7 +75,7 @@ def test_replayed_loss_and_gradients_on_the_gpu(tmp_path):
     model = _model(tmp_path, "cuda", torch.bfloat16)
     twin = copy.deepcopy(model)
     FastLanguageModel.for_training(twin, cuda_graph=True)
-    batches = [_padded("cuda", seed=i, seq=13 if i % 2 else 40) for i in range(10)]
+    batches = [_padded("cuda", seed=i, seq=13 if i % 2 else 140) for i in range(10)]  # two buckets
 
     def train(m):
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)

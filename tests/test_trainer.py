@@ -68,8 +68,8 @@ def test_transformers_trainer_trains_it(tmp_path):
     assert len(changed) == len(before)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="trl's SFTTrainer runs its own Triton kernel: needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="trains on the CPU, where trl's own Triton kernel needs TRITON_INTERPRET=1")
 def test_trl_sft_trainer_trains_it(tmp_path):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
@@ -81,6 +81,8 @@ def test_trl_sft_trainer_trains_it(tmp_path):
     assert result.training_loss > 0
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="trains on the CPU, where trl's own Triton kernel needs TRITON_INTERPRET=1")
 def test_trl_dpo_trainer(tmp_path):
     """trl's DPOTrainer drives the model (reference log-probs precomputed from the model
     itself at the start, where LoRA's B = 0 makes it the base): the first step's loss is
