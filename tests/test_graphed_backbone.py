@@ -132,3 +132,33 @@ def test_replayed_backbone_on_the_gpu(tmp_path):
     a = {n: p for n, p in model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in twin.named_parameters() if p.requires_grad}
     assert max(rel_err(b[k], a[k]) for k in a) < 2e-2
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="trains on the CPU, where trl's own Triton kernel needs TRITON_INTERPRET=1")
+def test_trl_dpo_trainer_trains_alike(tmp_path):
+    """trl's DPOTrainer (chosen and rejected in one forward through base_model, the reference
+    log-probs precomputed under no_grad, which stays eager): the same losses with the graphed
+    backbone's CPU emulation as without, every training forward through it."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from fastqlora.demo import data_dir
+
+    data = datasets.Dataset.from_list([{"prompt": "Capital of Peru?", "chosen": " Lima.", "rejected": " Paris."},
+                                       {"prompt": "Capital of Chile?", "chosen": " Santiago.",
+                                        "rejected": " Rome."}] * 3)
+    losses = []
+    for graph in (False, True):
+        model, tok = FastLanguageModel.from_pretrained(str(data_dir() / "demo_model"), load_in_4bit=True,
+                                                       device="cpu", dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+        FastLanguageModel.for_training(model, cuda_graph=graph, capture=False)
+        args = trl.DPOConfig(output_dir=str(tmp_path / str(graph)), per_device_train_batch_size=2, max_steps=3,
+                             use_cpu=True, bf16=False, report_to=[], save_strategy="no", learning_rate=5e-3,
+                             logging_steps=1, beta=0.1, max_length=64, precompute_ref_log_probs=True, seed=1)
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+        if graph:
+            assert sum(e.calls for e in model._graphed_backbone.entries.values()) == 3
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)

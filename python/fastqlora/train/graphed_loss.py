@@ -2,7 +2,7 @@
 loops that call ``model(**batch).loss.backward()`` and step the optimizer themselves:
 transformers' Trainer, a plain loop. (``fastqlora train`` captures its whole step instead:
 ``step_graph.py``. trl's SFTTrainer computes its loss itself from ``model.base_model``'s hidden
-states, not through this forward, so its steps stay eager.)
+states, not through this forward: ``graphed_backbone.py`` graphs that.)
 
 Turned on by ``FastLanguageModel.for_training(model, cuda_graph=True)``. Then a training
 forward that is given labels and asked for no logits runs through :class:`GraphedLoss`:
