@@ -162,3 +162,36 @@ def test_trl_dpo_trainer_trains_alike(tmp_path):
             assert sum(e.calls for e in model._graphed_backbone.entries.values()) == 3
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_lora_dropout_draws_the_forwards_masks_in_the_backward(tmp_path, kernel_device):
+    """With LoRA dropout the graphed backbone counts seeds on the device (each replay draws
+    anew), and the checkpointed recomputation in its backward must draw the forward's masks
+    again: its hidden states and gradients equal those of the same padded batch from the same
+    seed without checkpointing (no recomputation), where a different mask would show."""
+    from fastqlora.ops import dropout as lora_dropout_state
+
+    model = tiny_lora_model(tmp_path, kernel_device, lora_dropout=0.3)
+    FastLanguageModel.for_training(model, cuda_graph=True, bucket=32, capture=False)
+    batch = right_padded_batch(kernel_device, seed=4, seq=21)
+    with backend("triton"):
+        lora_dropout_state.manual_seed(11)
+        got, gg = _step(model, batch)
+        entry = next(iter(model._graphed_backbone.entries.values()))
+        s = entry.static
+        model.gradient_checkpointing = "off"
+        model.zero_grad(set_to_none=True)
+        lora_dropout_state.manual_seed(11)
+        with lora_dropout_state.counting():
+            h = model.hidden_states(s["input_ids"], None, s["position_ids"], None, s["cu_seq_lens_q"], 32)
+        h = h[:, :21]
+        _head_loss(h, batch["labels"]).backward()
+    valid = batch["labels"] != -100
+    tol = 1e-5 if kernel_device == "cpu" else 1e-4
+    assert rel_err(got, h.detach()[valid]) < tol
+    assert all(rel_err(gg[n], p.grad) < 10 * tol for n, p in model.named_parameters() if p.requires_grad)
+    # and the masks were drawn: another seed gives other hidden states
+    lora_dropout_state.manual_seed(12)
+    with backend("triton"), lora_dropout_state.counting(), torch.no_grad():
+        other = model.hidden_states(s["input_ids"], None, s["position_ids"], None, s["cu_seq_lens_q"], 32)
+    assert rel_err(other[:, :21][valid], got) > 1e-3

@@ -30,14 +30,12 @@ evaluation and no_grad.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any
 
 import torch
 
 from ..lora import next_cast_epoch
-from ..ops import dropout as lora_dropout_state
 from .shape_graphs import ShapeEntry, ShapeGraphs
 
 # what trl's forward passes on to the backbone besides the tokens' layout
@@ -90,7 +88,7 @@ class GraphedBackbone(ShapeGraphs):
         entry, _ = found
         S = batch["input_ids"].shape[1]
         stream = self._side_stream(device) if capture else None
-        with self._context(stream):
+        with self._running(stream):
             if entry.forward is not None:
                 entry.forward.replay()
             elif capture and entry.calls > self.warmup and not entry.failed:
@@ -115,22 +113,13 @@ class GraphedBackbone(ShapeGraphs):
         entry.grad_hidden[:, :S].copy_(g)
         entry.grad_hidden[:, S:].zero_()  # a wider batch of this bucket may have written there
         if entry.backward is not None:
-            with lora_dropout_state.counting() if self.dropout else contextlib.nullcontext():
-                entry.backward.replay()
+            entry.backward.replay()
             return entry.grads
         if entry.hidden.grad_fn is None:
             raise RuntimeError("the backbone's hidden states of this call were already used by a backward")
         hidden, entry.hidden = entry.hidden, entry.hidden.detach()  # the warm-up's autograd graph, used once
-        with lora_dropout_state.counting() if self.dropout else contextlib.nullcontext():
+        with self._running(None):  # the recomputation rewinds dropout's counters as in the forward
             return torch.autograd.grad(hidden, self._params(), grad_outputs=entry.grad_hidden, allow_unused=True)
-
-    def _context(self, stream: torch.cuda.Stream | None) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        if stream is not None:
-            stack.enter_context(torch.cuda.stream(stream))
-        if self.dropout:
-            stack.enter_context(lora_dropout_state.counting())
-        return stack
 
     def _run(self, entry: _Entry) -> torch.Tensor:
         s = entry.static

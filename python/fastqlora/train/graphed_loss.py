@@ -32,14 +32,12 @@ padding; a shape past
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any
 
 import torch
 
 from ..lora import next_cast_epoch
-from ..ops import dropout as lora_dropout_state
 from .shape_graphs import ShapeEntry, ShapeGraphs
 
 _KEYS = frozenset({"input_ids", "labels", "attention_mask", "position_ids", "num_items_in_batch"})
@@ -95,8 +93,7 @@ class GraphedLoss(ShapeGraphs):
         else:
             entry.static["num_items_in_batch"].copy_(num, non_blocking=True)
         stream = self._side_stream(device) if capture else None
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), \
-                lora_dropout_state.counting() if self.dropout else contextlib.nullcontext():
+        with self._running(stream):
             if entry.graph is not None:
                 entry.graph.replay()
                 loss, grads = entry.loss, entry.grads

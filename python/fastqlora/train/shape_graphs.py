@@ -15,10 +15,12 @@ for trl's SFTTrainer, which computes its loss from the hidden states itself).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
+from ..ops import dropout as lora_dropout_state
 from .packing import packed_boundaries, pad_boundaries
 from .step_graph import has_dropout
 
@@ -152,3 +154,13 @@ class ShapeGraphs:
             self.stream = torch.cuda.Stream(device)
         self.stream.wait_stream(torch.cuda.current_stream(device))
         return self.stream
+
+    def _running(self, stream: torch.cuda.Stream | None) -> contextlib.ExitStack:
+        """Where a call's work runs: on ``stream`` (None: the current one), and inside LoRA
+        dropout's device counting when the model has dropout (each replay draws anew)."""
+        stack = contextlib.ExitStack()
+        if stream is not None:
+            stack.enter_context(torch.cuda.stream(stream))
+        if self.dropout:
+            stack.enter_context(lora_dropout_state.counting())
+        return stack
