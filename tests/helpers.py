@@ -133,16 +133,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def tiny_lora_model(tmp_path, device="cpu", dtype=torch.float32, lora_dropout=0.0):
+def tiny_lora_model(tmp_path, device="cpu", dtype=torch.float32, lora_dropout=0.0, checkpointing=True,
+                    family="llama"):
     """A two-layer Llama in NF4 with rank-4 LoRA (B random, so every adapter has a gradient),
-    checkpointing on: what the graphed training paths' tests run."""
+    checkpointing on (or ``checkpointing``: False, "offload"): what the graphed training paths'
+    tests run."""
     from fastqlora import FastLanguageModel
 
-    write_hf_model(tmp_path, "llama", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+    write_hf_model(tmp_path, family, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                    num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=dtype, device=device)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=lora_dropout,
-                                             use_gradient_checkpointing=True)
+                                             use_gradient_checkpointing=checkpointing)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_B"):

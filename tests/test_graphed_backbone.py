@@ -27,6 +27,17 @@ def _head_loss(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def _demo_model(graph: bool):
+    """The bundled demo model in fp32 with LoRA, the graphed paths on (their CPU emulation) or off."""
+    from fastqlora.demo import data_dir
+
+    model, tok = FastLanguageModel.from_pretrained(str(data_dir() / "demo_model"), load_in_4bit=True, device="cpu",
+                                                   dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+    FastLanguageModel.for_training(model, cuda_graph=graph, capture=False)
+    return model, tok
+
+
 def _step(model, batch):
     model.zero_grad(set_to_none=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -82,15 +93,10 @@ def test_trl_sft_trainer_trains_alike(tmp_path):
     adapters after three steps are the plain ones."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from fastqlora.demo import data_dir
-
     ds = datasets.Dataset.from_list([{"text": f"The capital of Spain is Madrid. Number {i * 7}."} for i in range(6)])
     adapters = []
     for graph in (False, True):
-        model, tok = FastLanguageModel.from_pretrained(str(data_dir() / "demo_model"), load_in_4bit=True,
-                                                       device="cpu", dtype=torch.float32)
-        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
-        FastLanguageModel.for_training(model, cuda_graph=graph, capture=False)
+        model, tok = _demo_model(graph)
         cfg = trl.SFTConfig(output_dir=str(tmp_path / str(graph)), per_device_train_batch_size=2, max_steps=3,
                             learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
                             max_length=64, seed=3, bf16=False)  # fp32: the paths equal within rounding
@@ -142,17 +148,12 @@ def test_trl_dpo_trainer_trains_alike(tmp_path):
     backbone's CPU emulation as without, every training forward through it."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from fastqlora.demo import data_dir
-
     data = datasets.Dataset.from_list([{"prompt": "Capital of Peru?", "chosen": " Lima.", "rejected": " Paris."},
                                        {"prompt": "Capital of Chile?", "chosen": " Santiago.",
                                         "rejected": " Rome."}] * 3)
     losses = []
     for graph in (False, True):
-        model, tok = FastLanguageModel.from_pretrained(str(data_dir() / "demo_model"), load_in_4bit=True,
-                                                       device="cpu", dtype=torch.float32)
-        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
-        FastLanguageModel.for_training(model, cuda_graph=graph, capture=False)
+        model, tok = _demo_model(graph)
         args = trl.DPOConfig(output_dir=str(tmp_path / str(graph)), per_device_train_batch_size=2, max_steps=3,
                              use_cpu=True, bf16=False, report_to=[], save_strategy="no", learning_rate=5e-3,
                              logging_steps=1, beta=0.1, max_length=64, precompute_ref_log_probs=True, seed=1)

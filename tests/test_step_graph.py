@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import rel_err, write_hf_model
+from helpers import rel_err, tiny_lora_model
 
 from fastqlora import FastLanguageModel
 from fastqlora.ops import backend
@@ -17,16 +17,7 @@ from fastqlora.train.step_graph import GraphedTrainStep
 
 
 def _model(tmp_path, device="cpu", dtype=torch.float32, checkpointing=True, dropout=0.0, family="llama"):
-    write_hf_model(tmp_path, family, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                   num_key_value_heads=2, num_hidden_layers=2, vocab_size=101, head_dim=16)
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path), load_in_4bit=True, dtype=dtype, device=device)
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout,
-                                             use_gradient_checkpointing=checkpointing)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    return model
+    return tiny_lora_model(tmp_path, device, dtype, lora_dropout=dropout, checkpointing=checkpointing, family=family)
 
 
 def _batches(n, device, rows=2, seq=11, seed=0):

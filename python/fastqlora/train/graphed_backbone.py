@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..lora import next_cast_epoch
-from .shape_graphs import ShapeEntry, ShapeGraphs
+from .shape_graphs import ShapeEntry, ShapeGraphs, check_not_overwritten
 
 # what trl's forward passes on to the backbone besides the tokens' layout
 _IGNORED = frozenset({"use_cache", "return_dict", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
@@ -74,18 +74,15 @@ class GraphedBackbone(ShapeGraphs):
     """``graphed(batch) -> hidden states [B, S, H]`` (or None: run this batch eagerly)."""
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        params = self._params()
         extra = {k for k, v in batch.items() if v is not None} - {"input_ids", "attention_mask", "position_ids"}
-        if not params or not extra <= _IGNORED or batch.get("input_ids") is None:
+        if not extra <= _IGNORED or batch.get("input_ids") is None:
             return None
         if batch.get("cu_seq_lens_q") is not None and batch.get("position_ids") is None:
             return None  # boundaries this path could not recompute
-        device = params[0].device
-        capture = self._capturing(device)
-        found = self._entry(batch, device, _Entry)
-        if found is None:
+        begun = self._begin(batch, _Entry)
+        if begun is None:
             return None
-        entry, _ = found
+        entry, _, params, device, capture = begun
         S = batch["input_ids"].shape[1]
         stream = self._side_stream(device) if capture else None
         with self._running(stream):
@@ -103,10 +100,7 @@ class GraphedBackbone(ShapeGraphs):
     def backward(self, entry: _Entry, token: int, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """The parameters' gradients for the gradient ``g`` of the hidden states handed out
         by the call numbered ``token`` (runs on the stream the call ran on)."""
-        if entry.replays != token:
-            raise RuntimeError("these hidden states' activations were overwritten by a later graphed forward of the "
-                               "same batch shape: call backward before the next forward, or train without the graph "
-                               "(FastLanguageModel.for_training(model, cuda_graph=False))")
+        check_not_overwritten(entry, token, "these hidden states' activations were")
         if entry.grad_hidden is None:
             entry.grad_hidden = torch.zeros_like(entry.hidden)
         S = g.shape[1]

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..lora import next_cast_epoch
-from .shape_graphs import ShapeEntry, ShapeGraphs
+from .shape_graphs import ShapeEntry, ShapeGraphs, check_not_overwritten
 
 _KEYS = frozenset({"input_ids", "labels", "attention_mask", "position_ids", "num_items_in_batch"})
 
@@ -64,10 +64,7 @@ class _HandOver(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         entry = ctx.entry
-        if entry.replays != ctx.token:
-            raise RuntimeError("this loss's gradients were overwritten by a later graphed forward of the same batch "
-                               "shape: call backward before the next forward, or train without the graph "
-                               "(FastLanguageModel.for_training(model, cuda_graph=False))")
+        check_not_overwritten(entry, ctx.token, "this loss's gradients were")
         return (None, None, None, *[None if sg is None else sg * g for sg in entry.grads])
 
 
@@ -75,15 +72,12 @@ class GraphedLoss(ShapeGraphs):
     """``graphed(batch) -> loss`` (or None: run this batch eagerly) for ``model``."""
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        params = self._params()
-        if not params or not set(batch) <= _KEYS or batch.get("labels") is None:
+        if not set(batch) <= _KEYS or batch.get("labels") is None:
             return None
-        device = params[0].device
-        capture = self._capturing(device)
-        found = self._entry(batch, device, _Entry)
-        if found is None:
+        begun = self._begin(batch, _Entry)
+        if begun is None:
             return None
-        entry, cpu = found
+        entry, cpu, params, device, capture = begun
         num = batch.get("num_items_in_batch")
         if num is None:  # the mean over the counted tokens, as the eager forward takes it
             num = int((cpu["labels"][:, 1:] != -100).sum())

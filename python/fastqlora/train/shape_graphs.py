@@ -82,6 +82,15 @@ def fixed_batch(batch: dict[str, Any], bucket: int) -> tuple[tuple, int, dict[st
     return (B, W, str(ids.dtype)), cu.numel() - 1, out
 
 
+def check_not_overwritten(entry: "ShapeEntry", token: int, what: str) -> None:
+    """Raise unless ``entry`` is still at the call numbered ``token`` (``what``: what a later
+    forward of the same shape overwrote)."""
+    if entry.replays != token:
+        raise RuntimeError(f"{what} overwritten by a later graphed forward of the same batch shape: call "
+                           "backward before the next forward, or train without the graph "
+                           "(FastLanguageModel.for_training(model, cuda_graph=False))")
+
+
 class ShapeEntry:
     """One batch shape: its static inputs on the device, its graphs, and its call counts."""
 
@@ -116,6 +125,18 @@ class ShapeGraphs:
 
     def _capturing(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.capture is None else self.capture
+
+    def _begin(self, batch: dict[str, Any], make) -> tuple[Any, dict, list, torch.device, bool] | None:
+        """(entry, CPU tensors, trainable parameters, device, whether to capture) for a call,
+        or None when it runs eagerly; see :meth:`_entry`."""
+        params = self._params()
+        if not params:
+            return None
+        device = params[0].device
+        found = self._entry(batch, device, make)
+        if found is None:
+            return None
+        return (*found, params, device, self._capturing(device))
 
     def _entry(self, batch: dict[str, Any], device: torch.device, make) -> tuple[Any, dict] | None:
         """(the entry of this batch's shape with its static inputs filled, the CPU tensors),
