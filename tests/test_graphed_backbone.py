@@ -196,3 +196,14 @@ def test_lora_dropout_draws_the_forwards_masks_in_the_backward(tmp_path, kernel_
     with backend("triton"), lora_dropout_state.counting(), torch.no_grad():
         other = model.hidden_states(s["input_ids"], None, s["position_ids"], None, s["cu_seq_lens_q"], 32)
     assert rel_err(other[:, :21][valid], got) > 1e-3
+
+
+def test_a_failed_capture_is_said_and_the_shape_runs_eagerly(monkeypatch):
+    from fastqlora.train.shape_graphs import ShapeEntry, ShapeGraphs
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # no GPU here
+    entry = ShapeEntry(slots=8)
+    with pytest.warns(RuntimeWarning, match="capturing the backbone's forward and backward as CUDA graphs failed "
+                                            r"\(boom\); batches of this shape run eagerly"):
+        ShapeGraphs._capture_failed(entry, ValueError("boom"), "the backbone's forward and backward")
+    assert entry.failed

@@ -30,12 +30,10 @@ evaluation and no_grad.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
-from ..lora import next_cast_epoch
 from .shape_graphs import ShapeEntry, ShapeGraphs, check_not_overwritten
 
 # what trl's forward passes on to the backbone besides the tokens' layout
@@ -133,11 +131,7 @@ class GraphedBackbone(ShapeGraphs):
                 grads = torch.autograd.grad(hidden, params, grad_outputs=entry.grad_hidden, retain_graph=True,
                                             allow_unused=True)
         except Exception as exc:  # noqa: BLE001  (any capture failure: this shape runs eagerly)
-            warnings.warn(f"capturing the backbone's forward and backward as CUDA graphs failed ({exc}); batches of "
-                          "this shape run eagerly", RuntimeWarning, stacklevel=3)
-            entry.failed = True
-            next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
-            torch.cuda.synchronize()
+            self._capture_failed(entry, exc, "the backbone's forward and backward")
             entry.hidden = self._run(entry)
             return
         entry.forward, entry.backward, entry.hidden, entry.grads = forward, backward, hidden, grads

@@ -32,12 +32,10 @@ padding; a shape past
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
-from ..lora import next_cast_epoch
 from .shape_graphs import ShapeEntry, ShapeGraphs, check_not_overwritten
 
 _KEYS = frozenset({"input_ids", "labels", "attention_mask", "position_ids", "num_items_in_batch"})
@@ -120,11 +118,7 @@ class GraphedLoss(ShapeGraphs):
             with torch.cuda.graph(graph, stream=stream):
                 loss, grads = self._forward_backward(entry, params)
         except Exception as exc:  # noqa: BLE001  (any capture failure: this shape runs eagerly)
-            warnings.warn(f"capturing the loss forward and backward as a CUDA graph failed ({exc}); batches of "
-                          "this shape run eagerly", RuntimeWarning, stacklevel=3)
-            entry.failed = True
-            next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
-            torch.cuda.synchronize()
+            self._capture_failed(entry, exc, "the loss forward and backward")
             return self._forward_backward(entry, params)
         entry.graph, entry.loss = graph, loss
         graph.replay()  # the capture recorded this call's work without running it

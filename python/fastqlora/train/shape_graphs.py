@@ -16,10 +16,12 @@ for trl's SFTTrainer, which computes its loss from the hidden states itself).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
 
+from ..lora import next_cast_epoch
 from ..ops import dropout as lora_dropout_state
 from .packing import packed_boundaries, pad_boundaries
 from .step_graph import has_dropout
@@ -185,3 +187,12 @@ class ShapeGraphs:
         if self.dropout:
             stack.enter_context(lora_dropout_state.counting())
         return stack
+
+    @staticmethod
+    def _capture_failed(entry: ShapeEntry, exc: Exception, what: str) -> None:
+        """After any capture failure: say so once; this shape runs eagerly from now on."""
+        warnings.warn(f"capturing {what} as CUDA graphs failed ({exc}); batches of this shape run eagerly",
+                      RuntimeWarning, stacklevel=4)
+        entry.failed = True
+        next_cast_epoch()  # the adapters' casts made during the capture are not valid copies
+        torch.cuda.synchronize()
