@@ -4,7 +4,8 @@
 # tests-more, nf4 (NF4_ARGS=--sweep), kernels, flash, flash-sweep, load, e2e (E2E_ARGS=...), profile (PROFILE_ARGS=...),
 # families (the model families' GPU tests, bf16 kernels against the reference ops),
 # generate (generation's GPU tests, then bench_generate.py with GEN_ARGS),
-# train-graph (the graphed training step's GPU tests, bench_trainer.py eager vs graph, then bench_e2e.py ours vs ours-graph, GRAPH_ARGS)
+# train-graph (the graphed training step's GPU tests, bench_trainer.py eager vs graph, then bench_e2e.py ours vs ours-graph, GRAPH_ARGS),
+# trainers-graph (for_training(cuda_graph=True) under transformers' Trainer and trl: GPU tests, bench_hf_trainer.py both ways)
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -52,6 +53,14 @@ for stage in "$@"; do
       python3 "$FQ_SRC/benchmarks/bench_trainer.py" --shape llama-3.2-1b --out "$OUT/trainer.json" 2>&1 | grep -v Warn | tail -4
       python3 "$FQ_SRC/benchmarks/bench_e2e.py" --out "$OUT/e2e_graph.json" --steps 4 \
         ${GRAPH_ARGS:---shapes llama-3.2-1b:2x2048,smollm3-3b:2x2048 --systems ours,ours-graph} 2>&1 | grep -v Warn | tail -12 ;;
+    trainers-graph)  # the graphed loss path and graphed backbone: their tests, then eager vs graph under both trainers
+      timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider "$FQ_SRC/tests/test_graphed_loss.py" \
+        "$FQ_SRC/tests/test_graphed_backbone.py" > "$OUT/trainers_graph_tests.log" 2>&1; tail -3 "$OUT/trainers_graph_tests.log"
+      for trainer in transformers trl; do
+        timeout ${TEST_CAP:-200} python3 "$FQ_SRC/benchmarks/bench_hf_trainer.py" --trainer $trainer \
+          --shape ${TRAINERS_SHAPE:-llama-3.2-1b} --out "$OUT/${trainer}_graph.json" > "$OUT/${trainer}_graph.log" 2>&1
+        grep -v Warn "$OUT/${trainer}_graph.log" | tail -3
+      done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
