@@ -72,7 +72,9 @@ class GraphedBackbone(ShapeGraphs):
     """``graphed(batch) -> hidden states [B, S, H]`` (or None: run this batch eagerly)."""
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        extra = {k for k, v in batch.items() if v is not None} - {"input_ids", "attention_mask", "position_ids"}
+        # options left at None or False ask for nothing (as the loss path reads them)
+        extra = {k for k, v in batch.items() if v is not None and v is not False} - {
+            "input_ids", "attention_mask", "position_ids"}
         if not extra <= _IGNORED or batch.get("input_ids") is None:
             return None
         if batch.get("cu_seq_lens_q") is not None and batch.get("position_ids") is None:
