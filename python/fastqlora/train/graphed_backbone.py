@@ -60,12 +60,12 @@ class _Hidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, owner: "GraphedBackbone", entry: _Entry, token: int, hidden: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
-        ctx.owner, ctx.entry, ctx.token = owner, entry, token
+        ctx.owner, ctx.entry, ctx.token, ctx.params = owner, entry, token, params
         return hidden.detach().clone()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return (None, None, None, None, *ctx.owner.backward(ctx.entry, ctx.token, g))
+        return (None, None, None, None, *ctx.owner.backward(ctx.entry, ctx.token, g, ctx.params))
 
 
 class GraphedBackbone(ShapeGraphs):
@@ -97,9 +97,11 @@ class GraphedBackbone(ShapeGraphs):
             torch.cuda.current_stream(device).wait_stream(stream)
         return out
 
-    def backward(self, entry: _Entry, token: int, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The parameters' gradients for the gradient ``g`` of the hidden states handed out
-        by the call numbered ``token`` (runs on the stream the call ran on)."""
+    def backward(self, entry: _Entry, token: int, g: torch.Tensor,
+                 params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+        """The gradients of ``params`` (the call's trainable parameters) for the gradient ``g``
+        of the hidden states handed out by the call numbered ``token`` (runs on the stream the
+        call ran on)."""
         check_not_overwritten(entry, token, "these hidden states' activations were")
         if entry.grad_hidden is None:
             entry.grad_hidden = torch.zeros_like(entry.hidden)
@@ -113,7 +115,7 @@ class GraphedBackbone(ShapeGraphs):
             raise RuntimeError("the backbone's hidden states of this call were already used by a backward")
         hidden, entry.hidden = entry.hidden, entry.hidden.detach()  # the warm-up's autograd graph, used once
         with self._running(None):  # the recomputation rewinds dropout's counters as in the forward
-            return torch.autograd.grad(hidden, self._params(), grad_outputs=entry.grad_hidden, allow_unused=True)
+            return torch.autograd.grad(hidden, params, grad_outputs=entry.grad_hidden, allow_unused=True)
 
     def _run(self, entry: _Entry) -> torch.Tensor:
         s = entry.static
