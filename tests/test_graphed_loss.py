@@ -65,6 +65,8 @@ def test_what_runs_eagerly_and_what_is_refused(tmp_path):
     assert model._graphed_loss is None
     with pytest.raises(ValueError, match="positive"):
         FastLanguageModel.for_training(model, cuda_graph=True, bucket=0)
+    with pytest.raises(TypeError, match="bucket must be an int"):
+        FastLanguageModel.for_training(model, cuda_graph=True, bucket="128")
 
 
 @pytest.mark.gpu

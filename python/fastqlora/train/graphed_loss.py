@@ -69,6 +69,8 @@ class _HandOver(torch.autograd.Function):
 class GraphedLoss(ShapeGraphs):
     """``graphed(batch) -> loss`` (or None: run this batch eagerly) for ``model``."""
 
+    inside = False  # set while this path calls the model's forward, which then runs as usual
+
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor | None:
         if not set(batch) <= _KEYS or batch.get("labels") is None:
             return None

@@ -109,6 +109,9 @@ class ShapeGraphs:
 
     def __init__(self, model: torch.nn.Module, *, bucket: int = 128, max_graphs: int = 4, warmup: int = 2,
                  capture: bool | None = None) -> None:
+        for name, value in (("bucket", bucket), ("max_graphs", max_graphs), ("warmup", warmup)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if bucket < 1 or max_graphs < 1 or warmup < 1:
             raise ValueError(f"bucket, max_graphs and warmup must be positive; got {bucket}, {max_graphs}, {warmup}")
         if getattr(model, "gradient_checkpointing", "off") == "offload":
@@ -118,7 +121,6 @@ class ShapeGraphs:
         self.bucket, self.max_graphs, self.warmup = bucket, max_graphs, warmup
         self.capture = capture
         self.entries: dict[tuple, Any] = {}
-        self.inside = False  # the model's forward, called from here, runs as usual
         self.dropout: bool | None = None  # whether LoRA dropout counts seeds on the device
         self.stream: torch.cuda.Stream | None = None  # made at the first call on a GPU
 
