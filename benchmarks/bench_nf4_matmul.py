@@ -150,7 +150,7 @@ def projections(args, rows, gen):
                     return (nf4_gemv_cuda if c.cuda else nf4_gemv)(x, w, c, xa=xa_, lora_b=b_, scale=2.0)
                 return nf4_matmul_fwd(x, [w], c, xa=xa_, lora_b=[b_], scales=[2.0])
 
-            cands = (nf4_configs.gemv_candidates(M, N, K, cuda=M == 1 and cuda_gemv_available(x, w))
+            cands = (nf4_configs.gemv_candidates(M, N, K, cuda=cuda_gemv_available(x, w))
                      + nf4_configs.forward_candidates(cap, M, N, K))
             t, cfg = best_fused(fwd, cands, f"fwd {name} M={M}")
             r["fused"], r["fused_cfg"] = t, cfg.short() if cfg else None

@@ -5,7 +5,8 @@ by replaying N calls captured in a CUDA graph (``bench_nf4_matmul.graph_us``), a
 bitsandbytes' ``matmul_4bit`` timed the same way, on Llama-3-8B's projection shapes. Each
 candidate's result is checked against bitsandbytes' dequantize + an fp32 matmul (rows with
 relative error ≥ 1e-2 are printed as BAD). At M = 1 the Triton gemv and the extension's CUDA
-gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles; at
+gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles, at
+M = 2 the CUDA gemv's two-row kernels; at
 M ≤ 16 the extension's tensor-core decode (``cuda mma s<warps K is split over> [kb<blocks of
 the grid K is split over>]``). ``--table`` times the dispatch's tables instead of the whole
 grid. The decode table in ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of q/o k/v gate/up down")
     ap.add_argument("--m", default="1,16", help="rows to sweep")
     ap.add_argument("--wa-only", action="store_true", help="only the weight-as-A tiles")
-    ap.add_argument("--gemv-only", action="store_true", help="only the one-row kernels (Triton and CUDA), M = 1")
+    ap.add_argument("--gemv-only", action="store_true", help="only the gemv kernels (Triton at M = 1, CUDA at M <= 2)")
     ap.add_argument("--table", action="store_true", help="the dispatch's tables (nf4_configs) and the mma grid only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -59,6 +60,8 @@ def main() -> None:
     # the extension's CUDA gemv (csrc/nf4_gemv.cu): weight rows a warp x warps a block
     gemv += [G(r, 1, wp, cuda=True) for r in (1, 2, 4, 8) for wp in (4, 8)]
     gemv += [G(r, sk, wp, cuda=True) for r in (2, 4, 8) for sk in (2, 4) for wp in (4, 8)]
+    # at two rows of x: the CUDA gemv without one weight row a warp
+    gemv2 = [c for c in gemv if c.cuda and c.bn > 1]
     mma = [] if args.wa_only or args.gemv_only else [D(s, kb) for s in (2, 4) for kb in (1, 2, 4, 8, 16)]
     cap = torch.cuda.get_device_capability()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -75,7 +78,9 @@ def main() -> None:
             if args.table:
                 grid = nf4_configs.forward_candidates(cap, M, N, K)
                 gemv = nf4_configs.gemv_candidates(1, N, K, cuda=True)
-            for c in grid + (gemv if M == 1 else []) + (mma if M <= 16 else []):
+                gemv2 = nf4_configs.gemv_candidates(2, N, K, cuda=True)
+            rowwise = gemv if M == 1 else gemv2 if M <= nf4_configs.CUDA_GEMV_MAX_M else []
+            for c in grid + rowwise + (mma if M <= 16 else []):
                 if isinstance(c, D):
                     f = (lambda c=c: nf4_decode_mma(x, w, c))
                 elif K % c.bk or K // c.bk < c.split_k * 2:

@@ -46,12 +46,13 @@ void quantize_blockwise8_cuda(const float* src, int64_t n, const float* code, in
 // every shape gives equal bits.
 void nf4_dequantize_config(int bytes, int unroll, int blocks_per_sm, int streaming);
 std::tuple<int, int, int, int> nf4_dequantize_get_config();
-// One row (decode): y[n] = Σ_k x[k]·code[q[n, k]]·absmax[n, k/64] + scale·Σ_j xa[j]·lora_b[n, j]
-// + bias[n], x/xa/lora_b/bias/y in `dtype` (fp16 or bf16), fp32 sums; blocksize 64, K a
+// One or two rows (decode): y[m, n] = Σ_k x[m, k]·code[q[n, k]]·absmax[n, k/64] + scale·Σ_j
+// xa[m, j]·lora_b[n, j] + bias[n], x [M, K], xa [M, rank] and y [M, N] contiguous, M = 1 or 2,
+// x/xa/lora_b/bias/y in `dtype` (fp16 or bf16), fp32 sums; blocksize 64, K a
 // multiple of 64, packed under 2 GiB, x and packed 16-byte aligned; absmax fp32, or qabsmax with code2/absmax2/
 // offset (double quantization). lora_b and bias may be null. `rows` weight rows a warp
 // (1, 2, 4, 8), `warps` a block, K split over `split` warps (1, 2, 4; dividing `warps`).
-void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
+void nf4_gemv_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
                    const void* bias, void* y, int dtype, int rows, int warps, int split, int64_t stream);

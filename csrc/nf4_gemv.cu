@@ -1,8 +1,10 @@
-// The one-row NF4 product for decoding: y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias, x [1, K].
+// The one- and two-row NF4 products for decoding: y = x·dequant(W)ᵀ + s·xa·Bᵀ + bias, x [M, K],
+// M = 1 or 2.
 //
 // At one token the product reads each 4-bit weight once and does one multiply-add with
 // it, so it is bound by the weight's bytes and by the instructions a weight costs. Two
-// choices keep that cost at ~3 instructions (a shift, a shuffle, a fused multiply-add):
+// choices keep that cost at ~3 instructions (a shift, a shuffle, a fused multiply-add;
+// at two rows one more multiply-add, the decoded code serving both):
 //
 // * the absmax is factored out of each 64-weight block,
 //       y[n] = Σ_b absmax[n, b] · Σ_{k ∈ b} code[q[n, k]] · x[k],
@@ -53,22 +55,30 @@ template <> __device__ __forceinline__ void unpack2<__half>(uint32_t u, float& a
   b = f.y;
 }
 
-// Σ code[q_j]·x[j] over the 32 weights of 16 packed bytes (byte i: weight 2i in the high
-// nibble, 2i+1 in the low); `table` is this lane's code[lane mod 16].
-__device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float table) {
+// Σ code[q_j]·x[m][j] over the 32 weights of 16 packed bytes (byte i: weight 2i in the
+// high nibble, 2i+1 in the low), for each of the MR rows of x; `table` is this lane's
+// code[lane mod 16]. Each code is looked up once and used for every row.
+template <int MR>
+__device__ __forceinline__ void dot32(uint4 w, const float (&x)[MR][32], float table, float (&out)[MR]) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float even = 0.0f, odd = 0.0f;  // two chains: more independent FMAs in flight
+  float even[MR], odd[MR];  // two chains a row: more independent FMAs in flight
+#pragma unroll
+  for (int m = 0; m < MR; ++m) even[m] = odd[m] = 0.0f;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float ce = __shfl_sync(kFull, table, static_cast<int>(words[q] >> (8 * i + 4)));
       const float co = __shfl_sync(kFull, table, static_cast<int>(words[q] >> (8 * i)));
-      even = __fmaf_rn(ce, x[8 * q + 2 * i], even);
-      odd = __fmaf_rn(co, x[8 * q + 2 * i + 1], odd);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        even[m] = __fmaf_rn(ce, x[m][8 * q + 2 * i], even[m]);
+        odd[m] = __fmaf_rn(co, x[m][8 * q + 2 * i + 1], odd[m]);
+      }
     }
   }
-  return __fadd_rn(even, odd);
+#pragma unroll
+  for (int m = 0; m < MR; ++m) out[m] = __fadd_rn(even[m], odd[m]);
 }
 
 // Q (double quantization): a block's absmax is code2[qabsmax[b]]·absmax2[b >> shift2] +
@@ -77,13 +87,13 @@ __device__ __forceinline__ float dot32(uint4 w, const float (&x)[32], float tabl
 // 64-bit division per row and step cost more than the row's 32 weights (measured in the
 // SASS: a call to the s64 division routine).
 
-template <typename T, int R, int S, bool Q>
+template <typename T, int MR, int R, int S, bool Q>
 __global__ void __launch_bounds__(256) k_nf4_gemv(
     const T* __restrict__ x, int64_t K, const uint8_t* __restrict__ packed, const float* __restrict__ code,
     const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax, const float* __restrict__ code2,
     const float* __restrict__ absmax2, float offset, int shift2, int64_t N, const T* __restrict__ xa,
     const T* __restrict__ lora_b, int rank, float scale, const T* __restrict__ bias, T* __restrict__ y) {
-  __shared__ float partial[8][R];
+  __shared__ float partial[8][MR * R];
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
   const int part = wib % S;
@@ -103,13 +113,14 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
     // Rows past N (the last group) repeat row N-1; their sums are never stored. Every
     // load below is unconditional, so the warp never diverges around the shuffles.
     uint32_t wofs[R], bofs[R];
-    float acc[R];
+    float acc[MR][R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const uint32_t n = static_cast<uint32_t>(n0 + r < rows_n ? n0 + r : rows_n - 1);
       wofs[r] = n * row_bytes;
       bofs[r] = n * row_blocks;
-      acc[r] = 0.0f;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) acc[m][r] = 0.0f;
     }
     if (lora_b != nullptr && part == 0 && lane < R) {
       // the epilogue's LoRA row into L2 while the weights stream
@@ -148,61 +159,87 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
         if constexpr (Q) a = __fadd_rn(__fmul_rn(__ldg(code2 + q_raw[r]), a_raw[r]), offset);
         amax[r] = in_row ? a : 0.0f;
       }
-      float xv[32];
-      const uint4* xp = reinterpret_cast<const uint4*>(x + 2 * c);
+      float xv[MR][32];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint4 v = __ldg(xp + j);
-        unpack2<T>(v.x, xv[8 * j + 0], xv[8 * j + 1]);
-        unpack2<T>(v.y, xv[8 * j + 2], xv[8 * j + 3]);
-        unpack2<T>(v.z, xv[8 * j + 4], xv[8 * j + 5]);
-        unpack2<T>(v.w, xv[8 * j + 6], xv[8 * j + 7]);
+      for (int m = 0; m < MR; ++m) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (m * 2 * row_bytes + 2 * c));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint4 v = __ldg(xp + j);
+          unpack2<T>(v.x, xv[m][8 * j + 0], xv[m][8 * j + 1]);
+          unpack2<T>(v.y, xv[m][8 * j + 2], xv[m][8 * j + 3]);
+          unpack2<T>(v.z, xv[m][8 * j + 4], xv[m][8 * j + 5]);
+          unpack2<T>(v.w, xv[m][8 * j + 6], xv[m][8 * j + 7]);
+        }
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = __fmaf_rn(dot32(w[r], xv, table), amax[r], acc[r]);
+      for (int r = 0; r < R; ++r) {
+        float d[MR];
+        dot32<MR>(w[r], xv, table, d);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[m][r] = __fmaf_rn(d[m], amax[r], acc[m][r]);
+      }
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(kFull, acc[r], o);
+    for (int m = 0; m < MR; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        for (int o = 16; o > 0; o >>= 1) acc[m][r] += __shfl_xor_sync(kFull, acc[m][r], o);
+      }
     }
     if (S > 1) {
       if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) partial[wib][r] = acc[r];
+        for (int m = 0; m < MR; ++m) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) partial[wib][m * R + r] = acc[m][r];
+        }
       }
       __syncthreads();
       if (part == 0) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float v = partial[wib][r];
-          for (int p = 1; p < S; ++p) v += partial[wib + p][r];
-          acc[r] = v;
+        for (int m = 0; m < MR; ++m) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float v = partial[wib][m * R + r];
+            for (int p = 1; p < S; ++p) v += partial[wib + p][m * R + r];
+            acc[m][r] = v;
+          }
         }
       }
       __syncthreads();  // the next group's totals overwrite `partial`
     }
     if (part != 0 || !live) continue;
-    // LoRA: s·Σ_j xa[j]·B[n, j], lanes splitting j; then bias; one lane stores. Every
+    // LoRA: s·Σ_j xa[m, j]·B[n, j], lanes splitting j; then bias; one lane stores. Every
     // row's loads are issued before any row's sum: row by row, each waited on the last
     // (R dependent round trips at the kernel's end).
-    float lo[R];
+    float lo[MR][R];
     float bv[R];
     if (lora_b != nullptr && rank <= 32) {
       // one term a lane: the loads carry no loop, so all R are in flight together
       const bool has = lane < rank;
-      const float xj = has ? to_f32(xa[lane]) : 0.0f;
+      float xj[MR];
+#pragma unroll
+      for (int m = 0; m < MR; ++m) xj[m] = has ? to_f32(xa[m * rank + lane]) : 0.0f;
       T braw[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) braw[r] = has && n0 + r < rows_n ? lora_b[int64_t{n0 + r} * rank + lane] : from_f32<T>(0.0f);
 #pragma unroll
-      for (int r = 0; r < R; ++r) lo[r] = xj * to_f32(braw[r]);
+      for (int m = 0; m < MR; ++m) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) lo[m][r] = xj[m] * to_f32(braw[r]);
+      }
     } else {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        lo[r] = 0.0f;
+#pragma unroll
+        for (int m = 0; m < MR; ++m) lo[m][r] = 0.0f;
         if (lora_b != nullptr && n0 + r < rows_n) {
           for (int j = lane; j < rank; j += 32) {
-            lo[r] = __fmaf_rn(to_f32(xa[j]), to_f32(lora_b[int64_t{n0 + r} * rank + j]), lo[r]);
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+              lo[m][r] = __fmaf_rn(to_f32(xa[m * rank + j]), to_f32(lora_b[int64_t{n0 + r} * rank + j]), lo[m][r]);
+            }
           }
         }
       }
@@ -210,18 +247,23 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
 #pragma unroll
     for (int r = 0; r < R; ++r) bv[r] = bias != nullptr && n0 + r < rows_n && lane == 0 ? to_f32(bias[n0 + r]) : 0.0f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int n = n0 + r;
-      if (lora_b != nullptr) {
-        for (int o = 16; o > 0; o >>= 1) lo[r] += __shfl_xor_sync(kFull, lo[r], o);
-        acc[r] = __fmaf_rn(scale, lo[r], acc[r]);
+    for (int m = 0; m < MR; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int n = n0 + r;
+        float v = acc[m][r];
+        if (lora_b != nullptr) {
+          float l = lo[m][r];
+          for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(kFull, l, o);
+          v = __fmaf_rn(scale, l, v);
+        }
+        if (lane == 0 && n < rows_n) y[int64_t{m} * rows_n + n] = from_f32<T>(bias != nullptr ? v + bv[r] : v);
       }
-      if (lane == 0 && n < rows_n) y[n] = from_f32<T>(bias != nullptr ? acc[r] + bv[r] : acc[r]);
     }
   }
 }
 
-template <typename T, int R, int S, bool Q>
+template <typename T, int MR, int R, int S, bool Q>
 void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
             const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int shift2,
             int64_t N, const void* xa, const void* lora_b, int rank, float scale, const void* bias, void* y,
@@ -229,7 +271,7 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
   const int64_t groups = (N + R - 1) / R;
   const int64_t per_block = warps / S;
   const int64_t blocks = (groups + per_block - 1) / per_block;
-  k_nf4_gemv<T, R, S, Q><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
+  k_nf4_gemv<T, MR, R, S, Q><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
       static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
       static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
       static_cast<T*>(y));
@@ -241,32 +283,43 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
 #define FQ_GEMV_ARGS x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N, xa, lora_b, rank, scale, bias, y, warps, s
 
 template <typename T, bool Q>
-void launch_config(int rows, int split, const void* x, int64_t K, const uint8_t* packed, const float* code,
+void launch_config(int m, int rows, int split, const void* x, int64_t K, const uint8_t* packed, const float* code,
                    const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                    float offset, int shift2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
                    const void* bias, void* y, int warps, cudaStream_t s) {
-  switch (rows * 16 + split) {
-    case 1 * 16 + 1: return launch<T, 1, 1, Q>(FQ_GEMV_ARGS);
-    case 2 * 16 + 1: return launch<T, 2, 1, Q>(FQ_GEMV_ARGS);
-    case 4 * 16 + 1: return launch<T, 4, 1, Q>(FQ_GEMV_ARGS);
-    case 8 * 16 + 1: return launch<T, 8, 1, Q>(FQ_GEMV_ARGS);
-    case 2 * 16 + 2: return launch<T, 2, 2, Q>(FQ_GEMV_ARGS);
-    case 4 * 16 + 2: return launch<T, 4, 2, Q>(FQ_GEMV_ARGS);
-    case 8 * 16 + 2: return launch<T, 8, 2, Q>(FQ_GEMV_ARGS);
-    case 2 * 16 + 4: return launch<T, 2, 4, Q>(FQ_GEMV_ARGS);
-    case 4 * 16 + 4: return launch<T, 4, 4, Q>(FQ_GEMV_ARGS);
-    case 8 * 16 + 4: return launch<T, 8, 4, Q>(FQ_GEMV_ARGS);
+  switch (m * 256 + rows * 16 + split) {
+    case 256 + 1 * 16 + 1: return launch<T, 1, 1, 1, Q>(FQ_GEMV_ARGS);
+    case 256 + 2 * 16 + 1: return launch<T, 1, 2, 1, Q>(FQ_GEMV_ARGS);
+    case 256 + 4 * 16 + 1: return launch<T, 1, 4, 1, Q>(FQ_GEMV_ARGS);
+    case 256 + 8 * 16 + 1: return launch<T, 1, 8, 1, Q>(FQ_GEMV_ARGS);
+    case 256 + 2 * 16 + 2: return launch<T, 1, 2, 2, Q>(FQ_GEMV_ARGS);
+    case 256 + 4 * 16 + 2: return launch<T, 1, 4, 2, Q>(FQ_GEMV_ARGS);
+    case 256 + 8 * 16 + 2: return launch<T, 1, 8, 2, Q>(FQ_GEMV_ARGS);
+    case 256 + 2 * 16 + 4: return launch<T, 1, 2, 4, Q>(FQ_GEMV_ARGS);
+    case 256 + 4 * 16 + 4: return launch<T, 1, 4, 4, Q>(FQ_GEMV_ARGS);
+    case 256 + 8 * 16 + 4: return launch<T, 1, 8, 4, Q>(FQ_GEMV_ARGS);
+    // two rows of x: no one-row-a-warp kernel (each warp's x loads then serve one weight row)
+    case 512 + 2 * 16 + 1: return launch<T, 2, 2, 1, Q>(FQ_GEMV_ARGS);
+    case 512 + 4 * 16 + 1: return launch<T, 2, 4, 1, Q>(FQ_GEMV_ARGS);
+    case 512 + 8 * 16 + 1: return launch<T, 2, 8, 1, Q>(FQ_GEMV_ARGS);
+    case 512 + 2 * 16 + 2: return launch<T, 2, 2, 2, Q>(FQ_GEMV_ARGS);
+    case 512 + 4 * 16 + 2: return launch<T, 2, 4, 2, Q>(FQ_GEMV_ARGS);
+    case 512 + 8 * 16 + 2: return launch<T, 2, 8, 2, Q>(FQ_GEMV_ARGS);
+    case 512 + 2 * 16 + 4: return launch<T, 2, 2, 4, Q>(FQ_GEMV_ARGS);
+    case 512 + 4 * 16 + 4: return launch<T, 2, 4, 4, Q>(FQ_GEMV_ARGS);
+    case 512 + 8 * 16 + 4: return launch<T, 2, 8, 4, Q>(FQ_GEMV_ARGS);
     default:
-      throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(rows) +
-                                  " rows a warp and K split " + std::to_string(split) +
-                                  "; rows 1/2/4/8 with split 1, rows 2/4/8 with split 2 or 4");
+      throw std::invalid_argument("nf4_gemv_cuda: no kernel for " + std::to_string(m) + " rows of x, " +
+                                  std::to_string(rows) + " weight rows a warp and K split " + std::to_string(split) +
+                                  "; one row of x: weight rows 1/2/4/8 with split 1, 2/4/8 with split 2 or 4; "
+                                  "two rows of x: weight rows 2/4/8 with split 1, 2 or 4");
   }
 }
 #undef FQ_GEMV_ARGS
 
 }  // namespace
 
-void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
+void nf4_gemv_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code, const float* absmax,
                    const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset,
                    int64_t blocksize2, int64_t N, const void* xa, const void* lora_b, int rank, float scale,
                    const void* bias, void* y, int dtype, int rows, int warps, int split, int64_t stream) {
@@ -274,6 +327,7 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
     throw std::invalid_argument("nf4_gemv_cuda: K must be a positive multiple of 64 and N positive, got K=" +
                                 std::to_string(K) + ", N=" + std::to_string(N));
   }
+  if (M < 1 || M > 2) throw std::invalid_argument("nf4_gemv_cuda: x must have 1 or 2 rows, got " + std::to_string(M));
   if (warps < 1 || warps > 8) throw std::invalid_argument("nf4_gemv_cuda: warps per block must be 1..8");
   if (split < 1 || warps % split != 0) {
     throw std::invalid_argument("nf4_gemv_cuda: the K split (" + std::to_string(split) +
@@ -294,7 +348,7 @@ void nf4_gemv_cuda(const void* x, int64_t K, const uint8_t* packed, const float*
   }
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
 #define FQ_GEMV_CALL(T, Q)                                                                                   \
-  return launch_config<T, Q>(rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, \
+  return launch_config<T, Q>(static_cast<int>(M), rows, split, x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, \
                              N, xa, lora_b, rank, scale, bias, y, warps, s)
   const bool nested = qabsmax != nullptr;
   switch (dtype) {

@@ -286,10 +286,13 @@ def test_gpu_dispatch_bf16(M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("N,K,r", [(1000, 4160, 16), (37, 64, 40), (4097, 14336, 8)])
-def test_gpu_cuda_gemv_odd_shapes(dtype, nested, N, K, r):
-    """The extension's one-row kernel (csrc/nf4_gemv.cu), every config: rows past N in the
-    last warp, K not a multiple of 1024 (lanes past the row's end), LoRA ranks above 32,
-    bias, plain and double-quantized absmax, against the fp64 oracle; run twice, equal."""
+@pytest.mark.parametrize("M", [1, 2])
+def test_gpu_cuda_gemv_odd_shapes(M, dtype, nested, N, K, r):
+    """The extension's one- and two-row kernels (csrc/nf4_gemv.cu), every config: rows past N
+    in the last warp, K not a multiple of 1024 (lanes past the row's end), LoRA ranks above 32,
+    bias, plain and double-quantized absmax, against the fp64 oracle; run twice, equal. Each
+    row of a two-row product is bit for bit the one-row kernel's on that row (same config:
+    the same sums in the same order)."""
     from fastqlora.ops.nf4_gemv_cuda import available, nf4_gemv_cuda
     from fastqlora.quant import NF4Tensor
     from fastqlora.triton_kernels import nf4_configs
@@ -298,25 +301,44 @@ def test_gpu_cuda_gemv_odd_shapes(dtype, nested, N, K, r):
     g = torch.Generator().manual_seed(N + K + r)
     w = NF4Tensor.quantize((torch.randn(N, K, generator=g) * 0.05).cuda(), blocksize=64, compress_statistics=nested)
     assert (w.absmax.dtype == torch.uint8) == nested
-    x = torch.randn(1, K, generator=g).to("cuda", dtype)
-    xa = (torch.randn(1, r, generator=g) * 0.5).to("cuda", dtype)
+    x = torch.randn(M, K, generator=g).to("cuda", dtype)
+    xa = (torch.randn(M, r, generator=g) * 0.5).to("cuda", dtype)
     b = (torch.randn(N, r, generator=g) * 0.1).to("cuda", dtype)
     bias = torch.randn(N, generator=g).to("cuda", dtype)
     wd = nf4h.dequantize_oracle(w, torch.float64)
     ref = x.double() @ wd.t() + 1.5 * (xa.double() @ b.double().t()) + bias.double()
     ref_plain = x.double() @ wd.t()
     assert available(x, w)
-    cfgs = [c for c in nf4_configs.gemv_candidates(1, N, K, cuda=True) if c.cuda]
+    cfgs = [c for c in nf4_configs.gemv_candidates(M, N, K, cuda=True) if c.cuda]
     assert cfgs
-    # every kernel the extension has, listed in the table or not
-    cfgs += [GemvConfig(r, sk, 8, cuda=True)
-             for r, sk in ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2), (2, 4), (4, 4), (8, 4))]
+    # every kernel the extension has for M rows, listed in the table or not
+    kernels = ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2), (2, 4), (4, 4), (8, 4))
+    cfgs += [GemvConfig(rw, sk, 8, cuda=True) for rw, sk in kernels if M == 1 or rw > 1]
     for cfg in cfgs:
         y = nf4_gemv_cuda(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias)
-        assert y.shape == (1, N) and y.dtype == dtype
+        assert y.shape == (M, N) and y.dtype == dtype
         assert rel(y, ref) < 5e-3, cfg
         assert torch.equal(nf4_gemv_cuda(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias), y)
         assert rel(nf4_gemv_cuda(x, w, cfg), ref_plain) < 5e-3, cfg
+        if M == 2:
+            for m in range(M):
+                one = nf4_gemv_cuda(x[m:m + 1], w, cfg, xa=xa[m:m + 1], lora_b=b, scale=1.5, bias=bias)
+                assert torch.equal(one[0], y[m]), (cfg, m)
+
+
+def test_gemv_candidates_by_rows():
+    """The gemv's configs by rows of x: the Triton gemv's (and the CUDA gemv's first, when it
+    can take the product) at one row; only the CUDA two-row kernels (never one weight row a
+    warp, which the extension has no two-row kernel for) at two; none at three. CPU only."""
+    from fastqlora.triton_kernels import nf4_configs
+
+    one = nf4_configs.gemv_candidates(1, 4096, 4096, cuda=True)
+    assert one[0].cuda and any(not c.cuda for c in one)
+    assert all(not c.cuda for c in nf4_configs.gemv_candidates(1, 4096, 4096, cuda=False))
+    two = nf4_configs.gemv_candidates(2, 4096, 4096, cuda=True)
+    assert two and all(c.cuda and c.bn in (2, 4, 8) and c.split_k in (1, 2, 4) for c in two)
+    assert nf4_configs.gemv_candidates(2, 4096, 4096, cuda=False) == []
+    assert nf4_configs.gemv_candidates(3, 4096, 4096, cuda=True) == []
 
 
 @pytest.mark.gpu
@@ -337,6 +359,14 @@ def test_gpu_cuda_gemv_refuses_bad_input():
         nf4_gemv_cuda(x_ok, w, GemvConfig(4, 3, 8, cuda=True))
     with pytest.raises(ValueError, match="no kernel"):
         nf4_gemv_cuda(x_ok, w, GemvConfig(3, 1, 8, cuda=True))
+    x_two = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
+    assert available(x_two, w) and not available(torch.randn(3, 128, device="cuda", dtype=torch.bfloat16), w)
+    assert not available(torch.randn(128, 2, device="cuda", dtype=torch.bfloat16).t(), w)  # not contiguous
+    with pytest.raises(ValueError, match="no kernel for 2 rows of x, 1 weight rows"):
+        nf4_gemv_cuda(x_two, w, GemvConfig(1, 1, 8, cuda=True))
+    with pytest.raises(ValueError, match="xa must be"):
+        nf4_gemv_cuda(x_two, w, GemvConfig(2, 1, 8, cuda=True), xa=torch.zeros(1, 4, device="cuda", dtype=torch.bfloat16),
+                      lora_b=torch.zeros(64, 4, device="cuda", dtype=torch.bfloat16))
 
 
 def test_cuda_gemv_refuses_what_it_cannot_take():
@@ -357,6 +387,7 @@ def test_cuda_gemv_refuses_what_it_cannot_take():
     (dict(K=96), "multiple of 64"), (dict(warps=9), "warps per block"), (dict(split=3), "K split"),
     (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),
     (dict(N=2**25), "under 2 GiB"), (dict(rows=3), "no kernel"), (dict(rows=1, split=2), "no kernel"), (dict(dtype=0), "float16 or bfloat16"),
+    (dict(M=3), "1 or 2 rows"), (dict(M=0), "1 or 2 rows"), (dict(M=2, rows=1, split=1), "no kernel for 2 rows of x"),
 ])
 def test_cuda_gemv_binding_checks_before_launch(change, match):
     """The extension's one-row kernel refuses a bad shape or config before touching memory
@@ -366,7 +397,7 @@ def test_cuda_gemv_binding_checks_before_launch(change, match):
 
     if not built_with_cuda():
         pytest.skip("the extension was built without CUDA")
-    args = dict(x=4096, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
+    args = dict(x=4096, M=1, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
                 blocksize2=256, N=8, xa=0, lora_b=0, rank=0, scale=1.0, bias=0, y=0, dtype=2, rows=4, warps=8,
                 split=2, stream=0)
     args.update(change)

@@ -124,7 +124,7 @@ _FWD_DECODE = [
 ]
 
 # One row only (see nf4_gemv.py for why not more).
-GEMV_MAX_M = 1
+GEMV_MAX_M = 1  # the Triton gemv: one row
 _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 # The extension's CUDA gemv (bf16/fp16 x, built with CUDA): (weight rows a warp, K split over
 # warps, warps a block). The H200 sweep's fastest per Llama-3-8B shape
@@ -132,6 +132,11 @@ _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 # gate/up r8 sk2 w4, r8 w4, r8 w8, down r8 sk4 w4/w8; and one config for each other row count.
 _CUDA_GEMV = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (8, 4, 4), (8, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (8, 1, 4), (8, 1, 8), (4, 2, 8), (1, 1, 8))]
+# Two rows of x (each decoded code serves both): the same kernels but one weight row a warp
+# (128 registers at 2-4 weight rows a warp, 191 at 8).
+CUDA_GEMV_MAX_M = 2
+_CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
+    (2, 4, 8), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 2, 8), (2, 2, 8), (8, 4, 4), (8, 2, 4), (4, 1, 8))]
 
 # The tensor-core decode (csrc/nf4_decode_mma.cu), 2 <= M <= 16 (one row: the gemv above is
 # faster). The H200 sweep's fastest (split, kb) per Llama-3-8B shape at M = 2, 8, 16
@@ -180,11 +185,16 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
 
 
 def gemv_candidates(M: int, N: int, K: int, cuda: bool = False) -> list[GemvConfig]:
-    """Tensor-core-free configs for one weight [N, K] at M ≤ GEMV_MAX_M rows (else none);
-    ``cuda``: the extension's CUDA gemv can take this product, list its configs first."""
-    if M > GEMV_MAX_M:
+    """Tensor-core-free configs for one weight [N, K]: at one row the Triton gemv's, and first
+    the extension's CUDA gemv's when ``cuda`` (it can take this product); at two rows the CUDA
+    gemv's two-row kernels only (when ``cuda``); none above."""
+    if M <= GEMV_MAX_M:
+        cands = (_CUDA_GEMV if cuda else []) + _GEMV
+    elif M <= CUDA_GEMV_MAX_M and cuda:
+        cands = list(_CUDA_GEMV2)
+    else:
         return []
-    return [c for c in (_CUDA_GEMV if cuda else []) + _GEMV if K % c.bk == 0]
+    return [c for c in cands if K % c.bk == 0]
 
 
 def decode_mma_candidates(M: int, cuda: bool) -> list[DecodeMmaConfig]:

@@ -127,7 +127,7 @@ def frozen_matmul(
 
     rank = xa.shape[1] if xa is not None else 0
     K = int(weights[0].shape[1])
-    cuda_ok = x.shape[0] == 1 and all(cuda_gemv_available(x, w) for w in weights)
+    cuda_ok = all(cuda_gemv_available(x, w) for w in weights)
     mma_ok = all(cuda_mma_available(x, w) for w in weights)
     choice = nf4_dispatch.choose("fwd", x, [out_features(w) for w in weights], K, rank, fused, plain,
                                  cuda_gemv=cuda_ok, cuda_mma=mma_ok)
