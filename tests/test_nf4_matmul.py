@@ -572,3 +572,76 @@ def test_gpu_dispatch_refuses_a_wrong_config():
     assert pick == nf4_dispatch.CUBLAS
     assert nf4_dispatch.rejected() and all(r[2] > 0.3 for r in nf4_dispatch.rejected()[-3:])
     nf4_dispatch.clear()
+
+
+def test_programmatic_launch_switch():
+    """FASTQLORA_PDL's switch in the extension: off reads back off; on reads back on exactly
+    where a launch can use it (a CUDA build on an sm_90+ device), never on a CPU-only build."""
+    from fastqlora._ext import built_with_cuda, ext
+
+    C = ext()
+    try:
+        C.set_programmatic_launch(False)
+        assert C.programmatic_launch() is False
+        C.set_programmatic_launch(True)
+        sm90 = built_with_cuda() and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+        assert C.programmatic_launch() is sm90
+    finally:
+        C.set_programmatic_launch(True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["gemv1", "gemv2", "mma4"])
+def test_gpu_programmatic_launch_chain_same_bits(kernel):
+    """Eight decode products chained (each one's output the next one's input), captured in a
+    CUDA graph and replayed with programmatic dependent launch, give the bits of the same chain
+    launched plainly and eagerly: a kernel scheduled early waits for the one before it before
+    reading x (a wait missing or misplaced reads a stale x). Split-K across the grid included."""
+    from fastqlora._ext import ext
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma
+    from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    C = ext()
+    g = torch.Generator().manual_seed(11)
+    K = 1536
+    ws = [NF4Tensor.quantize((torch.randn(K, K, generator=g) * (1.0 / K ** 0.5)).cuda(), blocksize=64,
+                             compress_statistics=True) for _ in range(2)]
+    M = {"gemv1": 1, "gemv2": 2, "mma4": 4}[kernel]
+    x0 = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
+
+    def chain(x):
+        for i in range(8):
+            if kernel == "mma4":
+                x = nf4_decode_mma(x, ws[i % 2], DecodeMmaConfig(4, 4))
+            else:
+                x = nf4_gemv_cuda(x, ws[i % 2], GemvConfig(2, 4, 8, cuda=True))
+        return x
+
+    try:
+        C.set_programmatic_launch(False)
+        want = chain(x0.clone())
+        torch.cuda.synchronize()
+        C.set_programmatic_launch(True)
+        assert C.programmatic_launch()
+        assert torch.equal(chain(x0.clone()), want)  # eager, programmatic
+        static_x = x0.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            chain(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = chain(static_x)
+        for _ in range(3):
+            static_y.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, want)
+        assert want.abs().max() > 0
+    finally:
+        C.set_programmatic_launch(True)
