@@ -15,8 +15,7 @@ every kernel launched from Python, projections by dequantize + cuBLAS); ``ours-g
 (FASTQLORA_DECODE_KERNELS=0: the graph, projections by dequantize + cuBLAS);
 ``ours-eager-decode`` (eager steps through the decode kernels); ``ours-torch-attn`` and
 ``ours-eager-torch-attn`` (FASTQLORA_DECODE_ATTENTION=0: the step's attention as torch ops,
-graphed or eager, instead of the split decode-attention kernels); ``ours-no-pdl`` (FASTQLORA_PDL=0:
-the NF4 decode kernels launched without programmatic dependent launch).
+graphed or eager, instead of the split decode-attention kernels).
 
     python benchmarks/bench_generate.py --shapes llama-3-8b:1,llama-3.2-1b:1 --prompt 128 --new 128
 
@@ -42,8 +41,7 @@ OURS_ENV = {"ours": {}, "ours-eager": {"FASTQLORA_DECODE_GRAPH": "0"},
             "ours-graph-dequant": {"FASTQLORA_DECODE_KERNELS": "0"},
             "ours-eager-decode": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_KERNELS": "1"},
             "ours-torch-attn": {"FASTQLORA_DECODE_ATTENTION": "0"},
-            "ours-eager-torch-attn": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_ATTENTION": "0"},
-            "ours-no-pdl": {"FASTQLORA_PDL": "0"}}
+            "ours-eager-torch-attn": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_ATTENTION": "0"}}
 
 
 def load_baseline(ckpt: str):
@@ -161,12 +159,10 @@ def main() -> None:
             write_random_checkpoint(ckpt, shape=shape)
         row = {"shape": shape, "batch": int(batch)}
         for system in args.systems.split(","):
-            # a system named twice (rounds alternated against drift) is kept as "name #2", ...
-            key = system if system not in row else f"{system} #{sum(k.split(' #')[0] == system for k in row) + 1}"
-            row[key] = spawn(system, ckpt, int(batch), args)
-            r = row[key]
+            row[system] = spawn(system, ckpt, int(batch), args)
+            r = row[system]
             if "error" not in r:
-                print(f"{shape} b{batch} {key}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
+                print(f"{shape} b{batch} {system}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
                       f"{r['decode_ms_per_token']:.2f} ms/token ({r['decode_tokens_per_s']:.1f} tok/s), "
                       f"peak {r['peak_alloc_gib']:.1f} GiB, tokens {r['first_tokens']}", flush=True)
         base = row.get("baseline", {})

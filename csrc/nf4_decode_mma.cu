@@ -46,7 +46,6 @@
 #include "cuda_check.h"
 #include "cuda_convert.cuh"
 #include "nf4.h"
-#include "pdl.cuh"
 
 namespace fq {
 namespace {
@@ -251,8 +250,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   __shared__ float code2_s[256];
   __shared__ int is_last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  pdl_allow_dependents();
-  pdl_wait();  // launched early (programmatic launch): touch no global memory before this
   {
     const float c = __ldg(code + (lane & 15));  // lane holds code[lane mod 16]
     for (int b = warp; b < 256; b += kWarps) {
@@ -417,8 +414,9 @@ void launch(const void* x, int M, int K, const Operands& op, const float* code, 
     FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTableBytes));
     if (dev < 64) opted_in[dev] = true;
   }
-  FQ_CUDA_CHECK(launch_pdl(kernel, dim3(blocks, ky), dim3(kWarps * 32), kTableBytes, s, static_cast<const T*>(x), M, K,
-                           op, code, N, chunk, ws, counters, ep, static_cast<T*>(y)));
+  kernel<<<dim3(blocks, ky), kWarps * 32, kTableBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
+                                                             counters, ep, static_cast<T*>(y));
+  FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma");
 }
 
 template <typename T, int NT, bool Q, bool V>

@@ -36,7 +36,6 @@
 #include "cuda_check.h"
 #include "cuda_convert.cuh"
 #include "nf4.h"
-#include "pdl.cuh"
 
 namespace fq {
 namespace {
@@ -98,8 +97,6 @@ __global__ void __launch_bounds__(256) k_nf4_gemv(
   const int lane = threadIdx.x & 31;
   const int wib = threadIdx.x >> 5;
   const int part = wib % S;
-  pdl_allow_dependents();
-  pdl_wait();  // launched early (programmatic launch): touch no global memory before this
   const float table = __ldg(code + (lane & 15));
   // 32-bit offsets (the host refuses a packed weight of 2 GiB or more): with 64-bit row
   // pointers the compiler rebuilt each row's addresses every step (~45 instructions a row
@@ -274,10 +271,11 @@ void launch(const void* x, int64_t K, const uint8_t* packed, const float* code, 
   const int64_t groups = (N + R - 1) / R;
   const int64_t per_block = warps / S;
   const int64_t blocks = (groups + per_block - 1) / per_block;
-  FQ_CUDA_CHECK(launch_pdl(k_nf4_gemv<T, MR, R, S, Q>, dim3(static_cast<unsigned>(blocks)), dim3(32 * warps), 0, s,
-                           static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2,
-                           N, static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale,
-                           static_cast<const T*>(bias), static_cast<T*>(y)));
+  k_nf4_gemv<T, MR, R, S, Q><<<static_cast<unsigned>(blocks), 32 * warps, 0, s>>>(
+      static_cast<const T*>(x), K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2, N,
+      static_cast<const T*>(xa), static_cast<const T*>(lora_b), rank, scale, static_cast<const T*>(bias),
+      static_cast<T*>(y));
+  FQ_CUDA_CHECK_LAUNCH("k_nf4_gemv");
 }
 
 // Args after the config: x, K, packed, code, absmax, qabsmax, code2, absmax2, offset, shift2,

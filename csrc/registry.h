@@ -8,7 +8,4 @@ namespace fq {
 void register_device(pybind11::module_& m);
 void register_nf4(pybind11::module_& m);
 void register_offload(pybind11::module_& m);
-// device.cpp: whether the decode kernels launch with programmatic dependent launch (pdl.cuh)
-bool programmatic_launch();
-void set_programmatic_launch(bool on);
 }  // namespace fq

@@ -5,8 +5,6 @@ here turn tensors into those integers and check what the extension cannot.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -16,9 +14,6 @@ except ImportError as exc:  # pragma: no cover - only when the package was not b
     _IMPORT_ERROR: ImportError | None = exc
 else:
     _IMPORT_ERROR = None
-    # The decode kernels launch with programmatic dependent launch on sm_90+ (csrc/pdl.cuh):
-    # each may be scheduled while the kernel before it finishes. FASTQLORA_PDL=0 turns it off.
-    _C.set_programmatic_launch(os.environ.get("FASTQLORA_PDL", "1") != "0")
 
 
 def ext():
