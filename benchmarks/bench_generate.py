@@ -15,7 +15,8 @@ every kernel launched from Python, projections by dequantize + cuBLAS); ``ours-g
 (FASTQLORA_DECODE_KERNELS=0: the graph, projections by dequantize + cuBLAS);
 ``ours-eager-decode`` (eager steps through the decode kernels); ``ours-torch-attn`` and
 ``ours-eager-torch-attn`` (FASTQLORA_DECODE_ATTENTION=0: the step's attention as torch ops,
-graphed or eager, instead of the split decode-attention kernels).
+graphed or eager, instead of the split decode-attention kernels). A system named twice in
+``--systems`` runs twice in that order (rounds alternated against drift), kept as "name #2".
 
     python benchmarks/bench_generate.py --shapes llama-3-8b:1,llama-3.2-1b:1 --prompt 128 --new 128
 
@@ -159,10 +160,12 @@ def main() -> None:
             write_random_checkpoint(ckpt, shape=shape)
         row = {"shape": shape, "batch": int(batch)}
         for system in args.systems.split(","):
-            row[system] = spawn(system, ckpt, int(batch), args)
-            r = row[system]
+            # a system named twice (rounds alternated against drift) is kept as "name #2", ...
+            key = system if system not in row else f"{system} #{sum(k.split(' #')[0] == system for k in row) + 1}"
+            row[key] = spawn(system, ckpt, int(batch), args)
+            r = row[key]
             if "error" not in r:
-                print(f"{shape} b{batch} {system}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
+                print(f"{shape} b{batch} {key}: prefill {r['prefill_s'] * 1e3:.1f} ms, decode "
                       f"{r['decode_ms_per_token']:.2f} ms/token ({r['decode_tokens_per_s']:.1f} tok/s), "
                       f"peak {r['peak_alloc_gib']:.1f} GiB, tokens {r['first_tokens']}", flush=True)
         base = row.get("baseline", {})
