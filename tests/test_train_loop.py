@@ -270,7 +270,11 @@ def test_cuda_graph_auto_chooses_by_device_settings_and_fill(tmp_path):
         trainer.cfg = _cfg(tmp_path, max_seq_length=64, **blocked)
         assert not trainer._step_mode(full)[0], blocked
     trainer.cfg = _cfg(tmp_path, max_seq_length=64, optim="adamw_8bit", packing=False)
-    assert "with this optim, packing" in trainer._step_mode(full)[1]
+    line = trainer._step_mode(full)[1]
+    mib = 6 * sum(p.numel() for p in trainer.params) / 2**20  # two fp32 moments against two 8-bit ones
+    assert "optim='adamw_8bit'" in line and f"{mib:.0f} MiB larger" in line and "packing=false" in line, line
+    trainer.cfg = _cfg(tmp_path, max_seq_length=64, use_gradient_checkpointing="offload")
+    assert "use_gradient_checkpointing='offload'" in trainer._step_mode(full)[1]
     trainer.cfg = _cfg(tmp_path, max_seq_length=64)
     assert "average" in trainer._step_mode(short)[1] and "CUDA graph" in trainer._step_mode(full)[1]
     trainer.group = object()  # several processes: the graphed step sums over them

@@ -140,13 +140,28 @@ class Trainer:
             return False, f"eager training steps (on {self.device.type}; a CUDA graph needs a CUDA device)"
         blockers = cfg.graph_blockers() + ([] if cfg.packing else ["packing"])
         if blockers:
-            return False, f"eager training steps (a CUDA graph cannot replay them with this {', '.join(blockers)})"
+            why = "; ".join(self._blocker_reason(b) for b in blockers)
+            return False, f"eager training steps (a CUDA graph cannot replay them with {why})"
         tokens = sum(len(r) for r in rows)
         if tokens * 4 < 3 * len(rows) * cfg.max_seq_length:
             return False, (f"eager training steps (the packed rows are {tokens / max(1, len(rows)):.0f} tokens "
                            f"long on average: padded to max_seq_length={cfg.max_seq_length} for a CUDA graph "
                            "they would run mostly padding; cuda_graph=true insists)")
         return True, graphed
+
+    def _blocker_reason(self, key: str) -> str:
+        """One setting that keeps the steps eager: its value, why, and what a graph replays."""
+        cfg = self.cfg
+        if key == "optim":
+            # AdamW's two fp32 moments against bitsandbytes' two 8-bit ones: 6 bytes a parameter
+            extra = 6 * sum(p.numel() for p in self.params) / 2**20
+            return (f"optim={cfg.optim!r}: bitsandbytes' 8-bit step takes its step count and rate from the host; "
+                    f"optim='adamw' replays, its state {extra:.0f} MiB larger for these adapters")
+        if key == "use_gradient_checkpointing":
+            return (f"use_gradient_checkpointing={cfg.use_gradient_checkpointing!r}: the offloaded activations' "
+                    "pinned host buffers are allocated during the step; True replays")
+        return ("packing=false: every row would be padded to max_seq_length; packing=true replays "
+                "(its rows keep each example's own attention)")
 
     # -- state -------------------------------------------------------------------------
     def _rows(self, examples) -> list:
