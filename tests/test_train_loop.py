@@ -12,7 +12,8 @@ from fastqlora.cli import main as cli_main
 from fastqlora.demo import data_dir, run_demo
 from fastqlora.train import TrainConfig, Trainer
 from fastqlora.train.data import Example, load_dataset
-from fastqlora.train.packing import collate, pack_examples, unpacked_rows
+from fastqlora.train.loop import graph_width, padded_tokens
+from fastqlora.train.packing import collate, epoch_batches, pack_examples, unpacked_rows
 
 MODEL = str(data_dir() / "demo_model")
 DATA = str(data_dir() / "demo.jsonl")
@@ -185,8 +186,8 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
 def test_cuda_graph_mode_trains_as_the_plain_loop(tmp_path, monkeypatch, kernel_device):
     """cuda_graph=True (on the CPU: the graphed step's eager emulation, which checks on its
     third step that nothing is read back to the host where the Triton kernels run) pads rows
-    to max_seq_length, drops the mask and hands the boundaries over: the same losses as the
-    plain loop, and a resumed run continues as the whole one."""
+    to the longest row's width, drops the mask and hands the boundaries over: the same losses
+    as the plain loop, and a resumed run continues as the whole one."""
     from fastqlora.ops import backend
 
     short = dict(max_steps=3, max_seq_length=64)
@@ -196,7 +197,8 @@ def test_cuda_graph_mode_trains_as_the_plain_loop(tmp_path, monkeypatch, kernel_
     assert graphed.graphed is not None
     with backend("triton"):  # the kernels' path, under the interpreter: the readback check runs
         history = graphed.train()
-    assert graphed.graphed.captured and graphed.graphed.static["input_ids"].shape == (2, 64)
+    assert graphed.graphed.captured
+    assert graphed.graphed.static["input_ids"].shape == (2, graph_width(graphed.rows, 64))
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
     whole = _trainer(_cfg(tmp_path / "whole", cuda_graph=True, max_steps=4)).train()
     cut = _trainer(_cfg(tmp_path / "cut", cuda_graph=True, max_steps=4))
@@ -205,6 +207,35 @@ def test_cuda_graph_mode_trains_as_the_plain_loop(tmp_path, monkeypatch, kernel_
         cut.train()
     resumed = _trainer(_cfg(tmp_path / "cut", max_steps=4, cuda_graph=True, resume=True)).train()
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in whole], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:cuda_graph=True replays:RuntimeWarning")
+def test_cuda_graph_mode_unpacked_rows_at_the_longest_rows_width(tmp_path):
+    """Unpacked rows in a graphed step are padded to the longest row, not to max_seq_length:
+    the static batch has that width, and the losses are the plain loop's (which pads each
+    batch to its own longest row)."""
+    short = dict(max_steps=3, packing=False)
+    plain = _trainer(_cfg(tmp_path / "plain", **short)).train()
+    graphed = _trainer(_cfg(tmp_path / "graph", cuda_graph=True, **short))
+    width = graph_width(graphed.rows, 256)
+    assert graphed.graph_width == width == max(len(r) for r in graphed.rows) < 256
+    history = graphed.train()
+    assert graphed.graphed.static["input_ids"].shape == (2, width)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
+
+
+def test_padded_tokens_counts_each_process_slice():
+    """Eager steps pad each process's slice of a global batch to its own longest row; a graphed
+    step runs batch_size rows of the one width in every slice, short or empty ones included."""
+    rows = unpacked_rows([Example(list(range(n)), list(range(n))) for n in (3, 9, 4, 16, 5)], 64)
+    assert graph_width(rows, 64) == 16 and graph_width(rows, 12) == 12 and graph_width([], 64) == 1
+    eager, padded = padded_tokens(rows, 2, 1, 0, 16)
+    batches = [[len(rows[i]) for i in b] for b in epoch_batches(rows, 2, 0, 0)]
+    assert eager == sum(len(b) * max(b) for b in batches) and padded == 3 * 2 * 16
+    eager2, padded2 = padded_tokens(rows, 2, 2, 0, 16)  # global batches of 4: two slices each, one empty
+    assert padded2 == 2 * 2 * 2 * 16
+    assert eager2 == sum(len(s) * max(s, default=0) for b in epoch_batches(rows, 4, 0, 0)
+                         for s in ([len(rows[i]) for i in b[:2]], [len(rows[i]) for i in b[2:4]]))
 
 
 def test_cuda_graph_mode_accumulates_and_fills_an_epochs_short_batch(tmp_path):
@@ -221,7 +252,8 @@ def test_cuda_graph_mode_accumulates_and_fills_an_epochs_short_batch(tmp_path):
     with pytest.warns(RuntimeWarning, match="only on a CUDA device"):
         graphed = _trainer(_cfg(tmp_path / "graph", cuda_graph=True, **short))
     history = graphed.train()
-    assert len(graphed.graphed.statics) == 2 and graphed.graphed.static["input_ids"].shape == (batch, 64)
+    width = graph_width(graphed.rows, 64)  # the longest packed row
+    assert len(graphed.graphed.statics) == 2 and graphed.graphed.static["input_ids"].shape == (batch, width)
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
     assert [h["tokens"] for h in history] == [h["tokens"] for h in plain]
 
@@ -249,8 +281,9 @@ def test_cuda_graph_mode_refuses_what_it_cannot_replay(tmp_path):
 
 def test_cuda_graph_auto_chooses_by_device_settings_and_fill(tmp_path):
     """The default ("auto") replays a graph only on CUDA devices (one process or several), with
-    settings a graph can replay and packed rows that padding to max_seq_length grows by at most a third; on the CPU
-    it trains eagerly without a warning."""
+    settings a graph can replay and rows that padding to one width (the longest row's) grows by
+    at most a third over eager steps, which pad each batch to its own longest row: packed or
+    not. On the CPU it trains eagerly without a warning."""
     assert TrainConfig(model=MODEL, dataset=DATA).cuda_graph == "auto"
     assert _cfg(tmp_path, cuda_graph="False").cuda_graph is False  # a config file's string
     with pytest.raises(ValueError, match="true, false or 'auto'"):
@@ -262,21 +295,29 @@ def test_cuda_graph_auto_chooses_by_device_settings_and_fill(tmp_path):
     trainer.device = torch.device("cuda")  # the choice alone, as it would be made on a GPU
     full = trainer.rows
     assert sum(len(r) for r in full) * 4 >= 3 * len(full) * 64 and trainer._step_mode(full)[0]
-    short = unpacked_rows([Example(e.input_ids[:20], e.labels[:20])
-                           for e in load_dataset(DATA, trainer.tokenizer, 64, True)], 64)
-    assert sum(len(r) for r in short) * 4 < 3 * len(short) * 64 and not trainer._step_mode(short)[0]
-    for blocked in (dict(packing=False), dict(use_gradient_checkpointing="offload"), dict(optim="adamw_8bit"),
-                    dict(cuda_graph=False)):
+    examples = load_dataset(DATA, trainer.tokenizer, 64, True)
+    # unpacked rows of one length: the graph, at that width (not max_seq_length)
+    even = unpacked_rows([Example(e.input_ids[:20], e.labels[:20]) for e in examples if len(e) >= 20], 64)
+    assert graph_width(even, 64) == 20 and trainer._step_mode(even)[0]
+    # unpacked rows of many lengths: a batch of short ones would run mostly padding
+    uneven = unpacked_rows([Example(e.input_ids[:n], e.labels[:n])
+                            for i, e in enumerate(examples) for n in [20 if i == 0 else 2 + i % 5]], 64)
+    eager, padded = padded_tokens(uneven, 2, 1, 1, graph_width(uneven, 64))
+    assert padded * 3 > 4 * eager and not trainer._step_mode(uneven)[0]
+    assert "x the tokens of eager steps" in trainer._step_mode(uneven)[1]
+    trainer.cfg = _cfg(tmp_path, max_seq_length=64, packing=False)
+    assert "packing=true packs" in trainer._step_mode(uneven)[1] and trainer._step_mode(even)[0]
+    for blocked in (dict(use_gradient_checkpointing="offload"), dict(optim="adamw_8bit"), dict(cuda_graph=False)):
         trainer.cfg = _cfg(tmp_path, max_seq_length=64, **blocked)
         assert not trainer._step_mode(full)[0], blocked
     trainer.cfg = _cfg(tmp_path, max_seq_length=64, optim="adamw_8bit", packing=False)
     line = trainer._step_mode(full)[1]
     mib = 6 * sum(p.numel() for p in trainer.params) / 2**20  # two fp32 moments against two 8-bit ones
-    assert "optim='adamw_8bit'" in line and f"{mib:.0f} MiB larger" in line and "packing=false" in line, line
+    assert "optim='adamw_8bit'" in line and f"{mib:.0f} MiB larger" in line, line
     trainer.cfg = _cfg(tmp_path, max_seq_length=64, use_gradient_checkpointing="offload")
     assert "use_gradient_checkpointing='offload'" in trainer._step_mode(full)[1]
     trainer.cfg = _cfg(tmp_path, max_seq_length=64)
-    assert "average" in trainer._step_mode(short)[1] and "CUDA graph" in trainer._step_mode(full)[1]
+    assert "CUDA graph" in trainer._step_mode(full)[1]
     trainer.group = object()  # several processes: the graphed step sums over them
     assert trainer._step_mode(full)[0]
 

@@ -42,9 +42,9 @@ class TrainConfig:
     max_steps: int | None = None
     num_epochs: float = 1.0
     optim: str = "adamw"
-    # replay each step from a CUDA graph (train/step_graph.py): rows padded to max_seq_length.
-    # "auto": where the settings allow it (graph_blockers), on CUDA devices,
-    # with packed rows that padding would grow by at most a third
+    # replay each step from a CUDA graph (train/step_graph.py): rows padded to the longest
+    # row's width. "auto": where the settings allow it (graph_blockers), on CUDA devices, with
+    # rows (packed or not) that this padding grows by at most a third over eager steps
     cuda_graph: bool | str = "auto"
     seed: int = 3407
     # bookkeeping

@@ -26,8 +26,8 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import load_dataset, split_examples
-from .packing import (collate, count_label_tokens, iterate_batches, pack_examples, packed_boundaries, row_label_tokens,
-                      unpacked_rows)
+from .packing import (collate, count_label_tokens, epoch_batches, iterate_batches, pack_examples, packed_boundaries,
+                      row_label_tokens, unpacked_rows)
 from .progress import Progress
 
 
@@ -45,6 +45,25 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def graph_width(rows, max_seq_length: int) -> int:
+    """The one width of a graphed step's batches: the longest row (no batch needs more; the
+    kernels take any length), at most ``max_seq_length``."""
+    return min(max_seq_length, max((len(r) for r in rows), default=1))
+
+
+def padded_tokens(rows, batch_size: int, world: int, seed: int, width: int) -> tuple[int, int]:
+    """(tokens eager steps run, tokens graphed steps run) over an epoch of ``rows``: each
+    process's slice of a global batch padded to its own longest row, against every slice
+    ``batch_size`` rows of ``width`` (a graphed step fills short and empty slices with padding)."""
+    eager = padded = 0
+    for batch in epoch_batches(rows, batch_size * world, 0, seed):
+        for rank in range(world):
+            mine = batch[rank * batch_size:(rank + 1) * batch_size]
+            eager += len(mine) * max((len(rows[i]) for i in mine), default=0)
+            padded += batch_size * width
+    return eager, padded
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
@@ -104,6 +123,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters: call FastLanguageModel.get_peft_model first")
         if self.group is not None:
             distributed.broadcast_parameters(self.params)
+        # a graphed step's one width: the longest row's, not max_seq_length
+        self.graph_width = graph_width(rows, cfg.max_seq_length)
         graph, self.step_mode = self._step_mode(rows)
         self.optimizer = build_optimizer(self.params, cfg, self.device, capturable=graph)
         self.graphed = None
@@ -113,7 +134,7 @@ class Trainer:
                               f"{self.device.type} the steps run eagerly", RuntimeWarning, stacklevel=2)
             from .step_graph import GraphedTrainStep
 
-            # every row of a batch padded to max_seq_length: one shape, and at most one more
+            # every row of a batch padded to graph_width: one shape, and at most one more
             # sequence a row (the padding's own run of positions)
             most = max((r.position_ids.count(0) for r in rows), default=1) + 1
             self.graphed = GraphedTrainStep(model, self.optimizer, max_grad_norm=cfg.max_grad_norm,
@@ -128,8 +149,9 @@ class Trainer:
     def _step_mode(self, rows) -> tuple[bool, str]:
         """Whether the steps replay a CUDA graph, and a line saying so (or why not).
         cuda_graph=True: always (checked by the config); "auto": on CUDA devices (one process
-        or several), with settings a graph can replay and packed rows that padding to max_seq_length grows by
-        at most a third (the graph's step costs what a full-width step does)."""
+        or several), with settings a graph can replay and rows that padding to one width (the
+        longest row's) grows by at most a third over what eager steps run, each batch padded
+        to its own longest row (the graph's step costs what a full-width step does)."""
         cfg = self.cfg
         graphed = "training steps replayed from a CUDA graph (cuda_graph=false turns it off)"
         if cfg.cuda_graph is False:  # the config holds True, False or "auto"
@@ -138,15 +160,18 @@ class Trainer:
             return True, graphed
         if self.device.type != "cuda":
             return False, f"eager training steps (on {self.device.type}; a CUDA graph needs a CUDA device)"
-        blockers = cfg.graph_blockers() + ([] if cfg.packing else ["packing"])
+        blockers = cfg.graph_blockers()
         if blockers:
             why = "; ".join(self._blocker_reason(b) for b in blockers)
             return False, f"eager training steps (a CUDA graph cannot replay them with {why})"
-        tokens = sum(len(r) for r in rows)
-        if tokens * 4 < 3 * len(rows) * cfg.max_seq_length:
-            return False, (f"eager training steps (the packed rows are {tokens / max(1, len(rows)):.0f} tokens "
-                           f"long on average: padded to max_seq_length={cfg.max_seq_length} for a CUDA graph "
-                           "they would run mostly padding; cuda_graph=true insists)")
+        width = graph_width(rows, cfg.max_seq_length)
+        eager, padded = padded_tokens(rows, cfg.batch_size, self.world, cfg.seed, width)
+        if padded * 3 > 4 * eager:
+            return False, (f"eager training steps (padded to one width for a CUDA graph, {width} tokens, "
+                           f"the batches would run {padded / max(eager, 1):.1f}x the tokens of eager steps, which pad "
+                           f"each batch to its own longest row; "
+                           + ("packing=true packs short examples, " if not cfg.packing else "")
+                           + "cuda_graph=true insists)")
         return True, graphed
 
     def _blocker_reason(self, key: str) -> str:
@@ -157,11 +182,8 @@ class Trainer:
             extra = 6 * sum(p.numel() for p in self.params) / 2**20
             return (f"optim={cfg.optim!r}: bitsandbytes' 8-bit step takes its step count and rate from the host; "
                     f"optim='adamw' replays, its state {extra:.0f} MiB larger for these adapters")
-        if key == "use_gradient_checkpointing":
-            return (f"use_gradient_checkpointing={cfg.use_gradient_checkpointing!r}: the offloaded activations' "
-                    "pinned host buffers are allocated during the step; True replays")
-        return ("packing=false: every row would be padded to max_seq_length; packing=true replays "
-                "(its rows keep each example's own attention)")
+        return (f"use_gradient_checkpointing={cfg.use_gradient_checkpointing!r}: the offloaded activations' "
+                "pinned host buffers are allocated during the step; True replays")
 
     # -- state -------------------------------------------------------------------------
     def _rows(self, examples) -> list:
@@ -317,7 +339,7 @@ class Trainer:
                     # batch, and a process whose slice is empty a batch of padding alone (it
                     # still takes part in the step's all-reduce)
                     if self.graphed is not None:
-                        micro.append(collate([self.rows[i] for i in mine], self.pad_id, cfg.max_seq_length,
+                        micro.append(collate([self.rows[i] for i in mine], self.pad_id, self.graph_width,
                                              cfg.batch_size))
                     else:
                         micro.append(collate([self.rows[i] for i in mine], self.pad_id) if mine else None)
