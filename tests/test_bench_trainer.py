@@ -37,3 +37,17 @@ def test_examples_are_reproducible_and_within_their_lengths():
     assert [e.input_ids for e in a] == [e.input_ids for e in bench_trainer.examples(300, 20, 3, 9, seed=2)]
     assert all(3 <= len(e) <= 9 and e.labels[0] == -100 and e.labels[1:] == e.input_ids[1:] for e in a)
     assert all(0 <= t < 20 for e in a for t in e.input_ids)
+
+
+def test_unpacked_rows_train_alike_at_the_longest_rows_width(tmp_path):
+    """--unpacked: one example a row (packing=false); the graphed mode pads them to the longest
+    row's width (not --seq) and trains as the eager one does."""
+    out = tmp_path / "trainer.json"
+    with pytest.warns(RuntimeWarning, match="only on a CUDA device"):
+        res = bench_trainer.main(["--ckpt", str(data_dir() / "demo_model"), "--device", "cpu", "--seq", "48",
+                                  "--batch", "2", "--steps", "3", "--skip", "1", "--lengths", "5-30", "--unpacked",
+                                  "--out", str(out)])
+    eager, graph = res["runs"]
+    assert res["unpacked"] and 5 <= graph["graph_width"] <= 30 < 48
+    assert graph["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    assert "eager" in eager["step_mode"]
