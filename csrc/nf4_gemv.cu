@@ -20,7 +20,9 @@
 // Layout: a warp owns R consecutive weight rows; each step its 32 lanes read 16
 // contiguous bytes (32 weights) each of every row, 512 bytes a row, so every load is
 // coalesced and the R loads of a lane are in flight together. x's 32 values of a lane
-// are loaded once a step and reused for the R rows. Lanes past the row's end (K not a
+// (of each of x's MR rows) are loaded once a step and reused for the R weight rows; each
+// row of x keeps its own sums, in the order a one-row product sums them, so a two-row
+// product's rows are bit for bit two one-row products. Lanes past the row's end (K not a
 // multiple of 1024) re-read the step's first bytes and weigh them by zero, so every lane
 // takes part in the shuffles. With K split over S warps of a block, each takes every
 // S-th step of the same rows and the first sums their totals in a fixed order.
