@@ -45,6 +45,45 @@ def test_the_graphed_path_gives_the_plain_loss_and_gradients(tmp_path, kernel_de
         assert all(rel_err(ggr[k], wgr[k]) < 10 * tol for k in wgr)
 
 
+def test_graphs_all_taken_a_somewhat_narrower_batch_pads_up_to_one(tmp_path, kernel_device):
+    """With every graph slot taken (max_graphs=1 here), a batch at most a third narrower than a
+    graph's width is padded up to it and takes that graph, with the plain forward's loss and
+    gradients; a much narrower or a wider one runs eagerly (no entry is made)."""
+    model = _model(tmp_path, kernel_device)
+    twin = copy.deepcopy(model)
+    FastLanguageModel.for_training(twin, cuda_graph=True, bucket=8, max_graphs=1, capture=False)
+    graphed = twin._graphed_loss
+    wide = _padded(kernel_device, seq=20)  # 24 wide after the bucket
+    with backend("triton"):
+        _grads(twin, wide)
+        (key,) = graphed.entries
+        assert key[1] == 24
+        narrower = _padded(kernel_device, seed=1, seq=15)  # 16 wide: 24 <= 4/3 x 16 is not true
+        assert graphed(narrower) is None
+        close = _padded(kernel_device, seed=2, seq=18)  # 24 wide after the bucket: the same key
+        assert graphed(close) is not None
+        entry = graphed.entries[key]
+        calls = entry.calls
+        near = _padded(kernel_device, seed=3, seq=19, rows=2)  # another height: eager
+        assert graphed(near) is None and entry.calls == calls
+    twin2 = copy.deepcopy(model)
+    FastLanguageModel.for_training(twin2, cuda_graph=True, bucket=4, max_graphs=1, capture=False)
+    g2 = twin2._graphed_loss
+    first = _padded(kernel_device, seq=20)  # 20 wide
+    second = _padded(kernel_device, seed=4, seq=16)  # 16 wide: 20 <= 4/3 x 16, so it pads up to 20
+    with backend("triton"):
+        _grads(twin2, first)
+        want, wg = _grads(model, second)
+        got, gg = _grads(twin2, second)
+    (only,) = g2.entries.values()
+    assert len(g2.entries) == 1 and only.calls == 2 and only.static["input_ids"].shape == (3, 20)
+    tol = 1e-5 if kernel_device == "cpu" else 1e-4
+    assert rel_err(got, want) < tol and all(rel_err(gg[k], wg[k]) < 10 * tol for k in wg)
+    wider = _padded(kernel_device, seed=5, seq=24)  # wider than every graph: eager
+    with backend("triton"):
+        assert g2(wider) is None
+
+
 def test_what_runs_eagerly_and_what_is_refused(tmp_path):
     model = _model(tmp_path)
     FastLanguageModel.for_training(model, cuda_graph=True, capture=False)

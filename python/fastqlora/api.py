@@ -207,7 +207,9 @@ class FastLanguageModel:
         forward and its backward from two (``train.graphed_backbone``). The optimizer and
         everything else the loop does stays eager. ``False`` turns that off; None leaves it as
         it was. ``graph_options``: ``bucket`` (widths padded to a multiple, 128),
-        ``max_graphs`` (shapes with graphs, 4), ``warmup`` (eager calls of a shape first, 2)."""
+        ``max_graphs`` (shapes with graphs, 4; once taken, a batch at most a third narrower than
+        one of them is padded up to it, a wider one runs eagerly), ``warmup`` (eager calls of a
+        shape first, 2)."""
         model.train()
         if cuda_graph is not None:
             if cuda_graph:

@@ -10,8 +10,10 @@ for trl's SFTTrainer, which computes its loss from the hidden states itself).
   unpadded batch's: causal attention within a run never sees a later token, and RoPE scores
   depend on relative positions only (the padding restarts at 0 where the eager forward
   continues its numbering; only rounding can tell them apart, and nothing is counted there).
-* :class:`ShapeGraphs` keeps one entry a shape (at most ``max_graphs``), one side stream a
-  GPU, and the warm-up count.
+* :class:`ShapeGraphs` keeps one entry a shape (at most ``max_graphs``; once they are all
+  taken, a batch whose padded width is at most a third narrower than a graph's is padded up to
+  it and replays that graph instead of running eagerly), one side stream a GPU, and the
+  warm-up count.
 """
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ from .packing import packed_boundaries, pad_boundaries
 from .step_graph import has_dropout
 
 
-def fixed_batch(batch: dict[str, Any], bucket: int) -> tuple[tuple, int, dict[str, torch.Tensor]] | None:
+def fixed_batch(batch: dict[str, Any], bucket: int,
+                width: int | None = None) -> tuple[tuple, int, dict[str, torch.Tensor]] | None:
     """(shape key, sequence count, CPU tensors) for ``batch`` (input_ids ``[B, S]``, and
     optionally labels, attention_mask, position_ids) padded to a multiple of ``bucket``
-    tokens: input_ids, position_ids, cu_seq_lens_q (unpadded boundaries) and labels when
-    given; or None when the batch must run eagerly (left padding, labels counted on the
-    padding, position ids that do not restart at 0 for each sequence)."""
+    tokens (or to ``width`` ≥ S): input_ids, position_ids, cu_seq_lens_q (unpadded
+    boundaries) and labels when given; or None when the batch must run eagerly (left padding,
+    labels counted on the padding, position ids that do not restart at 0 for each sequence)."""
     if batch.get("input_ids") is None:
         return None
     ids = batch["input_ids"].detach().cpu()
@@ -63,7 +66,9 @@ def fixed_batch(batch: dict[str, Any], bucket: int) -> tuple[tuple, int, dict[st
             return None
         if labels is not None and bool(((m == 0) & (labels != -100)).any()):
             return None
-    W = -(-S // bucket) * bucket
+    W = -(-S // bucket) * bucket if width is None else width
+    if W < S:
+        raise ValueError(f"fixed_batch: width {W} is narrower than the batch ({S} tokens)")
     out_ids = torch.zeros(B, W, dtype=ids.dtype)
     out_pos = torch.zeros(B, W, dtype=torch.int64)
     out_labels = torch.full((B, W), -100, dtype=labels.dtype) if labels is not None else None
@@ -151,9 +156,15 @@ class ShapeGraphs:
         key, count, cpu = fixed
         entry = self.entries.get(key)
         if entry is None:
-            if len(self.entries) >= self.max_graphs:
-                return None
-            entry = self.entries[key] = make(max(2 * count, 8))
+            if len(self.entries) < self.max_graphs:
+                entry = self.entries[key] = make(max(2 * count, 8))
+            else:  # every graph taken: one at most a third wider serves this batch, padded up to it
+                wider = min((k for k in self.entries if k[0] == key[0] and k[2] == key[2]
+                             and key[1] < k[1] and 3 * k[1] <= 4 * key[1]), key=lambda k: k[1], default=None)
+                if wider is None:
+                    return None
+                key, count, cpu = fixed_batch(batch, self.bucket, width=wider[1])
+                entry = self.entries[key]
         if count > entry.slots:
             return None
         cpu["cu_seq_lens_q"] = pad_boundaries(cpu["cu_seq_lens_q"], entry.slots)
