@@ -132,11 +132,12 @@ _GEMV = [GemvConfig(64, 16, 2), GemvConfig(64, 32, 2), GemvConfig(64, 8, 2)]
 # gate/up r8 sk2 w4, r8 w4, r8 w8, down r8 sk4 w4/w8; and one config for each other row count.
 _CUDA_GEMV = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (8, 4, 4), (8, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (8, 1, 4), (8, 1, 8), (4, 2, 8), (1, 1, 8))]
-# Two rows of x (each decoded code serves both): the same kernels but one weight row a warp
-# (128 registers at 2-4 weight rows a warp, 191 at 8).
+# Two rows of x (each decoded code serves both): 2, 4 or 8 weight rows a warp, never one
+# (128 registers at 2-4 weight rows a warp, 191 at 8); first the H200 sweep's fastest at M = 2
+# (results/nf4_decode_m2_gemv_sweep_s15_h200.json: k/v r4 sk4 w4/w8, r2 sk4; q/o, down r8 sk2 w4).
 CUDA_GEMV_MAX_M = 2
 _CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
-    (2, 4, 8), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 2, 8), (2, 2, 8), (8, 4, 4), (8, 2, 4), (4, 1, 8))]
+    (4, 4, 4), (4, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (4, 2, 8), (2, 2, 8), (8, 4, 4), (4, 1, 8))]
 
 # The tensor-core decode (csrc/nf4_decode_mma.cu), 2 <= M <= 16 (one row: the gemv above is
 # faster). The H200 sweep's fastest (split, kb) per Llama-3-8B shape at M = 2, 8, 16

@@ -123,7 +123,7 @@ def choose(
     """The path for a ``kind`` ("fwd" or "t") product of ``x`` [M, ·] with weights [n_i, K].
 
     ``run_fused(cfg)`` and ``run_plain()`` compute the product (their results are dropped
-    while timing). ``cuda_gemv``: the extension's CUDA one-row kernel can take this
+    while timing). ``cuda_gemv``: the extension's CUDA gemv (one or two rows) can take this
     product (its configs join the candidates); ``cuda_mma``: likewise the extension's
     tensor-core decode kernel (2 ≤ M ≤ 16).
     """

@@ -150,21 +150,24 @@ class ShapeGraphs:
     def _entry(self, batch: dict[str, Any], device: torch.device, make) -> tuple[Any, dict] | None:
         """(the entry of this batch's shape with its static inputs filled, the CPU tensors),
         or None when it runs eagerly. ``make(slots)`` makes a new entry."""
-        fixed = fixed_batch(batch, self.bucket)
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return None
+        B, S = ids.shape
+        key = (B, -(-S // self.bucket) * self.bucket, str(ids.dtype))  # fixed_batch's key
+        if key not in self.entries and len(self.entries) >= self.max_graphs:
+            # every graph taken: one at most a third wider serves this batch, padded up to it
+            key = min((k for k in self.entries if k[0] == B and k[2] == key[2] and key[1] < k[1]
+                       and 3 * k[1] <= 4 * key[1]), key=lambda k: k[1], default=None)
+            if key is None:
+                return None
+        fixed = fixed_batch(batch, self.bucket, width=key[1])
         if fixed is None:
             return None
         key, count, cpu = fixed
         entry = self.entries.get(key)
         if entry is None:
-            if len(self.entries) < self.max_graphs:
-                entry = self.entries[key] = make(max(2 * count, 8))
-            else:  # every graph taken: one at most a third wider serves this batch, padded up to it
-                wider = min((k for k in self.entries if k[0] == key[0] and k[2] == key[2]
-                             and key[1] < k[1] and 3 * k[1] <= 4 * key[1]), key=lambda k: k[1], default=None)
-                if wider is None:
-                    return None
-                key, count, cpu = fixed_batch(batch, self.bucket, width=wider[1])
-                entry = self.entries[key]
+            entry = self.entries[key] = make(max(2 * count, 8))
         if count > entry.slots:
             return None
         cpu["cu_seq_lens_q"] = pad_boundaries(cpu["cu_seq_lens_q"], entry.slots)
