@@ -23,6 +23,11 @@
 // the element type, stored once for each lane (a column a lane: 32 lanes read 32 banks,
 // never a conflict) at byte b·256 + lane·4, so a lane's address is one byte permute of
 // the packed word and its lane offset. 64 KiB a block, filled from registers by shuffles.
+// The table is the first thing in the block's shared memory (no static shared arrays: the
+// nested code, the counter flag and the warps' partials follow it in the dynamic buffer),
+// so its shared-window address is a constant the load takes as an immediate offset:
+// `[perm + kTableAddr]`. With the address in a register instead, each lookup cost an
+// integer add of its own (64 of the 429 instructions of a step at M <= 8; SASS, sm_90).
 //
 // Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
 // issued before this step's decode (a register double buffer). K is split over S warps
@@ -54,6 +59,27 @@ constexpr unsigned kAll = 0xffffffffu;
 constexpr int kU = 4;                 // 64-weight blocks a step
 constexpr int kWarps = 8;             // warps a block
 constexpr int kTableBytes = 256 * 256;
+// The shared window's first kReservedSmem bytes belong to the driver (sm_80 and later: 1 KiB,
+// cudaDevAttrReservedSharedMemoryPerBlock; the compiler emits the same constant), then come
+// the static and the dynamic shared memory. With no static shared memory, the dynamic buffer
+// (the table first) starts at kReservedSmem. The launch checks the attribute; the kernel
+// checks the address (and traps on a mismatch rather than read the wrong bytes).
+constexpr uint32_t kReservedSmem = 1024;
+constexpr uint32_t kTableAddr = kReservedSmem;
+constexpr uint32_t kCode2Addr = kTableAddr + kTableBytes;  // 256 floats
+constexpr int kFlagOffset = kTableBytes + 256 * 4;        // the grid split's "last block" flag
+constexpr int kPartialOffset = kFlagOffset + 16;          // the warps' partials, kWarps x 32 x 4·NT floats
+template <int NT> constexpr int smem_bytes() { return kPartialOffset + kWarps * 32 * 4 * NT * 4; }
+
+// A 32-bit shared-memory load at the window address off + IMM (IMM a compile-time constant,
+// folded into the instruction). The "memory" clobber keeps it after the barrier that
+// publishes the table.
+template <uint32_t IMM>
+__device__ __forceinline__ uint32_t lds_at(uint32_t off) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1+%2];" : "=r"(v) : "r"(off), "n"(IMM) : "memory");
+  return v;
+}
 
 template <typename T> __device__ __forceinline__ uint32_t pair_bits(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pair_bits<__nv_bfloat16>(float lo, float hi) {
@@ -148,10 +174,10 @@ __device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end,
 // The block's absmax of step slot u: nested, code2[index]·absmax2 + offset (bitsandbytes'
 // order: multiply, then add), as the dequantize kernels compute it.
 template <bool Q, bool V>
-__device__ __forceinline__ float block_absmax(const float* code2_s, uint32_t idx, const float (&sc)[kU], int u,
-                                              float offset) {
+__device__ __forceinline__ float block_absmax(uint32_t idx, const float (&sc)[kU], int u, float offset) {
   if (!Q) return sc[u];
-  return __fadd_rn(__fmul_rn(code2_s[idx], sc[V ? 0 : u]), offset);
+  const float c2 = __uint_as_float(lds_at<kCode2Addr>(idx * 4));
+  return __fadd_rn(__fmul_rn(c2, sc[V ? 0 : u]), offset);
 }
 
 // Two elements of a 16-bit row as an mma register pair: row[j], row[j + 1], zero past `len`.
@@ -240,23 +266,31 @@ __device__ __forceinline__ float epilogue_one(float acc, int m, int n, const Epi
 // V: vectorized absmax loads (see issue()). Two blocks an SM (128 registers): the loop
 // hides its latency with warps, and at 138-140 registers (what the compiler takes
 // unbounded at NT = 2) one block an SM made 14336 x 4096 at M = 16 27.5 -> 32.4 µs.
-template <typename T, int NT, int S, bool Q, bool V>
+template <typename T, int NT, int S, bool Q, bool V, bool XZ>
 __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
                                                                 const float* __restrict__ code, int N, int chunk,
                                                                 float* __restrict__ ws, int* __restrict__ counters,
                                                                 Epilogue ep, T* __restrict__ y) {
-  extern __shared__ __align__(16) unsigned char table[];
-  __shared__ float partial[kWarps][32][4 * NT];
-  __shared__ float code2_s[256];
-  __shared__ int is_last;
+  extern __shared__ __align__(16) unsigned char table[];  // smem_bytes<NT>(): see kTableAddr
+  float* const code2_s = reinterpret_cast<float*>(table + kTableBytes);
+  int& is_last = *reinterpret_cast<int*>(table + kFlagOffset);
+  auto partial = reinterpret_cast<float (*)[32][4 * NT]>(table + kPartialOffset);
+  if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) __trap();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   {
+    // Thread b fills entry b: its pair once, stored to the 32 lane columns as 8 16-byte
+    // stores, each thread starting at its own chunk (a quarter-warp's 8 stores then hit 8
+    // different bank groups). A warp an entry, a lane a column, took ~7 instructions per
+    // thread and entry (32 entries a thread).
+    static_assert(kWarps * 32 == 256, "one thread per table entry");
     const float c = __ldg(code + (lane & 15));  // lane holds code[lane mod 16]
-    for (int b = warp; b < 256; b += kWarps) {
-      const float hi = __shfl_sync(kAll, c, b >> 4), lo = __shfl_sync(kAll, c, b & 15);
-      // the high nibble is the earlier weight: the pair's low half
-      *reinterpret_cast<uint32_t*>(table + b * 256 + lane * 4) = pair_bits<T>(hi, lo);
-    }
+    const int b = threadIdx.x;
+    const float hi = __shfl_sync(kAll, c, b >> 4), lo = __shfl_sync(kAll, c, b & 15);
+    // the high nibble is the earlier weight: the pair's low half
+    const uint32_t v = pair_bits<T>(hi, lo);
+    uint4* row = reinterpret_cast<uint4*>(table + b * 256);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) row[(j + lane) & 7] = make_uint4(v, v, v, v);
     if (Q) {
       for (int i = threadIdx.x; i < 256; i += kWarps * 32) code2_s[i] = __ldg(op.code2 + i);
     }
@@ -276,7 +310,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
   const uint32_t lane_col = lane * 4;
   const T* xr[NT];
-  bool xok[NT];
+  bool xok[NT];  // this lane's row of x exists (see the x loads below)
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int m = nt * 8 + g;
@@ -304,19 +338,27 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint4* p = reinterpret_cast<const uint4*>(xr[nt] + 64 * blk);
-        xv[nt][0] = xok[nt] ? __ldg(p) : make_uint4(0, 0, 0, 0);
-        xv[nt][1] = xok[nt] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+        // XZ (some rows of x past M): those lanes load nothing and hold zeros; predicated
+        // off, they add nothing to the L1's work. Otherwise (every row there) the loads are
+        // unconditional and nothing is zeroed (two CS2R a load).
+        if (XZ) {
+          xv[nt][0] = xok[nt] ? __ldg(p) : make_uint4(0, 0, 0, 0);
+          xv[nt][1] = xok[nt] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+        } else {
+          xv[nt][0] = __ldg(p);
+          xv[nt][1] = __ldg(p + 1);
+        }
       }
       uint32_t fa[8], fb[8];  // byte i of the lane's 8 -> its code pair
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const uint32_t wa_ = i < 4 ? cur.qa[u].x : cur.qa[u].y, wb_ = i < 4 ? cur.qb[u].x : cur.qb[u].y;
         const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
-        fa[i] = *reinterpret_cast<const uint32_t*>(table + __byte_perm(wa_, lane_col, sel));
-        fb[i] = *reinterpret_cast<const uint32_t*>(table + __byte_perm(wb_, lane_col, sel));
+        fa[i] = lds_at<kTableAddr>(__byte_perm(wa_, lane_col, sel));
+        fb[i] = lds_at<kTableAddr>(__byte_perm(wb_, lane_col, sel));
       }
-      const float ama = ok ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
-      const float amb = ok ? block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
+      const float ama = ok ? block_absmax<Q, V>(cur.ia[u], cur.sa, u, op.offset) : 0.0f;
+      const float amb = ok ? block_absmax<Q, V>(cur.ib[u], cur.sb, u, op.offset) : 0.0f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
@@ -393,8 +435,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   }
 }
 
-template <typename T, int NT, int S, bool Q, bool V>
-void launch(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
+template <typename T, int NT, int S, bool Q, bool V, bool XZ>
+void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
             int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   const int groups = (N + 15) / 16;
   constexpr int per_block = kWarps / S;
@@ -403,20 +445,42 @@ void launch(const void* x, int M, int K, const Operands& op, const float* code, 
   int chunk = (row_blocks + kb - 1) / kb;
   chunk = (chunk + kU - 1) / kU * kU;  // a whole number of steps (keeps V's alignment)
   const int ky = (row_blocks + chunk - 1) / chunk;
-  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V>;
+  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ>;
   // The 64 KiB table is above the default dynamic shared memory: opt in once per
   // instantiation and device (the attribute belongs to the device's context; a race between
-  // threads only repeats the call).
+  // threads only repeats the call). The table's address assumes the driver's 1 KiB reserve.
+  constexpr int bytes = smem_bytes<NT>();
   int dev = 0;
   FQ_CUDA_CHECK(cudaGetDevice(&dev));
   static bool opted_in[64] = {};
   if (dev >= 64 || !opted_in[dev]) {
-    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTableBytes));
+    int reserved = 0;
+    FQ_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+    if (reserved != static_cast<int>(kReservedSmem)) {
+      throw std::runtime_error("nf4_decode_mma_cuda: this GPU reserves " + std::to_string(reserved) +
+                               " bytes of shared memory a block; the kernel's table address assumes " +
+                               std::to_string(kReservedSmem));
+    }
+    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     if (dev < 64) opted_in[dev] = true;
   }
-  kernel<<<dim3(blocks, ky), kWarps * 32, kTableBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
+  kernel<<<dim3(blocks, ky), kWarps * 32, bytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
                                                              counters, ep, static_cast<T*>(y));
   FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma");
+}
+
+template <typename T, int NT, int S, bool Q, bool V>
+void launch(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
+            int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+  // Zero-filled x loads at M <= 4 (a lane group without a row of x loads nothing); at more
+  // rows every lane loads and nothing is zeroed. H200, graph-timed, the same build: at
+  // M = 1-4 the zero-filled loads were 0.5-0.9 µs faster on 14336 x 4096 and 4096 x 14336
+  // (0.2-0.3 slower on 4096 x 4096); at M = 8-16 the unconditional loads were faster on
+  // every shape (gate/up M = 16: 26.1 against 27.6 µs).
+  if constexpr (NT == 1) {
+    if (M <= 4) return launch_xz<T, NT, S, Q, V, true>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  }
+  return launch_xz<T, NT, S, Q, V, false>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
 }
 
 template <typename T, int NT, bool Q, bool V>

@@ -430,7 +430,7 @@ def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
     assert cfgs and not nf4_configs.decode_mma_candidates(1, cuda=True)
     cfgs |= {DecodeMmaConfig(s, kb) for s in (2, 4) for kb in (1, 3, 7)}
     tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
-    for M in (1, 3, 8, 9, 16):
+    for M in (1, 3, 5, 8, 9, 12, 16):
         x = torch.randn(M, K, generator=g).to("cuda", dtype)
         xa_wide = (torch.randn(M, r + 5, generator=g) * 0.5).to("cuda", dtype)
         xa = xa_wide[:, 3:3 + r]
@@ -443,6 +443,14 @@ def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
             assert rel(y, ref) < tol, (M, cfg)
             assert torch.equal(nf4_decode_mma(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias), y)
             assert rel(nf4_decode_mma(x, w, cfg), ref_plain) < tol, (M, cfg)
+    # Up to 4 rows the kernel zero-fills the missing rows of x, above it loads every lane's
+    # row; each output column depends on its own row of x only, so the first rows agree bit
+    # for bit across the two (and with the two-tile kernel above 8 rows).
+    x16 = torch.randn(16, K, generator=g).to("cuda", dtype)
+    for cfg in sorted(cfgs, key=str):
+        y16 = nf4_decode_mma(x16, w, cfg)
+        for m in (3, 4, 5, 8):
+            assert torch.equal(nf4_decode_mma(x16[:m].contiguous(), w, cfg), y16[:m]), (m, cfg)
 
 
 @pytest.mark.gpu
