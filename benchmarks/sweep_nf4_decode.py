@@ -62,7 +62,7 @@ def main() -> None:
     gemv += [G(r, sk, wp, cuda=True) for r in (2, 4, 8) for sk in (2, 4) for wp in (4, 8)]
     # at two rows of x: the CUDA gemv without one weight row a warp
     gemv2 = [c for c in gemv if c.cuda and c.bn > 1]
-    mma = [] if args.wa_only or args.gemv_only else [D(s, kb) for s in (2, 4) for kb in (1, 2, 4, 8, 16)]
+    mma = [] if args.wa_only or args.gemv_only else [D(s, kb) for s in (2, 4, 8) for kb in (1, 2, 4, 8, 16)]
     cap = torch.cuda.get_device_capability()
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}

@@ -488,7 +488,8 @@ void launch_split(int split, const void* x, int M, int K, const Operands& op, co
                   float* ws, int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   if (split == 2) return launch<T, NT, 2, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
   if (split == 4) return launch<T, NT, 4, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-  throw std::invalid_argument("nf4_decode_mma_cuda: the in-block K split must be 2 or 4, got " + std::to_string(split));
+  if (split == 8) return launch<T, NT, 8, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  throw std::invalid_argument("nf4_decode_mma_cuda: the in-block K split must be 2, 4 or 8, got " + std::to_string(split));
 }
 
 template <typename T>

@@ -428,7 +428,7 @@ def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
     bias = torch.randn(N, generator=g).to("cuda", dtype)
     cfgs = set(nf4_configs.decode_mma_candidates(16, cuda=True))
     assert cfgs and not nf4_configs.decode_mma_candidates(1, cuda=True)
-    cfgs |= {DecodeMmaConfig(s, kb) for s in (2, 4) for kb in (1, 3, 7)}
+    cfgs |= {DecodeMmaConfig(s, kb) for s in (2, 4, 8) for kb in (1, 3, 7)}
     tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
     for M in (1, 3, 5, 8, 9, 12, 16):
         x = torch.randn(M, K, generator=g).to("cuda", dtype)

@@ -144,7 +144,7 @@ _CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
 # (results/nf4_decode_mma_table_h200.json; the trials' at 1 and 16 agree): q/o s4, k/v s4 kb4 /
 # s2 kb8, gate/up s2, down s4 kb2 / s2 kb4 / s4.
 DECODE_MMA_MAX_M = 16
-_CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8))]
+_CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8), (8, 1), (8, 2), (8, 4))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {

@@ -68,8 +68,8 @@ def nf4_decode_mma(
                          f"power-of-two nested block size and under 2 GiB packed; got x {tuple(x.shape)} {x.dtype} "
                          f"on {x.device}, weight {tuple(w.shape)} blocksize {w.blocksize} on {w.packed.device}; "
                          f"use the Triton nf4_matmul_fwd instead")
-    if cfg.split not in (2, 4) or not 1 <= cfg.kb <= 64:
-        raise ValueError(f"nf4_decode_mma: split must be 2 or 4 and kb 1..64, got {cfg}")
+    if cfg.split not in (2, 4, 8) or not 1 <= cfg.kb <= 64:
+        raise ValueError(f"nf4_decode_mma: split must be 2, 4 or 8 and kb 1..64, got {cfg}")
     M, K = x.shape
     N = int(w.shape[0])
     if int(w.shape[1]) != K:
