@@ -140,11 +140,14 @@ _CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (4, 4, 4), (4, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (4, 2, 8), (2, 2, 8), (8, 4, 4), (4, 1, 8))]
 
 # The tensor-core decode (csrc/nf4_decode_mma.cu), 2 <= M <= 16 (one row: the gemv above is
-# faster). The H200 sweep's fastest (split, kb) per Llama-3-8B shape at M = 2, 8, 16
-# (results/nf4_decode_mma_table_h200.json; the trials' at 1 and 16 agree): q/o s4, k/v s4 kb4 /
-# s2 kb8, gate/up s2, down s4 kb2 / s2 kb4 / s4.
+# faster on 14336 x 4096 and 1024 x 4096 and within 2% either way on 4096 x 4096 and 4096 x
+# 14336, 6.5 / 6.6 and 15.5 / 15.2 µs; not timed through the dispatch there yet). The H200
+# sweep's fastest (split, kb) per Llama-3-8B shape at M = 2-16
+# (results/nf4_decode_table_s16_s8_h200.json): q/o, down and k/v (M >= 4) s8, gate/up s2; s8
+# first, what the dispatch uses untimed. The rest were the fastest of earlier sweeps
+# (results/nf4_decode_mma_table_h200.json) and stay for other shapes.
 DECODE_MMA_MAX_M = 16
-_CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8), (8, 1), (8, 2), (8, 4))]
+_CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8), (8, 2), (8, 4))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {
