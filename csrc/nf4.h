@@ -59,7 +59,7 @@ void nf4_gemv_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, c
 // A few rows (decode, 1 <= M <= 16) on the tensor cores (nf4_decode_mma.cu): y[m, n] =
 // Σ_k x[m, k]·code[q[n, k]]·absmax[n, k/64] + scale·Σ_j xa[m·xa_stride + j]·lora_b[n, j] + bias[n];
 // x [M, K] contiguous, y [M, N], same dtype/absmax/alignment rules as nf4_gemv_cuda. K is split
-// over `split` warps of a block (2 or 4) and over `kb` blocks of the grid (1..64); kb > 1 needs
+// over `split` warps of a block (2, 4 or 8) and over `kb` blocks of the grid (1..64); kb > 1 needs
 // `ws` (fp32, kb·M·N) and `counters` (int32 zeros, one per (N+15)/16 / (8/split) blocks, left at
 // zero) that no other launch uses at the same time.
 void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,

@@ -528,7 +528,7 @@ def test_decode_kernels_check_lora_and_bias_first(which, bad, err, match):
 
 @pytest.mark.parametrize("change,match", [
     (dict(K=96), "multiple of 64"), (dict(M=17), "1 to 16 rows"), (dict(M=0), "1 to 16 rows"),
-    (dict(split=3), "2 or 4"), (dict(kb=0), "1..64"), (dict(kb=2), "workspace"),
+    (dict(split=3), "2, 4 or 8"), (dict(kb=0), "1..64"), (dict(kb=2), "workspace"),
     (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),
     (dict(N=2**25), "under 2 GiB"), (dict(dtype=0), "fp16 or bf16"),
 ])
