@@ -6,6 +6,9 @@
 # generate (generation's GPU tests, then bench_generate.py with GEN_ARGS),
 # train-graph (the graphed training step's GPU tests, bench_trainer.py eager vs graph, then bench_e2e.py ours vs ours-graph, GRAPH_ARGS),
 # trainers-graph (for_training(cuda_graph=True) under transformers' Trainer and trl: GPU tests, bench_hf_trainer.py both ways)
+# decode (the NF4 decode kernels: GPU tests, the dispatch tables' sweep and the 2.5x-bitsandbytes floor table at
+# M = 1-16; with ncu on the path, DECODE_NCU="q/o:2:mma:8:1 k/v:2:gemv:4:4:4" profiles those products one by one,
+# caches not flushed between passes: the weights stay in L2 as in the graph-timed harness)
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -61,6 +64,21 @@ for stage in "$@"; do
           --shape ${TRAINERS_SHAPE:-llama-3.2-1b} --out "$OUT/${trainer}_graph.json" > "$OUT/${trainer}_graph.log" 2>&1
         grep -v Warn "$OUT/${trainer}_graph.log" | tail -3
       done ;;
+    decode)
+      timeout ${TEST_CAP:-200} python3 -m pytest -q -rf -p no:cacheprovider -m gpu "$FQ_SRC/tests/test_nf4_matmul.py" \
+        > "$OUT/decode_tests.log" 2>&1; tail -2 "$OUT/decode_tests.log"
+      timeout 300 python3 "$FQ_SRC/benchmarks/sweep_nf4_decode.py" --table --m 1,2,4,8,16 --out "$OUT/nf4_decode_table.json" \
+        2>&1 | grep -v Warn | tail -21
+      timeout 200 python3 "$FQ_SRC/benchmarks/decode_floor.py" --m 1,2,4,8,16 --out "$OUT/decode_floor.json" 2>&1 | grep -v Warn | tail -24
+      if command -v ncu > /dev/null; then
+        for spec in ${DECODE_NCU:-}; do  # shape:M:config, e.g. q/o:2:mma:8:1
+          shape=${spec%%:*}; rest=${spec#*:}; m=${rest%%:*}; cfg=${rest#*:}
+          name=$(echo "$shape-m$m-$cfg" | tr '/:' '__')
+          timeout 300 ncu --set full --cache-control none -k regex:"nf4_decode_mma|nf4_gemv|kgemm" -s 5 -c 1 -o "$OUT/ncu_$name" -f \
+            python3 "$FQ_SRC/benchmarks/decode_one.py" --shape "$shape" --m "$m" --config "$cfg" > "$OUT/ncu_$name.log" 2>&1
+          ncu --import "$OUT/ncu_$name.ncu-rep" --page details > "$OUT/ncu_$name.txt" 2>&1; echo "ncu $spec rc=$?"
+        done
+      fi ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
