@@ -22,7 +22,8 @@
 // The decode table: entry b (a packed byte) is the pair (code[b >> 4], code[b & 15]) in
 // the element type, stored once for each lane (a column a lane: 32 lanes read 32 banks,
 // never a conflict) at byte b·256 + lane·4, so a lane's address is one byte permute of
-// the packed word and its lane offset. 64 KiB a block, filled from registers by shuffles.
+// the packed word and its lane offset. 64 KiB a block; thread b fills entry b (its pair
+// from two shuffles of the 16 codes, then 16-byte stores).
 // The table is the first thing in the block's shared memory (no static shared arrays: the
 // nested code, the counter flag and the warps' partials follow it in the dynamic buffer),
 // so its shared-window address is a constant the load takes as an immediate offset:
@@ -31,10 +32,10 @@
 //
 // Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
 // issued before this step's decode (a register double buffer). K is split over S warps
-// of a block (summed through shared memory in a fixed order) and over the grid's y (KB
-// blocks of a row group; each writes fp32 partials, and the last to finish, told by a
-// per-group counter it then resets, sums them in order and writes y), so few-row,
-// narrow products still fill the GPU.
+// of a block (S = 2, 4 or 8; summed through shared memory in a fixed order) and over the
+// grid's y (KB blocks of a row group; each writes fp32 partials, and the last to finish,
+// told by a per-group counter it then resets, sums them in order and writes y), so
+// few-row, narrow products still fill the GPU.
 //
 // Rounding: the codes are exact in bf16/fp16 only to their precision (the NF4 table
 // rounded once), products and sums are fp32; the result is rounded once. This differs
