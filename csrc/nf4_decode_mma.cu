@@ -25,10 +25,12 @@
 // the packed word and its lane offset. 64 KiB a block; thread b fills entry b (its pair
 // from two shuffles of the 16 codes, then 16-byte stores).
 // The table is the first thing in the block's shared memory (no static shared arrays: the
-// nested code, the counter flag and the warps' partials follow it in the dynamic buffer),
-// so its shared-window address is a constant the load takes as an immediate offset:
-// `[perm + kTableAddr]`. With the address in a register instead, each lookup cost an
-// integer add of its own (64 of the 429 instructions of a step at M <= 8; SASS, sm_90).
+// nested code, the counter flag and the warps' partials follow it in the dynamic buffer).
+// On sm_90 a shared address as the compiler forms it carries the block's rank in its
+// cluster, unknown at compile time, so each lookup cost an integer add of its own (64 of
+// the 429 instructions of a step at M <= 8; SASS) unless the load takes the table's
+// window address as an immediate, `[perm + kTableAddr]` (kTableAddr: see below). On sm_80-89
+// the compiler folds the table's address into the load by itself (SASS: `LDS [R+imm]`).
 //
 // Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
 // issued before this step's decode (a register double buffer). K is split over S warps
@@ -60,13 +62,18 @@ constexpr unsigned kAll = 0xffffffffu;
 constexpr int kU = 4;                 // 64-weight blocks a step
 constexpr int kWarps = 8;             // warps a block
 constexpr int kTableBytes = 256 * 256;
-// The shared window's first kReservedSmem bytes belong to the driver (sm_80 and later: 1 KiB,
-// cudaDevAttrReservedSharedMemoryPerBlock; the compiler emits the same constant), then come
-// the static and the dynamic shared memory. With no static shared memory, the dynamic buffer
-// (the table first) starts at kReservedSmem. The launch checks the attribute; the kernel
-// checks the address (and traps on a mismatch rather than read the wrong bytes).
-constexpr uint32_t kReservedSmem = 1024;
-constexpr uint32_t kTableAddr = kReservedSmem;
+// sm_90's shared window starts with 1 KiB the driver reserves (the compiler's own shared
+// addresses start at 0x400 there; on sm_80-89 at 0), then the static and the dynamic shared
+// memory; with no static shared memory the table starts at 0x400. The kernel checks that
+// address at its start: on a GPU where it differs (a later architecture running this PTX)
+// it writes NaN instead of a result, which the dispatch's check refuses, so the config is
+// never used there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FQ_TABLE_IMMEDIATE 1
+#else
+#define FQ_TABLE_IMMEDIATE 0
+#endif
+constexpr uint32_t kTableAddr = 0x400;
 constexpr uint32_t kCode2Addr = kTableAddr + kTableBytes;  // 256 floats
 constexpr int kFlagOffset = kTableBytes + 256 * 4;        // the grid split's "last block" flag
 constexpr int kPartialOffset = kFlagOffset + 16;          // the warps' partials, kWarps x 32 x 4·NT floats
@@ -80,6 +87,34 @@ __device__ __forceinline__ uint32_t lds_at(uint32_t off) {
   uint32_t v;
   asm("ld.shared.b32 %0, [%1+%2];" : "=r"(v) : "r"(off), "n"(IMM) : "memory");
   return v;
+}
+
+// NaN into y's columns n0 .. n0 + count - 1 (all M rows), by the grid's first row of blocks:
+// what a block writes when the table is not where the immediate loads look for it.
+// Out of line, so that it leaves the kernel's register allocation alone.
+template <typename T>
+__device__ __noinline__ void poison_rows(T* y, int M, int N, int n0, int count) {
+  if (blockIdx.y != 0) return;
+  const int rows = min(count, N - n0);
+  for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
+    y[static_cast<int64_t>(e / rows) * N + n0 + e % rows] = from_f32<T>(__int_as_float(0x7fc00000));
+  }
+}
+
+// The table's entry at byte offset `off`, and the nested code's entry `idx`.
+__device__ __forceinline__ uint32_t table_at(const unsigned char* table, uint32_t off) {
+#if FQ_TABLE_IMMEDIATE
+  return lds_at<kTableAddr>(off);
+#else
+  return *reinterpret_cast<const uint32_t*>(table + off);
+#endif
+}
+__device__ __forceinline__ float code2_at(const unsigned char* table, uint32_t idx) {
+#if FQ_TABLE_IMMEDIATE
+  return __uint_as_float(lds_at<kCode2Addr>(idx * 4));
+#else
+  return reinterpret_cast<const float*>(table + kTableBytes)[idx];
+#endif
 }
 
 template <typename T> __device__ __forceinline__ uint32_t pair_bits(float lo, float hi);
@@ -175,9 +210,10 @@ __device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end,
 // The block's absmax of step slot u: nested, code2[index]·absmax2 + offset (bitsandbytes'
 // order: multiply, then add), as the dequantize kernels compute it.
 template <bool Q, bool V>
-__device__ __forceinline__ float block_absmax(uint32_t idx, const float (&sc)[kU], int u, float offset) {
+__device__ __forceinline__ float block_absmax(const unsigned char* table, uint32_t idx, const float (&sc)[kU], int u,
+                                              float offset) {
   if (!Q) return sc[u];
-  const float c2 = __uint_as_float(lds_at<kCode2Addr>(idx * 4));
+  const float c2 = code2_at(table, idx);
   return __fadd_rn(__fmul_rn(c2, sc[V ? 0 : u]), offset);
 }
 
@@ -276,8 +312,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   float* const code2_s = reinterpret_cast<float*>(table + kTableBytes);
   int& is_last = *reinterpret_cast<int*>(table + kFlagOffset);
   auto partial = reinterpret_cast<float (*)[32][4 * NT]>(table + kPartialOffset);
-  if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) __trap();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int per_block = kWarps / S;  // row groups a block
+#if FQ_TABLE_IMMEDIATE
+  if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) {  // see kTableAddr
+    poison_rows<T>(y, M, N, blockIdx.x * per_block * 16, per_block * 16);
+    return;
+  }
+#endif
   {
     // Thread b fills entry b: its pair once, stored to the 32 lane columns as 8 16-byte
     // stores, each thread starting at its own chunk (a quarter-warp's 8 stores then hit 8
@@ -298,7 +340,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   }
   const int g = lane >> 2, t = lane & 3;
   const int part = warp % S;
-  constexpr int per_block = kWarps / S;  // row groups a block
   const int groups = (N + 15) / 16;
   const int group = blockIdx.x * per_block + warp / S;
   const bool live = group < groups;  // a spare warp repeats the last group, unstored
@@ -355,11 +396,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
       for (int i = 0; i < 8; ++i) {
         const uint32_t wa_ = i < 4 ? cur.qa[u].x : cur.qa[u].y, wb_ = i < 4 ? cur.qb[u].x : cur.qb[u].y;
         const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
-        fa[i] = lds_at<kTableAddr>(__byte_perm(wa_, lane_col, sel));
-        fb[i] = lds_at<kTableAddr>(__byte_perm(wb_, lane_col, sel));
+        fa[i] = table_at(table, __byte_perm(wa_, lane_col, sel));
+        fb[i] = table_at(table, __byte_perm(wb_, lane_col, sel));
       }
-      const float ama = ok ? block_absmax<Q, V>(cur.ia[u], cur.sa, u, op.offset) : 0.0f;
-      const float amb = ok ? block_absmax<Q, V>(cur.ib[u], cur.sb, u, op.offset) : 0.0f;
+      const float ama = ok ? block_absmax<Q, V>(table, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
+      const float amb = ok ? block_absmax<Q, V>(table, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
@@ -449,19 +490,12 @@ void launch_xz(const void* x, int M, int K, const Operands& op, const float* cod
   auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ>;
   // The 64 KiB table is above the default dynamic shared memory: opt in once per
   // instantiation and device (the attribute belongs to the device's context; a race between
-  // threads only repeats the call). The table's address assumes the driver's 1 KiB reserve.
+  // threads only repeats the call).
   constexpr int bytes = smem_bytes<NT>();
   int dev = 0;
   FQ_CUDA_CHECK(cudaGetDevice(&dev));
   static bool opted_in[64] = {};
   if (dev >= 64 || !opted_in[dev]) {
-    int reserved = 0;
-    FQ_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
-    if (reserved != static_cast<int>(kReservedSmem)) {
-      throw std::runtime_error("nf4_decode_mma_cuda: this GPU reserves " + std::to_string(reserved) +
-                               " bytes of shared memory a block; the kernel's table address assumes " +
-                               std::to_string(kReservedSmem));
-    }
     FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     if (dev < 64) opted_in[dev] = true;
   }

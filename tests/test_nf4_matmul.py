@@ -565,6 +565,16 @@ def test_gemv_kernel_fp32(kernel_device, split):
     assert torch.equal(nf4_gemv(x, w, GemvConfig(64, split, 4), xa=xa, lora_b=b, scale=s, bias=bias), y)
 
 
+def test_dispatch_error_check_treats_nan_as_infinite():
+    """A config whose result is NaN in any output fails the dispatch's check, whichever output it is."""
+    good, want = torch.ones(4), torch.ones(4)
+    bad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    assert nf4_dispatch._rel_err(good, want) == 0.0
+    assert nf4_dispatch._rel_err(bad, want) == float("inf")
+    assert max(nf4_dispatch._rel_err(g, want) for g in (good, bad)) == float("inf")
+    assert not max(nf4_dispatch._rel_err(g, want) for g in (good, bad)) < nf4_dispatch.CHECK_TOL
+
+
 @pytest.mark.gpu
 def test_gpu_dispatch_refuses_a_wrong_config():
     """The tuner checks each fused config's result against dequantize + cuBLAS first."""

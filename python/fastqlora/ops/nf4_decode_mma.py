@@ -60,7 +60,9 @@ def nf4_decode_mma(
 ) -> torch.Tensor:
     """``x·dequant(w)ᵀ + scale·xa·lora_bᵀ + bias`` for x [M, K], 1 ≤ M ≤ 16; returns [M, N]
     in x's dtype. ``xa`` [M, r] (unit column stride; a column slice of a wider matrix is
-    fine), ``lora_b`` [N, r] and ``bias`` [N], all in x's dtype."""
+    fine), ``lora_b`` [N, r] and ``bias`` [N], all in x's dtype. On a GPU whose shared-memory
+    layout the sm_90 build does not expect (a later architecture running its PTX) the result
+    is NaN, which the dispatch's result check refuses (csrc/nf4_decode_mma.cu, kTableAddr)."""
     check_epilogue("nf4_decode_mma", x, int(w.shape[0]), xa, lora_b, bias)
     if not available(x, w):
         raise ValueError(f"nf4_decode_mma takes 1 to {DECODE_MMA_MAX_M} contiguous, 16-byte aligned bf16/fp16 rows "

@@ -13,6 +13,7 @@ what was picked, :func:`rejected` what the check refused.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,8 +59,12 @@ def _as_list(r) -> list[torch.Tensor]:
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative Frobenius error; infinite when it is not finite, so that a NaN result (what the
+    tensor-core decode writes where it cannot run, see csrc/nf4_decode_mma.cu) fails the check
+    and stays the largest of several outputs' errors (``max`` skips a NaN after the first)."""
     want = want.float()
-    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+    err = float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+    return err if math.isfinite(err) else math.inf
 
 
 def rejected() -> list[tuple]:
