@@ -479,7 +479,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
 
 template <typename T, int NT, int S, bool Q, bool V, bool XZ>
 void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
-            int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+               int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   const int groups = (N + 15) / 16;
   constexpr int per_block = kWarps / S;
   const int blocks = (groups + per_block - 1) / per_block;
