@@ -30,7 +30,7 @@
 // cluster, unknown at compile time, so each lookup cost an integer add of its own (64 of
 // the 429 instructions of a step at M <= 8; SASS) unless the load takes the table's
 // window address as an immediate, `[perm + kTableAddr]` (kTableAddr: see below). On sm_80-89
-// the compiler folds the table's address into the load by itself (SASS: `LDS [R+imm]`).
+// shared memory starts at address 0, so the permute's result is the address (SASS: `LDS [R]`).
 //
 // Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
 // issued before this step's decode (a register double buffer). K is split over S warps
@@ -70,11 +70,10 @@ constexpr int kTableBytes = 256 * 256;
 // never used there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FQ_TABLE_IMMEDIATE 1
+constexpr uint32_t kTableAddr = 0x400;
 #else
 #define FQ_TABLE_IMMEDIATE 0
 #endif
-constexpr uint32_t kTableAddr = 0x400;
-constexpr uint32_t kCode2Addr = kTableAddr + kTableBytes;  // 256 floats
 constexpr int kFlagOffset = kTableBytes + 256 * 4;        // the grid split's "last block" flag
 constexpr int kPartialOffset = kFlagOffset + 16;          // the warps' partials, kWarps x 32 x 4·NT floats
 template <int NT> constexpr int smem_bytes() { return kPartialOffset + kWarps * 32 * 4 * NT * 4; }
@@ -109,11 +108,11 @@ __device__ __forceinline__ uint32_t table_at(const unsigned char* table, uint32_
   return *reinterpret_cast<const uint32_t*>(table + off);
 #endif
 }
-__device__ __forceinline__ float code2_at(const unsigned char* table, uint32_t idx) {
+__device__ __forceinline__ float code2_at(const float* code2_s, uint32_t idx) {
 #if FQ_TABLE_IMMEDIATE
-  return __uint_as_float(lds_at<kCode2Addr>(idx * 4));
+  return __uint_as_float(lds_at<kTableAddr + kTableBytes>(idx * 4));  // right behind the table
 #else
-  return reinterpret_cast<const float*>(table + kTableBytes)[idx];
+  return code2_s[idx];
 #endif
 }
 
@@ -210,10 +209,10 @@ __device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end,
 // The block's absmax of step slot u: nested, code2[index]·absmax2 + offset (bitsandbytes'
 // order: multiply, then add), as the dequantize kernels compute it.
 template <bool Q, bool V>
-__device__ __forceinline__ float block_absmax(const unsigned char* table, uint32_t idx, const float (&sc)[kU], int u,
+__device__ __forceinline__ float block_absmax(const float* code2_s, uint32_t idx, const float (&sc)[kU], int u,
                                               float offset) {
   if (!Q) return sc[u];
-  const float c2 = code2_at(table, idx);
+  const float c2 = code2_at(code2_s, idx);
   return __fadd_rn(__fmul_rn(c2, sc[V ? 0 : u]), offset);
 }
 
@@ -399,8 +398,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
         fa[i] = table_at(table, __byte_perm(wa_, lane_col, sel));
         fb[i] = table_at(table, __byte_perm(wb_, lane_col, sel));
       }
-      const float ama = ok ? block_absmax<Q, V>(table, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
-      const float amb = ok ? block_absmax<Q, V>(table, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
+      const float ama = ok ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
+      const float amb = ok ? block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
