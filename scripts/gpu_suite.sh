@@ -74,7 +74,7 @@ for stage in "$@"; do
         for spec in ${DECODE_NCU:-}; do  # shape:M:config, e.g. q/o:2:mma:8:1
           shape=${spec%%:*}; rest=${spec#*:}; m=${rest%%:*}; cfg=${rest#*:}
           name=$(echo "$shape-m$m-$cfg" | tr '/:' '__')
-          timeout 300 ncu --set full --cache-control none -k regex:"nf4_decode_mma|nf4_gemv|kgemm" -s 5 -c 1 -o "$OUT/ncu_$name" -f \
+          timeout 300 ncu --set full --cache-control none --clock-control none -k regex:"nf4_decode_mma|nf4_gemv|kgemm" -s 5 -c 1 -o "$OUT/ncu_$name" -f \
             python3 "$FQ_SRC/benchmarks/decode_one.py" --shape "$shape" --m "$m" --config "$cfg" > "$OUT/ncu_$name.log" 2>&1
           ncu --import "$OUT/ncu_$name.ncu-rep" --page details > "$OUT/ncu_$name.txt" 2>&1; echo "ncu $spec rc=$?"
         done
