@@ -8,7 +8,7 @@ relative error ≥ 1e-2 are printed as BAD). At M = 1 the Triton gemv and the ex
 gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles, at
 M = 2 the CUDA gemv's two-row kernels; at
 M ≤ 16 the extension's tensor-core decode (``cuda mma s<warps K is split over> [kb<blocks of
-the grid K is split over>]``). ``--table`` times the dispatch's tables instead of the whole
+the grid K is split over>] [cols]``, the column layout at M <= 2). ``--table`` times the dispatch's tables instead of the whole
 grid. The decode table in ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
 
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
@@ -63,6 +63,8 @@ def main() -> None:
     # at two rows of x: the CUDA gemv without one weight row a warp
     gemv2 = [c for c in gemv if c.cuda and c.bn > 1]
     mma = [] if args.wa_only or args.gemv_only else [D(s, kb) for s in (2, 4, 8) for kb in (1, 2, 4, 8, 16)]
+    # the column layout (M <= 2)
+    mma_cols = [] if args.wa_only or args.gemv_only else [D(s, kb, cols=True) for s in (2, 4, 8) for kb in (1, 2, 4, 8)]
     cap = torch.cuda.get_device_capability()
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
@@ -80,7 +82,8 @@ def main() -> None:
                 gemv = nf4_configs.gemv_candidates(1, N, K, cuda=True)
                 gemv2 = nf4_configs.gemv_candidates(2, N, K, cuda=True)
             rowwise = gemv if M == 1 else gemv2 if M <= nf4_configs.CUDA_GEMV_MAX_M else []
-            for c in grid + rowwise + (mma if M <= 16 else []):
+            cols = mma_cols if M <= nf4_configs.COLS_MAX_M else []
+            for c in grid + rowwise + (mma if M <= 16 else []) + cols:
                 if isinstance(c, D):
                     f = (lambda c=c: nf4_decode_mma(x, w, c))
                 elif K % c.bk or K // c.bk < c.split_k * 2:

@@ -61,12 +61,13 @@ void nf4_gemv_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, c
 // x [M, K] contiguous, y [M, N], same dtype/absmax/alignment rules as nf4_gemv_cuda. K is split
 // over `split` warps of a block (2, 4 or 8) and over `kb` blocks of the grid (1..64); kb > 1 needs
 // `ws` (fp32, kb·M·N) and `counters` (int32 zeros, one per (N+15)/16 / (8/split) blocks, left at
-// zero) that no other launch uses at the same time.
+// zero) that no other launch uses at the same time. `cols` (M <= 2 only): the column layout,
+// each lane reading 16-byte chunks and the step's absmax blocks kept apart in B's columns.
 void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,
                          const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                          float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
                          const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
-                         int kb, float* ws, int* counters, int64_t stream);
+                         int kb, bool cols, float* ws, int* counters, int64_t stream);
 #endif
 
 }  // namespace fq

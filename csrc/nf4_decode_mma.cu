@@ -143,12 +143,16 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One step's loads for the lane's two weight rows (a: g, b: g+8).
+// One step's loads for the lane's two weight rows (a: g, b: g+8). W: what a lane reads of a
+// row's step (the row layout: 8 bytes of each block; the column layout: two 16-byte chunks).
+template <typename W>
 struct StepLoads {
-  uint2 qa[kU], qb[kU];    // 8 packed bytes a block
+  W qa, qb;                // the packed bytes of rows g and g+8
   uint32_t ia[kU], ib[kU]; // the blocks' 8-bit absmax indices (nested)
   float sa[kU], sb[kU];    // nested: the nested scale (entry 0 when vectorized); plain: the absmax
 };
+struct RowBytes { uint2 q[kU]; };     // the row layout: bytes 8t..8t+7 of each of the step's blocks
+struct ColBytes { uint4 q[2]; };      // the column layout: see cols_loop
 
 struct Operands {
   const uint8_t* packed;
@@ -160,18 +164,13 @@ struct Operands {
   int shift2;
 };
 
-// V: the U blocks share one nested scale and sit 4-aligned in the row's block list (the
-// row's block count and the nested block size are multiples of 4), so their absmax come
-// in one load. Past `end`, blocks are re-read (clamped) and weighed by zero later.
-template <bool Q, bool V>
-__device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end, const uint8_t* wa, const uint8_t* wb,
-                                      uint32_t ra_b, uint32_t rb_b, const Operands& op) {
-#pragma unroll
-  for (int u = 0; u < kU; ++u) {
-    const uint32_t blk = min(base + u, end - 1);
-    s.qa[u] = __ldg(reinterpret_cast<const uint2*>(wa + 32 * blk));
-    s.qb[u] = __ldg(reinterpret_cast<const uint2*>(wb + 32 * blk));
-  }
+// The step's absmax (or nested indices and scales) for both rows. V: the U blocks share one
+// nested scale and sit 4-aligned in the row's block list (the row's block count and the
+// nested block size are multiples of 4), so their absmax come in one load. Past `end`,
+// blocks are re-read (clamped) and weighed by zero later.
+template <bool Q, bool V, typename W>
+__device__ __forceinline__ void issue_absmax(StepLoads<W>& s, uint32_t base, uint32_t end, uint32_t ra_b,
+                                             uint32_t rb_b, const Operands& op) {
   if (V) {
     if (Q) {
       const uint32_t va = __ldg(reinterpret_cast<const uint32_t*>(op.qabsmax + ra_b + base));
@@ -204,6 +203,19 @@ __device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end,
       }
     }
   }
+}
+
+// The row layout's step at block `base`: 8 bytes of each block of both rows, then the absmax.
+template <bool Q, bool V>
+__device__ __forceinline__ void issue(StepLoads<RowBytes>& s, uint32_t base, uint32_t end, const uint8_t* wa,
+                                      const uint8_t* wb, uint32_t ra_b, uint32_t rb_b, const Operands& op) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+    const uint32_t blk = min(base + u, end - 1);
+    s.qa.q[u] = __ldg(reinterpret_cast<const uint2*>(wa + 32 * blk));
+    s.qb.q[u] = __ldg(reinterpret_cast<const uint2*>(wb + 32 * blk));
+  }
+  issue_absmax<Q, V>(s, base, end, ra_b, rb_b, op);
 }
 
 // The block's absmax of step slot u: nested, code2[index]·absmax2 + offset (bitsandbytes'
@@ -298,11 +310,117 @@ __device__ __forceinline__ float epilogue_one(float acc, int m, int n, const Epi
   return acc;
 }
 
+// ---- The column layout (COLS, M <= 2) ----
+// In the row layout, one 8-byte load a lane reads 32 bytes of each of 16 rows: 16 cache
+// lines for 512 bytes, and at one or two rows of x the L1's data pipe (those lines plus the
+// table lookups) is what the kernel waits on (ncu, H200, 14336 x 4096 at M = 1: its
+// wavefronts busy 76% of the active cycles, the issue slots 33%). Here lane t reads bytes
+// 16t..16t+15 (chunk 0) and 64+16t..64+16t+15 (chunk 1) of the step's 128 bytes of its two
+// rows: 16-byte loads, 8 lines for 512 bytes. Chunk c holds blocks 2c (lanes t = 0, 1) and
+// 2c+1 (t = 2, 3) of the step, so an mma's k slots now span two absmax blocks; the absmax
+// is still factored out of each block by giving each block its own columns of B. In chunk
+// c's mmas, column j < 4 is x row j/2 restricted to block 2c + (j&1) (zero in the other
+// block's k slots), columns 4-7 are zero, and
+//     D_c[n, j] = Σ_{k ∈ block 2c + (j&1)} code[q[n, k]]·x[j/2, k],
+// which lane (g, t < 2) holds for columns 2t, 2t+1: x row t, blocks 2c and 2c+1, each then
+// scaled by its block's absmax. Lane (g, t) carries B's column g for its own k slots
+// (block 2c + t/2), so it loads x where that is column g's block, g < 4 and g&1 == t/2: the
+// same lanes in both chunks, the other lanes' B registers are zero.
+template <bool Q, bool V>
+__device__ __forceinline__ void issue_cols(StepLoads<ColBytes>& s, uint32_t base, uint32_t end, const uint8_t* wa,
+                                           const uint8_t* wb, uint32_t ra_b, uint32_t rb_b, int t,
+                                           const Operands& op) {
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    // bytes 16(t&1).. of block blk (wa, wb); V: the step is whole (end is a multiple of 4)
+    const uint32_t blk = V ? base + 2 * c + (t >> 1) : min(base + 2 * c + (t >> 1), end - 1);
+    s.qa.q[c] = __ldg(reinterpret_cast<const uint4*>(wa + 32 * blk));
+    s.qb.q[c] = __ldg(reinterpret_cast<const uint4*>(wb + 32 * blk));
+  }
+  issue_absmax<Q, V>(s, base, end, ra_b, rb_b, op);
+}
+
+// The column layout's main loop over the warp's steps from `base` (every S·4-th block) to
+// `kend`; returns the sums in the row layout's D order for one tile of x rows (lane (g, 0):
+// x rows 0 and 1 of weight rows g and g+8; the other lanes zero), so the split sums and the
+// epilogue are the row layout's.
+template <typename T, int S, bool Q, bool V>
+__device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M, int K, const Operands& op,
+                                          const unsigned char* table, const float* code2_s, uint32_t base,
+                                          uint32_t kend, uint32_t ra, uint32_t rb, uint32_t row_bytes,
+                                          uint32_t row_blocks) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint8_t* wa = op.packed + ra * row_bytes + 16 * (t & 1);
+  const uint8_t* wb = op.packed + rb * row_bytes + 16 * (t & 1);
+  const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
+  const uint32_t lane_col = lane * 4;
+  const int xrow = (g >> 1) & 1;
+  const bool xload = g < 4 && xrow < M && (g & 1) == (t >> 1);
+  // x row xrow, weights 32(t&1).. of a block: an element offset (32-bit, one 64-bit add a load)
+  const uint32_t xoff = static_cast<uint32_t>(xrow < M ? xrow : 0) * K + 32 * (t & 1);
+  const T* xs = x + xoff + 64 * (base + (g & 1));  // V: the step's chunk-0 x (a whole step, no clamp)
+  float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // x row t: (g, block parity 0), (g, 1), (g+8, 0), (g+8, 1)
+  StepLoads<ColBytes> cur;
+  if (base < kend) issue_cols<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, t, op);
+  __syncthreads();  // the tables
+  for (; base < kend; base += S * kU) {
+    StepLoads<ColBytes> nxt;
+    issue_cols<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, t, op);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      // x row xrow, block 2c + (g&1), weights 32(t&1)..+31 (clamped past kend: weighed by zero)
+      const uint32_t xb = base + 2 * c + (g & 1);
+      const uint4* p = reinterpret_cast<const uint4*>(V ? xs + 128 * c : x + (xoff + 64 * min(xb, kend - 1)));
+      uint4 xv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) xv[q] = xload ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
+      const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                               xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+      const uint32_t wa4[4] = {cur.qa.q[c].x, cur.qa.q[c].y, cur.qa.q[c].z, cur.qa.q[c].w};
+      const uint32_t wb4[4] = {cur.qb.q[c].x, cur.qb.q[c].y, cur.qb.q[c].z, cur.qb.q[c].w};
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        // bytes 2jj and 2jj+1 of the chunk fill A's k slots 2t, 2t+1 and 2t+8, 2t+9
+        uint32_t a[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int i = 2 * jj + h;
+          const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
+          a[2 * h] = table_at(table, __byte_perm(wa4[i >> 2], lane_col, sel));
+          a[2 * h + 1] = table_at(table, __byte_perm(wb4[i >> 2], lane_col, sel));
+        }
+        mma16816<T>(d, a, xw[2 * jj], xw[2 * jj + 1]);
+      }
+      // D: (g, block 2c), (g, block 2c+1), (g+8, 2c), (g+8, 2c+1), all of x row t (t < 2);
+      // each times its block's absmax (zero past kend)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int u = 2 * c + (i & 1);
+        const bool ok = V || base + u < kend;
+        const float am = !ok ? 0.0f
+                         : i < 2 ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset)
+                                 : block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset);
+        sum[i] = __fmaf_rn(d[i], am, sum[i]);
+      }
+    }
+    cur = nxt;
+    xs += 64 * S * kU;
+  }
+  const float va = sum[0] + sum[1], vb = sum[2] + sum[3];                    // x row t's totals
+  const float va1 = __shfl_down_sync(kAll, va, 1), vb1 = __shfl_down_sync(kAll, vb, 1);  // x row 1
+  const bool first = t == 0;
+  acc[0][0] = first ? va : 0.0f;
+  acc[0][1] = first ? va1 : 0.0f;
+  acc[0][2] = first ? vb : 0.0f;
+  acc[0][3] = first ? vb1 : 0.0f;
+}
+
 // NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
 // V: vectorized absmax loads (see issue()). Two blocks an SM (128 registers): the loop
 // hides its latency with warps, and at 138-140 registers (what the compiler takes
 // unbounded at NT = 2) one block an SM made 14336 x 4096 at M = 16 27.5 -> 32.4 µs.
-template <typename T, int NT, int S, bool Q, bool V, bool XZ>
+template <typename T, int NT, int S, bool Q, bool V, bool XZ, bool COLS>
 __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
                                                                 const float* __restrict__ code, int N, int chunk,
                                                                 float* __restrict__ ws, int* __restrict__ counters,
@@ -346,78 +464,83 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
   const uint32_t row_bytes = K / 2, row_blocks = K / 64;
   const uint32_t kbeg = blockIdx.y * chunk, kend = min(kbeg + chunk, row_blocks);
-  const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
-  const uint8_t* wb = op.packed + rb * row_bytes + 8 * t;
-  const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
-  const uint32_t lane_col = lane * 4;
-  const T* xr[NT];
-  bool xok[NT];  // this lane's row of x exists (see the x loads below)
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int m = nt * 8 + g;
-    xok[nt] = m < M;
-    xr[nt] = x + static_cast<int64_t>(xok[nt] ? m : 0) * K + 16 * t;
-  }
   float acc[NT][4];
+  if constexpr (COLS) {
+    static_assert(NT == 1, "the column layout takes one or two rows of x");
+    cols_loop<T, S, Q, V>(acc, x, M, K, op, table, code2_s, kbeg + part * kU, kend, ra, rb, row_bytes, row_blocks);
+  } else {
+    const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
+    const uint8_t* wb = op.packed + rb * row_bytes + 8 * t;
+    const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
+    const uint32_t lane_col = lane * 4;
+    const T* xr[NT];
+    bool xok[NT];  // this lane's row of x exists (see the x loads below)
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
-
-  StepLoads cur;
-  uint32_t base = kbeg + part * kU;
-  if (base < kend) issue<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, op);
-  __syncthreads();  // the tables
-  for (; base < kend; base += S * kU) {
-    StepLoads nxt;
-    issue<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, op);
-#pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      const bool ok = base + u < kend;  // no branch: the U blocks interleave
-      const uint32_t blk = ok ? base + u : kend - 1;
-      uint4 xv[NT][2];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint4* p = reinterpret_cast<const uint4*>(xr[nt] + 64 * blk);
-        // XZ (some rows of x past M): those lanes load nothing and hold zeros; predicated
-        // off, they add nothing to the L1's work. Otherwise (every row there) the loads are
-        // unconditional and nothing is zeroed (two CS2R a load).
-        if (XZ) {
-          xv[nt][0] = xok[nt] ? __ldg(p) : make_uint4(0, 0, 0, 0);
-          xv[nt][1] = xok[nt] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-        } else {
-          xv[nt][0] = __ldg(p);
-          xv[nt][1] = __ldg(p + 1);
-        }
-      }
-      uint32_t fa[8], fb[8];  // byte i of the lane's 8 -> its code pair
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t wa_ = i < 4 ? cur.qa[u].x : cur.qa[u].y, wb_ = i < 4 ? cur.qb[u].x : cur.qb[u].y;
-        const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
-        fa[i] = table_at(table, __byte_perm(wa_, lane_col, sel));
-        fb[i] = table_at(table, __byte_perm(wb_, lane_col, sel));
-      }
-      const float ama = ok ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
-      const float amb = ok ? block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
-                                xv[nt][1].x, xv[nt][1].y, xv[nt][1].z, xv[nt][1].w};
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t a[4] = {fa[2 * j], fb[2 * j], fa[2 * j + 1], fb[2 * j + 1]};
-          mma16816<T>(d, a, xw[2 * j], xw[2 * j + 1]);
-        }
-        // D: (row g, x rows 2t, 2t+1), (row g+8, the same)
-        acc[nt][0] = __fmaf_rn(d[0], ama, acc[nt][0]);
-        acc[nt][1] = __fmaf_rn(d[1], ama, acc[nt][1]);
-        acc[nt][2] = __fmaf_rn(d[2], amb, acc[nt][2]);
-        acc[nt][3] = __fmaf_rn(d[3], amb, acc[nt][3]);
-      }
+    for (int nt = 0; nt < NT; ++nt) {
+      const int m = nt * 8 + g;
+      xok[nt] = m < M;
+      xr[nt] = x + static_cast<int64_t>(xok[nt] ? m : 0) * K + 16 * t;
     }
-    cur = nxt;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+    StepLoads<RowBytes> cur;
+    uint32_t base = kbeg + part * kU;
+    if (base < kend) issue<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, op);
+    __syncthreads();  // the tables
+    for (; base < kend; base += S * kU) {
+      StepLoads<RowBytes> nxt;
+      issue<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, op);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const bool ok = base + u < kend;  // no branch: the U blocks interleave
+        const uint32_t blk = ok ? base + u : kend - 1;
+        uint4 xv[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4* p = reinterpret_cast<const uint4*>(xr[nt] + 64 * blk);
+          // XZ (some rows of x past M): those lanes load nothing and hold zeros; predicated
+          // off, they add nothing to the L1's work. Otherwise (every row there) the loads are
+          // unconditional and nothing is zeroed (two CS2R a load).
+          if (XZ) {
+            xv[nt][0] = xok[nt] ? __ldg(p) : make_uint4(0, 0, 0, 0);
+            xv[nt][1] = xok[nt] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+          } else {
+            xv[nt][0] = __ldg(p);
+            xv[nt][1] = __ldg(p + 1);
+          }
+        }
+        uint32_t fa[8], fb[8];  // byte i of the lane's 8 -> its code pair
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t wa_ = i < 4 ? cur.qa.q[u].x : cur.qa.q[u].y, wb_ = i < 4 ? cur.qb.q[u].x : cur.qb.q[u].y;
+          const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
+          fa[i] = table_at(table, __byte_perm(wa_, lane_col, sel));
+          fb[i] = table_at(table, __byte_perm(wb_, lane_col, sel));
+        }
+        const float ama = ok ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset) : 0.0f;
+        const float amb = ok ? block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset) : 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint32_t xw[8] = {xv[nt][0].x, xv[nt][0].y, xv[nt][0].z, xv[nt][0].w,
+                                  xv[nt][1].x, xv[nt][1].y, xv[nt][1].z, xv[nt][1].w};
+          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t a[4] = {fa[2 * j], fb[2 * j], fa[2 * j + 1], fb[2 * j + 1]};
+            mma16816<T>(d, a, xw[2 * j], xw[2 * j + 1]);
+          }
+          // D: (row g, x rows 2t, 2t+1), (row g+8, the same)
+          acc[nt][0] = __fmaf_rn(d[0], ama, acc[nt][0]);
+          acc[nt][1] = __fmaf_rn(d[1], ama, acc[nt][1]);
+          acc[nt][2] = __fmaf_rn(d[2], amb, acc[nt][2]);
+          acc[nt][3] = __fmaf_rn(d[3], amb, acc[nt][3]);
+        }
+      }
+      cur = nxt;
+    }
   }
   if (S > 1) {
 #pragma unroll
@@ -476,7 +599,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   }
 }
 
-template <typename T, int NT, int S, bool Q, bool V, bool XZ>
+template <typename T, int NT, int S, bool Q, bool V, bool XZ, bool COLS>
 void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
                int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   const int groups = (N + 15) / 16;
@@ -486,7 +609,7 @@ void launch_xz(const void* x, int M, int K, const Operands& op, const float* cod
   int chunk = (row_blocks + kb - 1) / kb;
   chunk = (chunk + kU - 1) / kU * kU;  // a whole number of steps (keeps V's alignment)
   const int ky = (row_blocks + chunk - 1) / chunk;
-  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ>;
+  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ, COLS>;
   // The 64 KiB table is above the default dynamic shared memory: opt in once per
   // instantiation and device (the attribute belongs to the device's context; a race between
   // threads only repeats the call).
@@ -504,7 +627,7 @@ void launch_xz(const void* x, int M, int K, const Operands& op, const float* cod
 }
 
 template <typename T, int NT, int S, bool Q, bool V>
-void launch(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
+void launch(bool cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
             int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   // Zero-filled x loads at M <= 4 (a lane group without a row of x loads nothing); at more
   // rows every lane loads and nothing is zeroed. H200, graph-timed, the same build: at
@@ -512,25 +635,26 @@ void launch(const void* x, int M, int K, const Operands& op, const float* code, 
   // (0.2-0.3 slower on 4096 x 4096); at M = 8-16 the unconditional loads were faster on
   // every shape (gate/up M = 16: 26.1 against 27.6 µs).
   if constexpr (NT == 1) {
-    if (M <= 4) return launch_xz<T, NT, S, Q, V, true>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    if (cols) return launch_xz<T, NT, S, Q, V, true, true>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    if (M <= 4) return launch_xz<T, NT, S, Q, V, true, false>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
   }
-  return launch_xz<T, NT, S, Q, V, false>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  return launch_xz<T, NT, S, Q, V, false, false>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
 }
 
 template <typename T, int NT, bool Q, bool V>
-void launch_split(int split, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
+void launch_split(int split, bool cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
                   float* ws, int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
-  if (split == 2) return launch<T, NT, 2, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-  if (split == 4) return launch<T, NT, 4, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-  if (split == 8) return launch<T, NT, 8, Q, V>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  if (split == 2) return launch<T, NT, 2, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  if (split == 4) return launch<T, NT, 4, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  if (split == 8) return launch<T, NT, 8, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
   throw std::invalid_argument("nf4_decode_mma_cuda: the in-block K split must be 2, 4 or 8, got " + std::to_string(split));
 }
 
 template <typename T>
-void launch_dtype(bool two_tiles, bool nested, bool vec, int split, const void* x, int M, int K, const Operands& op,
+void launch_dtype(bool two_tiles, bool nested, bool vec, int split, bool cols, const void* x, int M, int K, const Operands& op,
                   const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep, void* y,
                   cudaStream_t s) {
-#define FQ_MMA_ARGS split, x, M, K, op, code, N, kb, ws, counters, ep, y, s
+#define FQ_MMA_ARGS split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s
   if (two_tiles) {
     if (nested) return vec ? launch_split<T, 2, true, true>(FQ_MMA_ARGS) : launch_split<T, 2, true, false>(FQ_MMA_ARGS);
     return vec ? launch_split<T, 2, false, true>(FQ_MMA_ARGS) : launch_split<T, 2, false, false>(FQ_MMA_ARGS);
@@ -546,8 +670,11 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
                          const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                          float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
                          const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
-                         int kb, float* ws, int* counters, int64_t stream) {
+                         int kb, bool cols, float* ws, int* counters, int64_t stream) {
   if (M < 1 || M > 16) throw std::invalid_argument("nf4_decode_mma_cuda: x must have 1 to 16 rows, got " + std::to_string(M));
+  if (cols && M > 2) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: the column layout takes 1 or 2 rows of x, got " + std::to_string(M));
+  }
   if (K % 64 != 0 || K <= 0 || N <= 0) {
     throw std::invalid_argument("nf4_decode_mma_cuda: K must be a positive multiple of 64 and N positive, got K=" +
                                 std::to_string(K) + ", N=" + std::to_string(N));
@@ -580,9 +707,9 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
   const bool two = M > 8;
   switch (dtype) {
     case kF16:
-      return launch_dtype<__half>(two, nested, vec, split, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__half>(two, nested, vec, split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
     case kBF16:
-      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
     default:
       throw std::invalid_argument("nf4_decode_mma_cuda: x must be fp16 or bf16 (the tensor cores' input types)");
   }

@@ -341,6 +341,23 @@ def test_gemv_candidates_by_rows():
     assert nf4_configs.gemv_candidates(3, 4096, 4096, cuda=True) == []
 
 
+def test_decode_mma_candidates_by_rows():
+    """The tensor-core decode's configs by rows of x: the column layout's only at one row,
+    both layouts at two, the row layout's from three to 16, none above or without the
+    extension's CUDA. CPU only."""
+    from fastqlora.triton_kernels import nf4_configs
+
+    one, two = (nf4_configs.decode_mma_candidates(m, cuda=True) for m in (1, 2))
+    assert one and all(c.cols for c in one)
+    assert {c for c in two if c.cols} == set(one) and any(not c.cols for c in two)
+    for m in (3, 16):
+        cands = nf4_configs.decode_mma_candidates(m, cuda=True)
+        assert cands and not any(c.cols for c in cands)
+    assert nf4_configs.decode_mma_candidates(17, cuda=True) == []
+    assert nf4_configs.decode_mma_candidates(1, cuda=False) == []
+    assert nf4_configs.DecodeMmaConfig(8, 2, cols=True).short() == "cuda mma s8 kb2 cols"
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_gemv_refuses_bad_input():
     from fastqlora.ops.nf4_gemv_cuda import available, nf4_gemv_cuda
@@ -427,7 +444,7 @@ def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
     b = (torch.randn(N, r, generator=g) * 0.1).to("cuda", dtype)
     bias = torch.randn(N, generator=g).to("cuda", dtype)
     cfgs = set(nf4_configs.decode_mma_candidates(16, cuda=True))
-    assert cfgs and not nf4_configs.decode_mma_candidates(1, cuda=True)
+    assert cfgs and not any(c.cols for c in cfgs)
     cfgs |= {DecodeMmaConfig(s, kb) for s in (2, 4, 8) for kb in (1, 3, 7)}
     tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
     for M in (1, 3, 5, 8, 9, 12, 16):
@@ -451,6 +468,51 @@ def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
         y16 = nf4_decode_mma(x16, w, cfg)
         for m in (3, 4, 5, 8):
             assert torch.equal(nf4_decode_mma(x16[:m].contiguous(), w, cfg), y16[:m]), (m, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("N,K,r", [(1000, 4160, 16), (37, 64, 40), (4097, 14336, 8), (333, 4096, 16), (48, 256, 16)])
+def test_gpu_decode_mma_cols(dtype, nested, N, K, r):
+    """The tensor-core decode's column layout (one or two rows of x; each absmax block of a
+    step in its own columns of B): every in-block split and grid splits of 1, 3 and 7 blocks,
+    rows past N, K not a multiple of 256 (a partial last step, the clamped loads) and K = 64
+    (one block), LoRA rank above 32, bias, plain and double-quantized absmax, against the
+    fp64 oracle; run twice, equal; a row's result does not depend on the other row of x (M = 2's
+    first row is M = 1's bit for bit); within the tolerance of the row layout."""
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels import nf4_configs
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    g = torch.Generator().manual_seed(N + K + r + 1)
+    w = NF4Tensor.quantize((torch.randn(N, K, generator=g) * 0.05).cuda(), blocksize=64, compress_statistics=nested)
+    wd = nf4h.dequantize_oracle(w, torch.float64)
+    b = (torch.randn(N, r, generator=g) * 0.1).to("cuda", dtype)
+    bias = torch.randn(N, generator=g).to("cuda", dtype)
+    cfgs = {c for c in nf4_configs.decode_mma_candidates(1, cuda=True)}
+    assert cfgs and all(c.cols for c in cfgs)
+    assert {c for c in nf4_configs.decode_mma_candidates(2, cuda=True) if c.cols} == cfgs
+    cfgs |= {DecodeMmaConfig(s, kb, cols=True) for s in (2, 4, 8) for kb in (1, 3, 7)}
+    tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
+    x2 = torch.randn(2, K, generator=g).to("cuda", dtype)
+    xa2 = (torch.randn(2, r + 5, generator=g) * 0.5).to("cuda", dtype)[:, 2:2 + r]
+    for M in (1, 2):
+        x, xa = x2[:M].contiguous(), xa2[:M]
+        ref = x.double() @ wd.t() + 1.5 * (xa.double() @ b.double().t()) + bias.double()
+        ref_plain = x.double() @ wd.t()
+        rows = nf4_decode_mma(x, w, DecodeMmaConfig(4, 1))
+        for cfg in sorted(cfgs, key=str):
+            y = nf4_decode_mma(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias)
+            assert y.shape == (M, N) and y.dtype == dtype
+            assert rel(y, ref) < tol, (M, cfg)
+            assert torch.equal(nf4_decode_mma(x, w, cfg, xa=xa, lora_b=b, scale=1.5, bias=bias), y)
+            plain = nf4_decode_mma(x, w, cfg)
+            assert rel(plain, ref_plain) < tol, (M, cfg)
+            assert rel(plain, rows) < tol, (M, cfg)
+            if M == 2:
+                assert torch.equal(plain[:1], nf4_decode_mma(x[:1].contiguous(), w, cfg)), cfg
 
 
 @pytest.mark.gpu
@@ -483,8 +545,8 @@ def test_gpu_decode_mma_in_the_dispatch():
 
 
 def test_decode_mma_refuses_what_it_cannot_take():
-    """A CPU input, or more than 16 rows, is refused with what the kernel needs, before
-    touching the extension; runs without a GPU."""
+    """A CPU input, or more than 16 rows, or the column layout at more than 2 rows, is refused
+    with what the kernel needs, before touching the extension; runs without a GPU."""
     from fastqlora.ops.nf4_decode_mma import available, nf4_decode_mma
     from fastqlora.quant import NF4Tensor
     from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
@@ -494,6 +556,8 @@ def test_decode_mma_refuses_what_it_cannot_take():
         assert not available(x, w)
         with pytest.raises(ValueError, match=f"1 to 16 contiguous.*got x \\({x.shape[0]}, 128\\)"):
             nf4_decode_mma(x, w, DecodeMmaConfig(2))
+    with pytest.raises(ValueError, match="column layout.*1 to 2 rows of x, got 3"):
+        nf4_decode_mma(torch.randn(3, 128, dtype=torch.bfloat16), w, DecodeMmaConfig(2, cols=True))
 
 
 @pytest.mark.parametrize("which", ["gemv", "mma"])
@@ -530,7 +594,7 @@ def test_decode_kernels_check_lora_and_bias_first(which, bad, err, match):
     (dict(K=96), "multiple of 64"), (dict(M=17), "1 to 16 rows"), (dict(M=0), "1 to 16 rows"),
     (dict(split=3), "2, 4 or 8"), (dict(kb=0), "1..64"), (dict(kb=2), "workspace"),
     (dict(x=4104), "16-byte aligned"), (dict(blocksize2=200), "power of two"),
-    (dict(N=2**25), "under 2 GiB"), (dict(dtype=0), "fp16 or bf16"),
+    (dict(N=2**25), "under 2 GiB"), (dict(dtype=0), "fp16 or bf16"), (dict(cols=True), "1 or 2 rows of x, got 4"),
 ])
 def test_decode_mma_binding_checks_before_launch(change, match):
     """The tensor-core decode refuses a bad shape or config before touching memory or the
@@ -542,7 +606,7 @@ def test_decode_mma_binding_checks_before_launch(change, match):
         pytest.skip("the extension was built without CUDA")
     args = dict(x=4096, M=4, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
                 blocksize2=256, N=8, xa=0, xa_stride=0, lora_b=0, rank=0, scale=1.0, bias=0, y=0, dtype=2, split=2,
-                kb=1, ws=0, counters=0, stream=0)
+                kb=1, cols=False, ws=0, counters=0, stream=0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
         ext().nf4_decode_mma_cuda(*args.values())

@@ -76,13 +76,15 @@ class GemvConfig:
 class DecodeMmaConfig:
     """The extension's tensor-core decode kernel (csrc/nf4_decode_mma.cu) for 1 <= M <= 16:
     16 weight rows a warp, 8 warps a block, K split over ``split`` warps of a block and over
-    ``kb`` blocks of the grid."""
+    ``kb`` blocks of the grid. ``cols`` (M <= 2): the column layout, 16-byte weight loads with
+    each absmax block of a step in its own columns of the mma's B (see the kernel)."""
 
     split: int
     kb: int = 1
+    cols: bool = False
 
     def short(self) -> str:
-        return f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "")
+        return f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "") + (" cols" if self.cols else "")
 
 
 C = MatmulConfig
@@ -148,6 +150,9 @@ _CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
 # (results/nf4_decode_mma_table_h200.json) and stay for other shapes.
 DECODE_MMA_MAX_M = 16
 _CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8), (8, 2), (8, 4))]
+# The column layout at one and two rows of x (not yet measured: every split, a few grid splits).
+COLS_MAX_M = 2
+_CUDA_MMA_COLS = [DecodeMmaConfig(s, kb, cols=True) for s, kb in ((8, 1), (4, 1), (2, 1), (8, 2), (4, 2), (2, 4))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {
@@ -202,9 +207,12 @@ def gemv_candidates(M: int, N: int, K: int, cuda: bool = False) -> list[GemvConf
 
 
 def decode_mma_candidates(M: int, cuda: bool) -> list[DecodeMmaConfig]:
-    """The tensor-core decode's configs for 2 <= M <= DECODE_MMA_MAX_M when ``cuda`` (the
-    extension can take the product), else none."""
-    return list(_CUDA_MMA) if cuda and 2 <= M <= DECODE_MMA_MAX_M else []
+    """The tensor-core decode's configs when ``cuda`` (the extension can take the product):
+    the column layout's at M <= COLS_MAX_M, the row layout's at 2 <= M <= DECODE_MMA_MAX_M;
+    none otherwise."""
+    if not cuda or not 1 <= M <= DECODE_MMA_MAX_M:
+        return []
+    return (list(_CUDA_MMA_COLS) if M <= COLS_MAX_M else []) + (list(_CUDA_MMA) if M >= 2 else [])
 
 
 def forward_candidates(capability: tuple[int, int], M: int, n_total: int, K: int) -> list[MatmulConfig]:

@@ -4,7 +4,8 @@
 NF4: 16 weight rows a warp as the mma's A (decoded a packed byte at a time from a shared-memory
 table), x's rows as its B columns, the absmax factored out of each 64-weight block and applied
 to that block's fp32 result. The dispatch times it beside the Triton decode tiles
-(``DecodeMmaConfig``: K split over ``split`` warps of a block and ``kb`` blocks of the grid).
+(``DecodeMmaConfig``: K split over ``split`` warps of a block and ``kb`` blocks of the grid;
+at one or two rows ``cols``, the layout whose weight loads are 16 bytes a lane).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
-from ..triton_kernels.nf4_configs import DECODE_MMA_MAX_M, DecodeMmaConfig
+from ..triton_kernels.nf4_configs import COLS_MAX_M, DECODE_MMA_MAX_M, DecodeMmaConfig
 from .nf4_gemv_cuda import check_epilogue, weight_fits
 
 # Per (device, stream): int32 counters the kernel's K split over the grid leaves at zero.
@@ -64,6 +65,9 @@ def nf4_decode_mma(
     layout the sm_90 build does not expect (a later architecture running its PTX) the result
     is NaN, which the dispatch's result check refuses (csrc/nf4_decode_mma.cu, kTableAddr)."""
     check_epilogue("nf4_decode_mma", x, int(w.shape[0]), xa, lora_b, bias)
+    if cfg.cols and x.dim() == 2 and x.shape[0] > COLS_MAX_M:
+        raise ValueError(f"nf4_decode_mma: the column layout (cols=True) takes 1 to {COLS_MAX_M} rows of x, got "
+                         f"{x.shape[0]}; use cols=False")
     if not available(x, w):
         raise ValueError(f"nf4_decode_mma takes 1 to {DECODE_MMA_MAX_M} contiguous, 16-byte aligned bf16/fp16 rows "
                          f"on an sm80+ GPU and an NF4 weight on that GPU with blocksize 64, K a multiple of 64, a "
@@ -99,6 +103,6 @@ def nf4_decode_mma(
             ptr(w.nested_code) if nested else 0, ptr(w.nested_absmax) if nested else 0,
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa) if has_lora else 0, int(xa.stride(0)) if has_lora else 0, ptr(b_c) if has_lora else 0, rank,
-            float(scale), ptr(bias_c), ptr(y), _DTYPE_CODES[x.dtype], int(cfg.split), int(cfg.kb),
+            float(scale), ptr(bias_c), ptr(y), _DTYPE_CODES[x.dtype], int(cfg.split), int(cfg.kb), bool(cfg.cols),
             ptr(ws), ptr(counters), stream_of(x))
     return y
