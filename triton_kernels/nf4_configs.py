@@ -141,18 +141,22 @@ CUDA_GEMV_MAX_M = 2
 _CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
     (4, 4, 4), (4, 4, 8), (2, 4, 8), (2, 4, 4), (8, 2, 4), (4, 2, 8), (2, 2, 8), (8, 4, 4), (4, 1, 8))]
 
-# The tensor-core decode (csrc/nf4_decode_mma.cu), 2 <= M <= 16 (one row: the gemv above is
-# faster on 14336 x 4096 and 1024 x 4096 and within 2% either way on 4096 x 4096 and 4096 x
-# 14336, 6.5 / 6.6 and 15.5 / 15.2 µs; not timed through the dispatch there yet). The H200
+# The tensor-core decode (csrc/nf4_decode_mma.cu), row layout, 2 <= M <= 16 (at one row it
+# ties the gemv at best; the column layout below is the one-row candidate). The H200
 # sweep's fastest (split, kb) per Llama-3-8B shape at M = 2-16
 # (results/nf4_decode_table_s16_s8_h200.json): q/o, down and k/v (M >= 4) s8, gate/up s2; s8
 # first, what the dispatch uses untimed. The rest were the fastest of earlier sweeps
 # (results/nf4_decode_mma_table_h200.json) and stay for other shapes.
 DECODE_MMA_MAX_M = 16
 _CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8), (8, 2), (8, 4))]
-# The column layout at one and two rows of x (not yet measured: every split, a few grid splits).
+# The column layout at one and two rows of x. H200 sweep (results/nf4_decode_cols_sweep_s17_h200.json,
+# graph-timed, M = 1 / 2): fastest on q/o (s8 6.1 / s4 6.3 µs), gate/up (s2 14.6 / 15.4) and
+# down (s8 13.1 / 14.0), ahead of the row layout and the gemv (q/o M = 1: 6.7, gate/up 16.2, down
+# 15.4); k/v stays with the gemv (3.5 / 4.4 against 4.3 / 4.4). A grid split (kb > 1) was slower
+# on every shape (its partials' round trip through L2: q/o M = 1 s2 kb4 7.7 against s8 6.1);
+# two stay for shapes with few row groups.
 COLS_MAX_M = 2
-_CUDA_MMA_COLS = [DecodeMmaConfig(s, kb, cols=True) for s, kb in ((8, 1), (4, 1), (2, 1), (8, 2), (4, 2), (2, 4))]
+_CUDA_MMA_COLS = [DecodeMmaConfig(s, kb, cols=True) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2), (2, 4))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {
