@@ -310,6 +310,30 @@ __device__ __forceinline__ float epilogue_one(float acc, int m, int n, const Epi
   return acc;
 }
 
+// The decode table (thread b fills entry b; see the header) and, nested, the nested code;
+// the caller's __syncthreads() publishes them. Called after the first step's loads are
+// issued, so the code's load and the weights' are in flight together.
+template <typename T, bool Q>
+__device__ __forceinline__ void fill_tables(unsigned char* table, float* code2_s, const float* code,
+                                            const Operands& op) {
+  const int lane = threadIdx.x & 31;
+  // Thread b fills entry b: its pair once, stored to the 32 lane columns as 8 16-byte
+  // stores, each thread starting at its own chunk (a quarter-warp's 8 stores then hit 8
+  // different bank groups). A warp an entry, a lane a column, took ~7 instructions per
+  // thread and entry (32 entries a thread).
+  static_assert(kWarps * 32 == 256, "one thread per table entry");
+  const float c = __ldg(code + (lane & 15));  // lane holds code[lane mod 16]
+  const int b = threadIdx.x;
+  const float c2 = Q ? __ldg(op.code2 + b) : 0.0f;  // the nested code: 256 entries, one a thread
+  const float hi = __shfl_sync(kAll, c, b >> 4), lo = __shfl_sync(kAll, c, b & 15);
+  // the high nibble is the earlier weight: the pair's low half
+  const uint32_t v = pair_bits<T>(hi, lo);
+  uint4* row = reinterpret_cast<uint4*>(table + b * 256);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) row[(j + lane) & 7] = make_uint4(v, v, v, v);
+  if (Q) code2_s[b] = c2;
+}
+
 // ---- The column layout (COLS, M <= 2) ----
 // In the row layout, one 8-byte load a lane reads 32 bytes of each of 16 rows: 16 cache
 // lines for 512 bytes, and at one or two rows of x the L1's data pipe (those lines plus the
@@ -346,7 +370,7 @@ __device__ __forceinline__ void issue_cols(StepLoads<ColBytes>& s, uint32_t base
 // epilogue are the row layout's.
 template <typename T, int S, bool Q, bool V>
 __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M, int K, const Operands& op,
-                                          const unsigned char* table, const float* code2_s, uint32_t base,
+                                          const float* code, unsigned char* table, float* code2_s, uint32_t base,
                                           uint32_t kend, uint32_t ra, uint32_t rb, uint32_t row_bytes,
                                           uint32_t row_blocks) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -362,6 +386,7 @@ __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M,
   float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // x row t: (g, block parity 0), (g, 1), (g+8, 0), (g+8, 1)
   StepLoads<ColBytes> cur;
   if (base < kend) issue_cols<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, t, op);
+  fill_tables<T, Q>(table, code2_s, code, op);
   __syncthreads();  // the tables
   for (; base < kend; base += S * kU) {
     StepLoads<ColBytes> nxt;
@@ -437,24 +462,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
     return;
   }
 #endif
-  {
-    // Thread b fills entry b: its pair once, stored to the 32 lane columns as 8 16-byte
-    // stores, each thread starting at its own chunk (a quarter-warp's 8 stores then hit 8
-    // different bank groups). A warp an entry, a lane a column, took ~7 instructions per
-    // thread and entry (32 entries a thread).
-    static_assert(kWarps * 32 == 256, "one thread per table entry");
-    const float c = __ldg(code + (lane & 15));  // lane holds code[lane mod 16]
-    const int b = threadIdx.x;
-    const float hi = __shfl_sync(kAll, c, b >> 4), lo = __shfl_sync(kAll, c, b & 15);
-    // the high nibble is the earlier weight: the pair's low half
-    const uint32_t v = pair_bits<T>(hi, lo);
-    uint4* row = reinterpret_cast<uint4*>(table + b * 256);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) row[(j + lane) & 7] = make_uint4(v, v, v, v);
-    if (Q) {
-      for (int i = threadIdx.x; i < 256; i += kWarps * 32) code2_s[i] = __ldg(op.code2 + i);
-    }
-  }
   const int g = lane >> 2, t = lane & 3;
   const int part = warp % S;
   const int groups = (N + 15) / 16;
@@ -467,7 +474,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   float acc[NT][4];
   if constexpr (COLS) {
     static_assert(NT == 1, "the column layout takes one or two rows of x");
-    cols_loop<T, S, Q, V>(acc, x, M, K, op, table, code2_s, kbeg + part * kU, kend, ra, rb, row_bytes, row_blocks);
+    cols_loop<T, S, Q, V>(acc, x, M, K, op, code, table, code2_s, kbeg + part * kU, kend, ra, rb, row_bytes,
+                          row_blocks);
   } else {
     const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
     const uint8_t* wb = op.packed + rb * row_bytes + 8 * t;
@@ -489,6 +497,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
     StepLoads<RowBytes> cur;
     uint32_t base = kbeg + part * kU;
     if (base < kend) issue<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, op);
+    fill_tables<T, Q>(table, code2_s, code, op);
     __syncthreads();  // the tables
     for (; base < kend; base += S * kU) {
       StepLoads<RowBytes> nxt;
