@@ -32,8 +32,12 @@
 // window address as an immediate, `[perm + kTableAddr]` (kTableAddr: see below). On sm_80-89
 // shared memory starts at address 0, so the permute's result is the address (SASS: `LDS [R]`).
 //
+// At one or two rows of x a second layout (COLS, cols_loop below) reads the weights in
+// 16-byte chunks that span two blocks and keeps the blocks apart in B's columns instead.
+//
 // Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
-// issued before this step's decode (a register double buffer). K is split over S warps
+// issued before this step's decode (a register double buffer), the first step's before the
+// table fill. K is split over S warps
 // of a block (S = 2, 4 or 8; summed through shared memory in a fixed order) and over the
 // grid's y (KB blocks of a row group; each writes fp32 partials, and the last to finish,
 // told by a per-group counter it then resets, sums them in order and writes y), so
