@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
                "--one", mode]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0 or "RESULT " not in run.stdout:
-            raise SystemExit(f"{mode} failed:\n{run.stderr[-4000:]}")
+            # the exit code says what the stderr cannot when the process was killed (negative: by that signal)
+            raise SystemExit(f"{mode} failed (exit code {run.returncode}):\n{run.stderr[-4000:]}")
         res = json.loads(run.stdout.split("RESULT ", 1)[1])
         eager_graph.add_run(results, res, f"graphs: {res['graphs']}")
     return eager_graph.finish(results, args.out)
