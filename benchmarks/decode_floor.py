@@ -47,6 +47,7 @@ def stream_us(words: torch.Tensor) -> float:
     """Graph-timed µs of the fastest plain read of ``words`` (int32), its sum checked."""
     kernel = _stream_kernel()
     n = words.numel()
+    want = words.sum(dtype=torch.int32).item()
     best = float("inf")
     for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)):
         grid = (n + block - 1) // block
@@ -54,7 +55,7 @@ def stream_us(words: torch.Tensor) -> float:
         fn = lambda: kernel[(grid,)](words, out, n, BLOCK=block, num_warps=warps)  # noqa: E731
         fn()
         # int32 sums wrap modulo 2^32 in any order, so the partials' total must equal torch's
-        if out.sum(dtype=torch.int32).item() != words.sum(dtype=torch.int32).item():
+        if out.sum(dtype=torch.int32).item() != want:
             raise RuntimeError(f"stream read (block {block}): partial sums disagree with torch's sum")
         best = min(best, graph_us(fn))
     return best

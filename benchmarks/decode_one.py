@@ -29,19 +29,17 @@ def parse_config(text: str):
     from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig
 
     kind, *nums = text.split(":")
+    cols = kind == "mma" and len(nums) == 3 and nums[2] == "cols"
+    if cols:
+        nums = nums[:2]
     try:
         values = [int(v) for v in nums]
     except ValueError:
         values = None
     if kind == "bnb" and not nums:
         return "bnb"
-    if kind == "mma" and len(nums) == 3 and nums[2] == "cols":
-        try:
-            return DecodeMmaConfig(int(nums[0]), int(nums[1]), cols=True)
-        except ValueError:
-            pass
     if kind == "mma" and values is not None and len(values) == 2:
-        return DecodeMmaConfig(values[0], values[1])
+        return DecodeMmaConfig(values[0], values[1], cols=cols)
     if kind == "gemv" and values is not None and len(values) == 3:
         return GemvConfig(values[0], values[1], values[2], cuda=True)
     raise ValueError(f"--config {text!r}: expected mma:SPLIT:KB[:cols], gemv:ROWS:SPLIT:WARPS or bnb")
@@ -64,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from fastqlora.ops.nf4_decode_mma import nf4_decode_mma
     from fastqlora.ops.nf4_gemv_cuda import nf4_gemv_cuda
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
 
     n, k = shapes[args.shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
     if cfg == "bnb":
         fn = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs)  # noqa: E731
-    elif hasattr(cfg, "kb"):
+    elif isinstance(cfg, DecodeMmaConfig):
         fn = lambda: nf4_decode_mma(x, w, cfg)  # noqa: E731
     else:
         fn = lambda: nf4_gemv_cuda(x, w, cfg)  # noqa: E731

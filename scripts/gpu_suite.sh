@@ -76,8 +76,13 @@ for stage in "$@"; do
           name=$(echo "$shape-m$m-$cfg" | tr '/:' '__')
           timeout 300 ncu --set full --cache-control none --clock-control none -k regex:"nf4_decode_mma|nf4_gemv|kgemm" -s 5 -c 1 -o "$OUT/ncu_$name" -f \
             python3 "$FQ_SRC/benchmarks/decode_one.py" --shape "$shape" --m "$m" --config "$cfg" > "$OUT/ncu_$name.log" 2>&1
-          ncu --import "$OUT/ncu_$name.ncu-rep" --page details > "$OUT/ncu_$name.txt" 2>&1; echo "ncu $spec rc=$?"
+          ncu --import "$OUT/ncu_$name.ncu-rep" --page details --print-details all > "$OUT/ncu_$name.txt" 2>&1
+          echo "ncu $spec rc=$?"
         done
+        # a device call returns at most 8 files: the profiles' text in one archive, the reports left out
+        if ls "$OUT"/ncu_*.txt > /dev/null 2>&1; then
+          (cd "$OUT" && tar czf ncu_decode.tgz ncu_*.txt ncu_*.log && rm -f ncu_*.txt ncu_*.log ncu_*.ncu-rep)
+        fi
       fi ;;
     *) echo "unknown stage $stage" ;;
   esac
