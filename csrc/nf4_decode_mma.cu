@@ -147,8 +147,8 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One step's loads for the lane's two weight rows (a: g, b: g+8). W: what a lane reads of a
-// row's step (the row layout: 8 bytes of each block; the column layout: two 16-byte chunks).
+// One step's loads for the lane's two weight rows (a: g, b: g+8) in the row layout. W: what
+// a lane reads of a row's step (8 bytes of each block).
 template <typename W>
 struct StepLoads {
   W qa, qb;                // the packed bytes of rows g and g+8
@@ -156,7 +156,6 @@ struct StepLoads {
   float sa[kU], sb[kU];    // nested: the nested scale (entry 0 when vectorized); plain: the absmax
 };
 struct RowBytes { uint2 q[kU]; };     // the row layout: bytes 8t..8t+7 of each of the step's blocks
-struct ColBytes { uint4 q[2]; };      // the column layout: see cols_loop
 
 struct Operands {
   const uint8_t* packed;
@@ -342,30 +341,45 @@ __device__ __forceinline__ void fill_tables(unsigned char* table, float* code2_s
 // In the row layout, one 8-byte load a lane reads 32 bytes of each of 16 rows: 16 cache
 // lines for 512 bytes, and at one or two rows of x the L1's data pipe (those lines plus the
 // table lookups) is what the kernel waits on (ncu, H200, 14336 x 4096 at M = 1: its
-// wavefronts busy 76% of the active cycles, the issue slots 33%). Here lane t reads bytes
-// 16t..16t+15 (chunk 0) and 64+16t..64+16t+15 (chunk 1) of the step's 128 bytes of its two
-// rows: 16-byte loads, 8 lines for 512 bytes. Chunk c holds blocks 2c (lanes t = 0, 1) and
-// 2c+1 (t = 2, 3) of the step, so an mma's k slots now span two absmax blocks; the absmax
-// is still factored out of each block by giving each block its own columns of B. In chunk
-// c's mmas, column j < 4 is x row j/2 restricted to block 2c + (j&1) (zero in the other
-// block's k slots), columns 4-7 are zero, and
-//     D_c[n, j] = Σ_{k ∈ block 2c + (j&1)} code[q[n, k]]·x[j/2, k],
-// which lane (g, t < 2) holds for columns 2t, 2t+1: x row t, blocks 2c and 2c+1, each then
-// scaled by its block's absmax. Lane (g, t) carries B's column g for its own k slots
-// (block 2c + t/2), so it loads x where that is column g's block, g < 4 and g&1 == t/2: the
-// same lanes in both chunks, the other lanes' B registers are zero.
+// wavefronts busy 76% of the active cycles, the issue slots 33%). Here a lane reads 16-byte
+// chunks and the 8 lanes of a weight row read its step's whole 128-byte line: 4 lines a load.
+// The mma's A rows are (weight row, half of its step) pairs: in tile τ (two a step), A row
+// g is the first half (g even) or the second (g odd) of weight row n0 + 8τ + g/2, and A
+// row g+8 the same half of row n0 + 8τ + 4 + g/2; lane (g, t) reads bytes 64(g&1) + 16t.. of
+// both. Its k slots then lie in block 2(g&1) + t/2 of the step (a half spans two absmax
+// blocks), and one slot is a different k in the two halves. So B gets a column per (half,
+// block, x row), which keeps each block's sum apart for its absmax: column j is x row j&1
+// restricted to block j/2 of the step (block j/2 lies in half j/4), nonzero only in the k
+// slots of the lanes whose chunk is in that block (t/2 == (j/2)&1), and
+//     D[(row, half), j] = Σ_{k ∈ block j/2} code[q[row, k]]·x[j&1, k]   when half == j/4;
+// the entries of a row's half and the other half's columns are dropped. Lane (g, t) holds
+// D's columns 2t, 2t+1, block t of its rows for x rows 0 and 1, kept when t/2 == g&1 (its
+// rows' half holds block t), each scaled by that block's absmax. The x loads do not depend on
+// the weight row, so the two tiles share them. An earlier column layout (16 rows a tile, a
+// lane's chunks 16t.. and 64+16t.. of each row, 8 lines a load; 290 SASS instructions a
+// step against 260 here) was 8-15% slower at M = 1 and 2 (H200, benchmarks/NOTES.md).
+struct ColLoads {
+  uint4 q[4];       // row i = 2τ + β (n0 + 8τ + 4β + g/2): bytes 64(g&1) + 16t.. of the step
+  uint32_t ia[4];   // nested: block t's 8-bit absmax index in row i
+  float sa[4];      // nested: its nested scale; plain: its absmax
+};
+
 template <bool Q, bool V>
-__device__ __forceinline__ void issue_cols(StepLoads<ColBytes>& s, uint32_t base, uint32_t end, const uint8_t* wa,
-                                           const uint8_t* wb, uint32_t ra_b, uint32_t rb_b, int t,
-                                           const Operands& op) {
+__device__ __forceinline__ void issue_cols(ColLoads& s, uint32_t base, uint32_t end, const uint8_t* const (&w)[4],
+                                            const uint32_t (&rblk)[4], uint32_t wblk, uint32_t t,
+                                            const Operands& op) {
+  const uint32_t qb = V ? base + wblk : min(base + wblk, end - 1);  // the block of the lane's chunk
+  const uint32_t ab = V ? base + t : min(base + t, end - 1);         // the block of its D entries
 #pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    // bytes 16(t&1).. of block blk (wa, wb); V: the step is whole (end is a multiple of 4)
-    const uint32_t blk = V ? base + 2 * c + (t >> 1) : min(base + 2 * c + (t >> 1), end - 1);
-    s.qa.q[c] = __ldg(reinterpret_cast<const uint4*>(wa + 32 * blk));
-    s.qb.q[c] = __ldg(reinterpret_cast<const uint4*>(wb + 32 * blk));
+  for (int i = 0; i < 4; ++i) {
+    s.q[i] = __ldg(reinterpret_cast<const uint4*>(w[i] + 32 * qb));
+    if (Q) {
+      s.ia[i] = __ldg(op.qabsmax + rblk[i] + ab);
+      s.sa[i] = __ldg(op.absmax2 + ((rblk[i] + ab) >> op.shift2));
+    } else {
+      s.sa[i] = __ldg(op.absmax + rblk[i] + ab);
+    }
   }
-  issue_absmax<Q, V>(s, base, end, ra_b, rb_b, op);
 }
 
 // The column layout's main loop over the warp's steps from `base` (every S·4-th block) to
@@ -374,39 +388,49 @@ __device__ __forceinline__ void issue_cols(StepLoads<ColBytes>& s, uint32_t base
 // epilogue are the row layout's.
 template <typename T, int S, bool Q, bool V>
 __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M, int K, const Operands& op,
-                                          const float* code, unsigned char* table, float* code2_s, uint32_t base,
-                                          uint32_t kend, uint32_t ra, uint32_t rb, uint32_t row_bytes,
-                                          uint32_t row_blocks) {
+                                           const float* code, unsigned char* table, float* code2_s, uint32_t base,
+                                           uint32_t kend, int n0, int N, uint32_t row_bytes, uint32_t row_blocks) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const uint8_t* wa = op.packed + ra * row_bytes + 16 * (t & 1);
-  const uint8_t* wb = op.packed + rb * row_bytes + 16 * (t & 1);
-  const uint32_t ra_b = ra * row_blocks, rb_b = rb * row_blocks;
+  const uint8_t* w[4];
+  uint32_t rblk[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t r = min(n0 + 8 * (i >> 1) + 4 * (i & 1) + (g >> 1), N - 1);
+    w[i] = op.packed + r * row_bytes + 16 * (t & 1);
+    rblk[i] = r * row_blocks;
+  }
+  const uint32_t wblk = 2 * (g & 1) + (t >> 1);
   const uint32_t lane_col = lane * 4;
-  const int xrow = (g >> 1) & 1;
-  const bool xload = g < 4 && xrow < M && (g & 1) == (t >> 1);
-  // x row xrow, weights 32(t&1).. of a block: an element offset (32-bit, one 64-bit add a load)
+  // B: lane (g, t) holds column g, x row g&1 in block g/2 of the step, weights 32(t&1)..;
+  // the lanes whose chunk is in the other block of that half hold zeros
+  const int xrow = g & 1;
+  const bool xload = xrow < M && (t >> 1) == ((g >> 1) & 1);
   const uint32_t xoff = static_cast<uint32_t>(xrow < M ? xrow : 0) * K + 32 * (t & 1);
-  const T* xs = x + xoff + 64 * (base + (g & 1));  // V: the step's chunk-0 x (a whole step, no clamp)
-  float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // x row t: (g, block parity 0), (g, 1), (g+8, 0), (g+8, 1)
-  StepLoads<ColBytes> cur;
-  if (base < kend) issue_cols<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, t, op);
+  const T* xs = x + xoff + 64 * (base + (g >> 1));  // V: this step's x (whole steps, no clamp)
+  float sum[2][4];  // tile τ: (row a, x rows 0, 1), (row b, x rows 0, 1), block t (kept when t/2 == g&1)
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  ColLoads cur;
+  if (base < kend) issue_cols<Q, V>(cur, base, kend, w, rblk, wblk, t, op);
   fill_tables<T, Q>(table, code2_s, code, op);
   __syncthreads();  // the tables
   for (; base < kend; base += S * kU) {
-    StepLoads<ColBytes> nxt;
-    issue_cols<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, t, op);
+    ColLoads nxt;
+    issue_cols<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, w, rblk, wblk, t, op);
+    const uint4* p = reinterpret_cast<const uint4*>(V ? xs : x + (xoff + 64 * min(base + (g >> 1), kend - 1)));
+    uint4 xv[4];
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      // x row xrow, block 2c + (g&1), weights 32(t&1)..+31 (clamped past kend: weighed by zero)
-      const uint32_t xb = base + 2 * c + (g & 1);
-      const uint4* p = reinterpret_cast<const uint4*>(V ? xs + 128 * c : x + (xoff + 64 * min(xb, kend - 1)));
-      uint4 xv[4];
+    for (int q = 0; q < 4; ++q) xv[q] = xload ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
+    const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                             xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+    const bool ok = V || base + t < kend;  // block t exists (past kend: weighed by zero)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) xv[q] = xload ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
-      const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
-                               xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
-      const uint32_t wa4[4] = {cur.qa.q[c].x, cur.qa.q[c].y, cur.qa.q[c].z, cur.qa.q[c].w};
-      const uint32_t wb4[4] = {cur.qb.q[c].x, cur.qb.q[c].y, cur.qb.q[c].z, cur.qb.q[c].w};
+    for (int tau = 0; tau < 2; ++tau) {
+      const uint32_t wa4[4] = {cur.q[2 * tau].x, cur.q[2 * tau].y, cur.q[2 * tau].z, cur.q[2 * tau].w};
+      const uint32_t wb4[4] = {cur.q[2 * tau + 1].x, cur.q[2 * tau + 1].y, cur.q[2 * tau + 1].z,
+                               cur.q[2 * tau + 1].w};
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
@@ -421,28 +445,43 @@ __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M,
         }
         mma16816<T>(d, a, xw[2 * jj], xw[2 * jj + 1]);
       }
-      // D: (g, block 2c), (g, block 2c+1), (g+8, 2c), (g+8, 2c+1), all of x row t (t < 2);
-      // each times its block's absmax (zero past kend)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int u = 2 * c + (i & 1);
-        const bool ok = V || base + u < kend;
+      for (int b = 0; b < 2; ++b) {
+        const int i = 2 * tau + b;
         const float am = !ok ? 0.0f
-                         : i < 2 ? block_absmax<Q, V>(code2_s, cur.ia[u], cur.sa, u, op.offset)
-                                 : block_absmax<Q, V>(code2_s, cur.ib[u], cur.sb, u, op.offset);
-        sum[i] = __fmaf_rn(d[i], am, sum[i]);
+                         : Q ? __fadd_rn(__fmul_rn(code2_at(code2_s, cur.ia[i]), cur.sa[i]), op.offset)
+                             : cur.sa[i];
+        sum[tau][2 * b] = __fmaf_rn(d[2 * b], am, sum[tau][2 * b]);
+        sum[tau][2 * b + 1] = __fmaf_rn(d[2 * b + 1], am, sum[tau][2 * b + 1]);
       }
     }
     cur = nxt;
     xs += 64 * S * kU;
   }
-  const float va = sum[0] + sum[1], vb = sum[2] + sum[3];                    // x row t's totals
-  const float va1 = __shfl_down_sync(kAll, va, 1), vb1 = __shfl_down_sync(kAll, vb, 1);  // x row 1
-  const bool first = t == 0;
-  acc[0][0] = first ? va : 0.0f;
-  acc[0][1] = first ? va1 : 0.0f;
-  acc[0][2] = first ? vb : 0.0f;
-  acc[0][3] = first ? vb1 : 0.0f;
+  // A weight row's four blocks sit in lanes 8r + {0, 1, 6, 7} of tile row r (r = g/2): the
+  // kept lanes' sums over the 8-lane group, then lane (g, 0) takes warp rows g and g+8
+  // (tile 0 and 1, row a when g < 4, else b) from lane 8(g&3).
+  const bool kept = (t >> 1) == (g & 1);
+  float v[2][4];
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float s = kept ? sum[tau][i] : 0.0f;
+      s += __shfl_xor_sync(kAll, s, 1);
+      s += __shfl_xor_sync(kAll, s, 2);
+      s += __shfl_xor_sync(kAll, s, 4);
+      v[tau][i] = s;
+    }
+  const int src = 8 * (g & 3);
+  const bool first = t == 0, b = g >= 4;
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau) {
+    const float a0 = __shfl_sync(kAll, v[tau][0], src), a1 = __shfl_sync(kAll, v[tau][1], src);
+    const float b0 = __shfl_sync(kAll, v[tau][2], src), b1 = __shfl_sync(kAll, v[tau][3], src);
+    acc[0][2 * tau] = first ? (b ? b0 : a0) : 0.0f;
+    acc[0][2 * tau + 1] = first ? (b ? b1 : a1) : 0.0f;
+  }
 }
 
 // NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
@@ -478,7 +517,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   float acc[NT][4];
   if constexpr (COLS) {
     static_assert(NT == 1, "the column layout takes one or two rows of x");
-    cols_loop<T, S, Q, V>(acc, x, M, K, op, code, table, code2_s, kbeg + part * kU, kend, ra, rb, row_bytes,
+    cols_loop<T, S, Q, V>(acc, x, M, K, op, code, table, code2_s, kbeg + part * kU, kend, n0, N, row_bytes,
                           row_blocks);
   } else {
     const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
