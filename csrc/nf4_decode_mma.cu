@@ -316,9 +316,10 @@ __device__ __forceinline__ float epilogue_one(float acc, int m, int n, const Epi
 // The decode table (thread b fills entry b; see the header) and, nested, the nested code;
 // the caller's __syncthreads() publishes them. Called after the first step's loads are
 // issued, so the code's load and the weights' are in flight together.
-template <typename T, bool Q>
+template <typename T, bool Q, bool WIDE = false>
 __device__ __forceinline__ void fill_tables(unsigned char* table, float* code2_s, const float* code,
                                             const Operands& op) {
+  if (WIDE && threadIdx.x >= 256) return;  // a block of more than 256 threads: whole warps sit out
   const int lane = threadIdx.x & 31;
   // Thread b fills entry b: its pair once, stored to the 32 lane columns as 8 16-byte
   // stores, each thread starting at its own chunk (a quarter-warp's 8 stores then hit 8
@@ -382,85 +383,69 @@ __device__ __forceinline__ void issue_cols(ColLoads& s, uint32_t base, uint32_t 
   }
 }
 
-// The column layout's main loop over the warp's steps from `base` (every S·4-th block) to
-// `kend`; returns the sums in the row layout's D order for one tile of x rows (lane (g, 0):
-// x rows 0 and 1 of weight rows g and g+8; the other lanes zero), so the split sums and the
-// epilogue are the row layout's.
-template <typename T, int S, bool Q, bool V>
-__device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M, int K, const Operands& op,
-                                           const float* code, unsigned char* table, float* code2_s, uint32_t base,
-                                           uint32_t kend, int n0, int N, uint32_t row_bytes, uint32_t row_blocks) {
+// The rows of a lane in a row group from n0 (clamped to N - 1): row i = 2τ + β is
+// n0 + 8τ + 4β + g/2; its packed bytes from the lane's chunk offset 16(t&1), and its first
+// absmax block.
+__device__ __forceinline__ void cols_rows(const uint8_t* (&w)[4], uint32_t (&rblk)[4], int n0, int N,
+                                          const Operands& op, uint32_t row_bytes, uint32_t row_blocks) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const uint8_t* w[4];
-  uint32_t rblk[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t r = min(n0 + 8 * (i >> 1) + 4 * (i & 1) + (g >> 1), N - 1);
     w[i] = op.packed + r * row_bytes + 16 * (t & 1);
     rblk[i] = r * row_blocks;
   }
-  const uint32_t wblk = 2 * (g & 1) + (t >> 1);
-  const uint32_t lane_col = lane * 4;
-  // B: lane (g, t) holds column g, x row g&1 in block g/2 of the step, weights 32(t&1)..;
-  // the lanes whose chunk is in the other block of that half hold zeros
-  const int xrow = g & 1;
-  const bool xload = xrow < M && (t >> 1) == ((g >> 1) & 1);
-  const uint32_t xoff = static_cast<uint32_t>(xrow < M ? xrow : 0) * K + 32 * (t & 1);
-  const T* xs = x + xoff + 64 * (base + (g >> 1));  // V: this step's x (whole steps, no clamp)
-  float sum[2][4];  // tile τ: (row a, x rows 0, 1), (row b, x rows 0, 1), block t (kept when t/2 == g&1)
+}
+
+// One step of the column layout: x's chunk from p (the lane's column, 32 elements; zeros where
+// it holds none), both tiles' decode and mmas, each D entry scaled by its block's absmax (zero
+// where !ok: block t past the row's end) into sum.
+template <typename T, bool Q>
+__device__ __forceinline__ void cols_step(float (&sum)[2][4], const ColLoads& cur, const uint4* p, bool xload, bool ok,
+                                          const unsigned char* table, const float* code2_s, uint32_t lane_col,
+                                          float offset) {
+  uint4 xv[4];
 #pragma unroll
-  for (int tau = 0; tau < 2; ++tau)
+  for (int q = 0; q < 4; ++q) xv[q] = xload ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
+  const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                           xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
-  ColLoads cur;
-  if (base < kend) issue_cols<Q, V>(cur, base, kend, w, rblk, wblk, t, op);
-  fill_tables<T, Q>(table, code2_s, code, op);
-  __syncthreads();  // the tables
-  for (; base < kend; base += S * kU) {
-    ColLoads nxt;
-    issue_cols<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, w, rblk, wblk, t, op);
-    const uint4* p = reinterpret_cast<const uint4*>(V ? xs : x + (xoff + 64 * min(base + (g >> 1), kend - 1)));
-    uint4 xv[4];
+  for (int tau = 0; tau < 2; ++tau) {
+    const uint32_t wa4[4] = {cur.q[2 * tau].x, cur.q[2 * tau].y, cur.q[2 * tau].z, cur.q[2 * tau].w};
+    const uint32_t wb4[4] = {cur.q[2 * tau + 1].x, cur.q[2 * tau + 1].y, cur.q[2 * tau + 1].z,
+                             cur.q[2 * tau + 1].w};
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int q = 0; q < 4; ++q) xv[q] = xload ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
-    const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
-                             xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
-    const bool ok = V || base + t < kend;  // block t exists (past kend: weighed by zero)
+    for (int jj = 0; jj < 8; ++jj) {
+      // bytes 2jj and 2jj+1 of the chunk fill A's k slots 2t, 2t+1 and 2t+8, 2t+9
+      uint32_t a[4];
 #pragma unroll
-    for (int tau = 0; tau < 2; ++tau) {
-      const uint32_t wa4[4] = {cur.q[2 * tau].x, cur.q[2 * tau].y, cur.q[2 * tau].z, cur.q[2 * tau].w};
-      const uint32_t wb4[4] = {cur.q[2 * tau + 1].x, cur.q[2 * tau + 1].y, cur.q[2 * tau + 1].z,
-                               cur.q[2 * tau + 1].w};
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        // bytes 2jj and 2jj+1 of the chunk fill A's k slots 2t, 2t+1 and 2t+8, 2t+9
-        uint32_t a[4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int i = 2 * jj + h;
-          const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
-          a[2 * h] = table_at(table, __byte_perm(wa4[i >> 2], lane_col, sel));
-          a[2 * h + 1] = table_at(table, __byte_perm(wb4[i >> 2], lane_col, sel));
-        }
-        mma16816<T>(d, a, xw[2 * jj], xw[2 * jj + 1]);
+      for (int h = 0; h < 2; ++h) {
+        const int i = 2 * jj + h;
+        const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
+        a[2 * h] = table_at(table, __byte_perm(wa4[i >> 2], lane_col, sel));
+        a[2 * h + 1] = table_at(table, __byte_perm(wb4[i >> 2], lane_col, sel));
       }
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-        const int i = 2 * tau + b;
-        const float am = !ok ? 0.0f
-                         : Q ? __fadd_rn(__fmul_rn(code2_at(code2_s, cur.ia[i]), cur.sa[i]), op.offset)
-                             : cur.sa[i];
-        sum[tau][2 * b] = __fmaf_rn(d[2 * b], am, sum[tau][2 * b]);
-        sum[tau][2 * b + 1] = __fmaf_rn(d[2 * b + 1], am, sum[tau][2 * b + 1]);
-      }
+      mma16816<T>(d, a, xw[2 * jj], xw[2 * jj + 1]);
     }
-    cur = nxt;
-    xs += 64 * S * kU;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int i = 2 * tau + b;
+      const float am = !ok ? 0.0f
+                       : Q ? __fadd_rn(__fmul_rn(code2_at(code2_s, cur.ia[i]), cur.sa[i]), offset)
+                           : cur.sa[i];
+      sum[tau][2 * b] = __fmaf_rn(d[2 * b], am, sum[tau][2 * b]);
+      sum[tau][2 * b + 1] = __fmaf_rn(d[2 * b + 1], am, sum[tau][2 * b + 1]);
+    }
   }
-  // A weight row's four blocks sit in lanes 8r + {0, 1, 6, 7} of tile row r (r = g/2): the
-  // kept lanes' sums over the 8-lane group, then lane (g, 0) takes warp rows g and g+8
-  // (tile 0 and 1, row a when g < 4, else b) from lane 8(g&3).
+}
+
+// The sums of a row group in the row layout's D order (lane (g, 0): x rows 0 and 1 of weight
+// rows g and g+8; the other lanes zero). A weight row's four blocks sit in lanes
+// 8r + {0, 1, 6, 7} of tile row r (r = g/2): the kept lanes' sums over the 8-lane group, then
+// lane (g, 0) takes warp rows g and g+8 (tile 0 and 1, row a when g < 4, else b) from lane 8(g&3).
+__device__ __forceinline__ void cols_reduce(const float (&sum)[2][4], float (&acc)[1][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool kept = (t >> 1) == (g & 1);
   float v[2][4];
 #pragma unroll
@@ -482,6 +467,106 @@ __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M,
     acc[0][2 * tau] = first ? (b ? b0 : a0) : 0.0f;
     acc[0][2 * tau + 1] = first ? (b ? b1 : a1) : 0.0f;
   }
+}
+
+// B: lane (g, t) holds column g, x row g&1 in block g/2 of the step, weights 32(t&1)..; the
+// lanes whose chunk is in the other block of that half hold zeros. Returns whether the lane
+// loads x, and its element offset in x (row and in-block part).
+__device__ __forceinline__ bool cols_x(uint32_t& xoff, int M, int K) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int xrow = g & 1;
+  xoff = static_cast<uint32_t>(xrow < M ? xrow : 0) * K + 32 * (t & 1);
+  return xrow < M && (t >> 1) == ((g >> 1) & 1);
+}
+
+// The column layout's main loop over the warp's steps from `base` (every S·4-th block) to
+// `kend` of row group n0; returns the sums in the row layout's D order (cols_reduce), so the
+// split sums and the epilogue are the row layout's.
+template <typename T, int S, bool Q, bool V>
+__device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M, int K, const Operands& op,
+                                          const float* code, unsigned char* table, float* code2_s, uint32_t base,
+                                          uint32_t kend, int n0, int N, uint32_t row_bytes, uint32_t row_blocks) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint8_t* w[4];
+  uint32_t rblk[4];
+  cols_rows(w, rblk, n0, N, op, row_bytes, row_blocks);
+  const uint32_t wblk = 2 * (g & 1) + (t >> 1);
+  const uint32_t lane_col = lane * 4;
+  uint32_t xoff;
+  const bool xload = cols_x(xoff, M, K);
+  const T* xs = x + xoff + 64 * (base + (g >> 1));  // V: this step's x (whole steps, no clamp)
+  float sum[2][4];  // tile τ: (row a, x rows 0, 1), (row b, x rows 0, 1), block t (kept when t/2 == g&1)
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  ColLoads cur;
+  if (base < kend) issue_cols<Q, V>(cur, base, kend, w, rblk, wblk, t, op);
+  fill_tables<T, Q>(table, code2_s, code, op);
+  __syncthreads();  // the tables
+  for (; base < kend; base += S * kU) {
+    ColLoads nxt;
+    issue_cols<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, w, rblk, wblk, t, op);
+    const uint4* p = reinterpret_cast<const uint4*>(V ? xs : x + (xoff + 64 * min(base + (g >> 1), kend - 1)));
+    cols_step<T, Q>(sum, cur, p, xload, V || base + t < kend, table, code2_s, lane_col, op.offset);
+    cur = nxt;
+    xs += 64 * S * kU;
+  }
+  cols_reduce(sum, acc);
+}
+
+// The 16-warp blocks' loop (FLAT below): the warp's steps [u0, u1) of the block's row groups,
+// numbered group by group (U a group), s0 = u0's step in its group, n0 its group's first row.
+// One pipeline across a group boundary: at the last step of a group the next step's loads are
+// already the next group's (P <= U: at most one boundary). acc0: the first group's sums, acc1
+// the second's (zero when there is none). Every warp of the block calls it (it fills the tables).
+template <typename T, bool Q, bool V>
+__device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][4], const T* x, int M, int K,
+                                          const Operands& op, const float* code, unsigned char* table,
+                                          float* code2_s, uint32_t u0, uint32_t u1, uint32_t U, uint32_t s0, int n0,
+                                          int N, uint32_t row_bytes, uint32_t row_blocks) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const uint8_t* w[4];
+  uint32_t rblk[4];
+  cols_rows(w, rblk, n0, N, op, row_bytes, row_blocks);
+  const uint32_t wblk = 2 * (g & 1) + (t >> 1);
+  const uint32_t lane_col = lane * 4;
+  uint32_t xoff;
+  const bool xload = cols_x(xoff, M, K);
+  float sum[2][4];
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  ColLoads cur;
+  if (u0 < u1) issue_cols<Q, V>(cur, s0 * kU, row_blocks, w, rblk, wblk, t, op);
+  fill_tables<T, Q, true>(table, code2_s, code, op);
+  __syncthreads();  // the tables
+  const uint32_t na = u0 < u1 ? min(u1 - u0, U - s0) : 0, nb = u0 < u1 ? u1 - u0 - na : 0;  // steps a segment
+  // the first group's steps s0 .. s0 + na - 1; the last one (peeled, so that the loop keeps
+  // its registers) prefetches the second group's first step
+  const auto step = [&](uint32_t s, uint32_t next) {
+    const uint32_t base = s * kU;
+    ColLoads nxt;
+    issue_cols<Q, V>(nxt, next, row_blocks, w, rblk, wblk, t, op);
+    const uint4* p = reinterpret_cast<const uint4*>(x + (xoff + 64 * (V ? base + (g >> 1)
+                                                                        : min(base + (g >> 1), row_blocks - 1))));
+    cols_step<T, Q>(sum, cur, p, xload, V || base + t < row_blocks, table, code2_s, lane_col, op.offset);
+    cur = nxt;
+  };
+  for (uint32_t s = s0; s + 1 < s0 + na; ++s) step(s, (s + 1) * kU);
+  if (na > 0) {
+    if (nb > 0) cols_rows(w, rblk, n0 + 16, N, op, row_bytes, row_blocks);
+    step(s0 + na - 1, nb > 0 ? 0 : (s0 + na - 1) * kU);
+  }
+  cols_reduce(sum, acc0);
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  // the second group's steps 0 .. nb - 1
+  for (uint32_t s = 0; s < nb; ++s) step(s, s + 1 < nb ? (s + 1) * kU : s * kU);
+  cols_reduce(sum, acc1);
 }
 
 // NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
@@ -651,6 +736,84 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   }
 }
 
+// ---- Row groups' steps shared evenly by a block's warps (FLAT, the column layout) ----
+// With 8 warps a block and S of them a row group, every warp walks the same number of steps
+// and a block's work is fixed, so the grid fills the GPU only when the blocks come out to a
+// whole number of waves: 14336 x 4096 (896 row groups of 16 weight rows) runs 224 s2 blocks
+// on 264 slots, and the SMs given one block idle half the time (ncu, H200, M = 1: SM active
+// cycles 11.3 k on the least busy SM, 20.3 k on the busiest). Here a block of 16 warps (one
+// an SM: 128 registers) takes G row groups, numbers their steps group by group
+// (U = K/256 a group) and gives each warp P = ceil(G·U/16) consecutive ones, so a warp may end
+// one group and start the next (P <= U: at most two segments). G = ceil(groups / SMs) makes
+// one wave of nearly equal blocks (14336 x 4096: G = 7, 128 blocks, 7 steps a warp). Each
+// warp leaves its segments' sums in shared memory; warp j then sums group j's in warp order
+// (deterministic) and writes it. The table is filled once for 16 warps instead of 8.
+constexpr int kFlatWarps = 16;
+constexpr int kFlatMaxGroups = 16;
+constexpr int kFlatSmemBytes = kPartialOffset + kFlatWarps * 2 * 32 * 4 * 4;  // partials [warp][segment][lane][4]
+
+template <typename T, bool Q, bool V>
+__global__ void __launch_bounds__(kFlatWarps * 32, 1) k_nf4_decode_mma_flat(const T* __restrict__ x, int M, int K,
+                                                                             Operands op,
+                                                                             const float* __restrict__ code, int N,
+                                                                             int G, Epilogue ep, T* __restrict__ y) {
+  extern __shared__ __align__(16) unsigned char table[];  // kFlatSmemBytes: see kTableAddr
+  float* const code2_s = reinterpret_cast<float*>(table + kTableBytes);
+  auto partial = reinterpret_cast<float (*)[2][32][4]>(table + kPartialOffset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#if FQ_TABLE_IMMEDIATE
+  if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) {  // see kTableAddr
+    poison_rows<T>(y, M, N, blockIdx.x * G * 16, G * 16);
+    return;
+  }
+#endif
+  const uint32_t groups = (N + 15) / 16, g0 = blockIdx.x * G;
+  const uint32_t live = min(static_cast<uint32_t>(G), groups - g0);  // the grid is ceil(groups / G)
+  const uint32_t row_bytes = K / 2, row_blocks = K / 64;
+  const uint32_t U = (row_blocks + kU - 1) / kU;  // steps a row group
+  const uint32_t total = live * U, P = (total + kFlatWarps - 1) / kFlatWarps;
+  const uint32_t u0 = min(warp * P, total), u1 = min(u0 + P, total);  // this warp's steps [u0, u1)
+  const uint32_t ja = u0 < u1 ? u0 / U : 0;  // the group of the warp's first step
+  float acc0[1][4], acc1[1][4];
+  flat_loop<T, Q, V>(acc0, acc1, x, M, K, op, code, table, code2_s, u0, u1, U, u0 - ja * U, (g0 + ja) * 16, N,
+                     row_bytes, row_blocks);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    partial[warp][0][lane][i] = acc0[0][i];
+    partial[warp][1][lane][i] = acc1[0][i];
+  }
+  __syncthreads();
+  if (static_cast<uint32_t>(warp) >= live) return;
+  // group j = warp: the warps holding its steps, in order (its first step's warp may hold it
+  // as segment 1, after the end of group j - 1)
+  const uint32_t j = warp, wl = j * U / P, wh = ((j + 1) * U - 1) / P;
+  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+  for (uint32_t w = wl; w <= wh; ++w) {
+    const int seg = w * P / U == j ? 0 : 1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[0][i] += partial[w][seg][lane][i];
+  }
+  finish<T, 1>(acc, (g0 + j) * 16, M, N, ep, y);
+}
+
+template <typename T, bool Q, bool V>
+void launch_flat(int G, const void* x, int M, int K, const Operands& op, const float* code, int N, const Epilogue& ep,
+                 void* y, cudaStream_t s) {
+  const int groups = (N + 15) / 16;
+  const int blocks = (groups + G - 1) / G;
+  auto kernel = k_nf4_decode_mma_flat<T, Q, V>;
+  int dev = 0;
+  FQ_CUDA_CHECK(cudaGetDevice(&dev));
+  static bool opted_in[64] = {};
+  if (dev >= 64 || !opted_in[dev]) {
+    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFlatSmemBytes));
+    if (dev < 64) opted_in[dev] = true;
+  }
+  kernel<<<blocks, kFlatWarps * 32, kFlatSmemBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, G, ep,
+                                                          static_cast<T*>(y));
+  FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma_flat");
+}
+
 template <typename T, int NT, int S, bool Q, bool V, bool XZ, bool COLS>
 void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
                int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
@@ -703,9 +866,15 @@ void launch_split(int split, bool cols, const void* x, int M, int K, const Opera
 }
 
 template <typename T>
-void launch_dtype(bool two_tiles, bool nested, bool vec, int split, bool cols, const void* x, int M, int K, const Operands& op,
-                  const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep, void* y,
-                  cudaStream_t s) {
+void launch_dtype(bool two_tiles, bool nested, bool vec, int split, bool cols, int groups, const void* x, int M, int K,
+                  const Operands& op, const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep,
+                  void* y, cudaStream_t s) {
+  if (groups > 0) {
+    if (nested) return vec ? launch_flat<T, true, true>(groups, x, M, K, op, code, N, ep, y, s)
+                           : launch_flat<T, true, false>(groups, x, M, K, op, code, N, ep, y, s);
+    return vec ? launch_flat<T, false, true>(groups, x, M, K, op, code, N, ep, y, s)
+               : launch_flat<T, false, false>(groups, x, M, K, op, code, N, ep, y, s);
+  }
 #define FQ_MMA_ARGS split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s
   if (two_tiles) {
     if (nested) return vec ? launch_split<T, 2, true, true>(FQ_MMA_ARGS) : launch_split<T, 2, true, false>(FQ_MMA_ARGS);
@@ -722,10 +891,15 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
                          const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                          float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
                          const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
-                         int kb, bool cols, float* ws, int* counters, int64_t stream) {
+                         int kb, bool cols, int groups, float* ws, int* counters, int64_t stream) {
   if (M < 1 || M > 16) throw std::invalid_argument("nf4_decode_mma_cuda: x must have 1 to 16 rows, got " + std::to_string(M));
   if (cols && M > 2) {
     throw std::invalid_argument("nf4_decode_mma_cuda: the column layout takes 1 or 2 rows of x, got " + std::to_string(M));
+  }
+  if (groups < 0 || groups > kFlatMaxGroups || (groups > 0 && (!cols || kb != 1))) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: groups (row groups a 16-warp block) must be 0, or 1.." +
+                                std::to_string(kFlatMaxGroups) + " with the column layout and kb = 1; got groups=" +
+                                std::to_string(groups) + ", cols=" + std::to_string(cols) + ", kb=" + std::to_string(kb));
   }
   if (K % 64 != 0 || K <= 0 || N <= 0) {
     throw std::invalid_argument("nf4_decode_mma_cuda: K must be a positive multiple of 64 and N positive, got K=" +
@@ -759,9 +933,9 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
   const bool two = M > 8;
   switch (dtype) {
     case kF16:
-      return launch_dtype<__half>(two, nested, vec, split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__half>(two, nested, vec, split, cols, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
     case kBF16:
-      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, cols, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
     default:
       throw std::invalid_argument("nf4_decode_mma_cuda: x must be fp16 or bf16 (the tensor cores' input types)");
   }

@@ -77,13 +77,18 @@ class DecodeMmaConfig:
     """The extension's tensor-core decode kernel (csrc/nf4_decode_mma.cu) for 1 <= M <= 16:
     16 weight rows a warp, 8 warps a block, K split over ``split`` warps of a block and over
     ``kb`` blocks of the grid. ``cols`` (M <= 2): the column layout, 16-byte weight loads with
-    each absmax block of a step in its own columns of the mma's B (see the kernel)."""
+    each absmax block of a step in its own columns of the mma's B (see the kernel).
+    ``groups`` > 0 (with ``cols``, ``kb`` = 1): blocks of 16 warps, each taking that many row
+    groups of 16 weight rows and sharing their K steps evenly over its warps (``split`` unused)."""
 
     split: int
     kb: int = 1
     cols: bool = False
+    groups: int = 0
 
     def short(self) -> str:
+        if self.groups:
+            return f"cuda mma g{self.groups}" + (" cols" if self.cols else "")
         return f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "") + (" cols" if self.cols else "")
 
 
@@ -157,6 +162,7 @@ _CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2)
 # (its partials' round trip through L2: q/o M = 2 s2 kb4 7.6 against s4 5.9); two stay for
 # shapes with few row groups. First sweep of the layout: results/nf4_decode_cols_sweep_s17_h200.json.
 COLS_MAX_M = 2
+FLAT_MAX_GROUPS = 16  # csrc/nf4_decode_mma.cu: kFlatMaxGroups
 _CUDA_MMA_COLS = [DecodeMmaConfig(s, kb, cols=True) for s, kb in ((8, 1), (4, 1), (2, 1), (4, 2), (2, 4))]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
@@ -211,13 +217,24 @@ def gemv_candidates(M: int, N: int, K: int, cuda: bool = False) -> list[GemvConf
     return [c for c in cands if K % c.bk == 0]
 
 
-def decode_mma_candidates(M: int, cuda: bool) -> list[DecodeMmaConfig]:
+def flat_groups(n: int, sms: int) -> int:
+    """Row groups (16 weight rows) a 16-warp block of the tensor-core decode takes so that an
+    [n, K] product is one wave of about equal blocks on ``sms`` SMs: ceil(groups / sms), 1..16."""
+    groups = -(-n // 16)
+    return max(1, min(FLAT_MAX_GROUPS, -(-groups // max(sms, 1))))
+
+
+def decode_mma_candidates(M: int, cuda: bool, n: int = 0, sms: int = 0) -> list[DecodeMmaConfig]:
     """The tensor-core decode's configs when ``cuda`` (the extension can take the product):
-    the column layout's at M <= COLS_MAX_M, the row layout's at 2 <= M <= DECODE_MMA_MAX_M;
-    none otherwise."""
+    the column layout's at M <= COLS_MAX_M (with ``n`` weight rows and ``sms`` SMs given, first
+    the 16-warp blocks of :func:`flat_groups` row groups), the row layout's at
+    2 <= M <= DECODE_MMA_MAX_M; none otherwise."""
     if not cuda or not 1 <= M <= DECODE_MMA_MAX_M:
         return []
-    return (list(_CUDA_MMA_COLS) if M <= COLS_MAX_M else []) + (list(_CUDA_MMA) if M >= 2 else [])
+    cols = list(_CUDA_MMA_COLS) if M <= COLS_MAX_M else []
+    if cols and n > 0 and sms > 0:
+        cols.insert(0, DecodeMmaConfig(0, cols=True, groups=flat_groups(n, sms)))
+    return cols + (list(_CUDA_MMA) if M >= 2 else [])
 
 
 def forward_candidates(capability: tuple[int, int], M: int, n_total: int, K: int) -> list[MatmulConfig]:

@@ -5,7 +5,8 @@ NF4: 16 weight rows a warp as the mma's A (decoded a packed byte at a time from 
 table), x's rows as its B columns, the absmax factored out of each 64-weight block and applied
 to that block's fp32 result. The dispatch times it beside the Triton decode tiles
 (``DecodeMmaConfig``: K split over ``split`` warps of a block and ``kb`` blocks of the grid;
-at one or two rows ``cols``, the layout whose weight loads are 16 bytes a lane).
+at one or two rows ``cols``, the layout whose weight loads are 16 bytes a lane, and with it
+``groups``, blocks of 16 warps that share their row groups' K steps evenly).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
-from ..triton_kernels.nf4_configs import COLS_MAX_M, DECODE_MMA_MAX_M, DecodeMmaConfig
+from ..triton_kernels.nf4_configs import COLS_MAX_M, DECODE_MMA_MAX_M, FLAT_MAX_GROUPS, DecodeMmaConfig
 from .nf4_gemv_cuda import check_epilogue, weight_fits
 
 # Per (device, stream): int32 counters the kernel's K split over the grid leaves at zero.
@@ -68,14 +69,18 @@ def nf4_decode_mma(
     if cfg.cols and x.dim() == 2 and x.shape[0] > COLS_MAX_M:
         raise ValueError(f"nf4_decode_mma: the column layout (cols=True) takes 1 to {COLS_MAX_M} rows of x, got "
                          f"{x.shape[0]}; use cols=False")
+    if cfg.groups:
+        if not (1 <= cfg.groups <= FLAT_MAX_GROUPS and cfg.cols and cfg.kb == 1):
+            raise ValueError(f"nf4_decode_mma: groups (row groups a 16-warp block) must be 1..{FLAT_MAX_GROUPS}, "
+                             f"with cols=True and kb=1; got {cfg}")
+    elif cfg.split not in (2, 4, 8) or not 1 <= cfg.kb <= 64:
+        raise ValueError(f"nf4_decode_mma: split must be 2, 4 or 8 and kb 1..64, got {cfg}")
     if not available(x, w):
         raise ValueError(f"nf4_decode_mma takes 1 to {DECODE_MMA_MAX_M} contiguous, 16-byte aligned bf16/fp16 rows "
                          f"on an sm80+ GPU and an NF4 weight on that GPU with blocksize 64, K a multiple of 64, a "
                          f"power-of-two nested block size and under 2 GiB packed; got x {tuple(x.shape)} {x.dtype} "
                          f"on {x.device}, weight {tuple(w.shape)} blocksize {w.blocksize} on {w.packed.device}; "
                          f"use the Triton nf4_matmul_fwd instead")
-    if cfg.split not in (2, 4, 8) or not 1 <= cfg.kb <= 64:
-        raise ValueError(f"nf4_decode_mma: split must be 2, 4 or 8 and kb 1..64, got {cfg}")
     M, K = x.shape
     N = int(w.shape[0])
     if int(w.shape[1]) != K:
@@ -104,5 +109,5 @@ def nf4_decode_mma(
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa) if has_lora else 0, int(xa.stride(0)) if has_lora else 0, ptr(b_c) if has_lora else 0, rank,
             float(scale), ptr(bias_c), ptr(y), _DTYPE_CODES[x.dtype], int(cfg.split), int(cfg.kb), bool(cfg.cols),
-            ptr(ws), ptr(counters), stream_of(x))
+            int(cfg.groups), ptr(ws), ptr(counters), stream_of(x))
     return y
