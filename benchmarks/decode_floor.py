@@ -70,6 +70,7 @@ def main() -> None:
         raise SystemExit("decode_floor.py needs a CUDA GPU")
     import bitsandbytes as bnb
 
+    from fastqlora.ops import nf4_dispatch
     from fastqlora.ops.nf4_linear import frozen_matmul
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -92,11 +93,13 @@ def main() -> None:
         for M in (int(m) for m in args.m.split(",")):
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             tb = graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))
+            before = set(nf4_dispatch.choices().items())
             frozen_matmul(x, [w])  # the dispatch's first call times its candidates
+            picked = [v for k, v in nf4_dispatch.choices().items() if (k, v) not in before]
             to = graph_us(lambda: frozen_matmul(x, [w]))
-            row["by_m"][M] = {"bnb_us": tb, "ours_us": to, "target_us": tb / 2.5}
+            row["by_m"][M] = {"bnb_us": tb, "ours_us": to, "target_us": tb / 2.5, "picked": picked}
             print(f"  M={M:2d}: bnb {tb:5.1f} | ours {to:5.1f} ({tb / to:.2f}x) | 2.5x target {tb / 2.5:5.1f} us "
-                  f"| stream read {t_stream:5.1f}", flush=True)
+                  f"| stream read {t_stream:5.1f} | {', '.join(picked) or 'cached'}", flush=True)
         rows.append(row)
     if args.out:
         with open(args.out, "w") as f:

@@ -8,8 +8,8 @@ relative error ≥ 1e-2 are printed as BAD). At M = 1 the Triton gemv and the ex
 gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join the tiles, at
 M = 2 the CUDA gemv's two-row kernels; at
 M ≤ 16 the extension's tensor-core decode (``cuda mma s<warps K is split over> [kb<blocks of
-the grid K is split over>] [cols]``, the column layout at M <= 2, and ``cuda mma g<row groups a
-16-warp block> cols``). ``--table`` times the dispatch's tables instead of the whole
+the grid K is split over>] [cols]``, the column layout at M <= 2, ``cuda mma g<row groups a
+16-warp block> cols`` and ``... cols r8``, 8 weight rows a warp). ``--table`` times the dispatch's tables instead of the whole
 grid. The decode table in ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
 
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
@@ -68,6 +68,8 @@ def main() -> None:
     mma_cols = [] if args.wa_only or args.gemv_only else [D(s, kb, cols=True) for s in (2, 4, 8) for kb in (1, 2, 4, 8)]
     # ... and its 16-warp blocks of G row groups
     mma_cols += [] if args.wa_only or args.gemv_only else [D(0, cols=True, groups=g) for g in (1, 2, 3, 4, 7, 8)]
+    # ... and with 8 weight rows a warp
+    mma_cols += [] if args.wa_only or args.gemv_only else [D(s, 1, cols=True, rows=8) for s in (2, 4, 8)]
     cap = torch.cuda.get_device_capability()
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}

@@ -65,11 +65,12 @@ void nf4_gemv_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, c
 // each lane reading 16-byte chunks and the step's absmax blocks kept apart in B's columns.
 // `groups` > 0 (with cols and kb = 1): blocks of 16 warps, each taking that many row groups of
 // 16 weight rows and sharing their K steps evenly over its warps (split is then unused).
+// `rows`: weight rows a warp, 16, or 8 with cols (and groups = 0): twice the row groups.
 void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,
                          const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                          float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
                          const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
-                         int kb, bool cols, int groups, float* ws, int* counters, int64_t stream);
+                         int kb, bool cols, int groups, int rows, float* ws, int* counters, int64_t stream);
 #endif
 
 }  // namespace fq

@@ -70,13 +70,13 @@ void register_nf4(py::module_& m) {
   m.def("nf4_decode_mma_cuda", [](int64_t x, int64_t M, int64_t K, int64_t packed, int64_t code, int64_t absmax,
                                   int64_t qabsmax, int64_t code2, int64_t absmax2, float offset, int64_t blocksize2,
                                   int64_t N, int64_t xa, int64_t xa_stride, int64_t lora_b, int rank, float scale,
-                                  int64_t bias, int64_t y, int dtype, int split, int kb, bool cols, int groups, int64_t ws,
-                                  int64_t counters, int64_t stream) {
+                                  int64_t bias, int64_t y, int dtype, int split, int kb, bool cols, int groups,
+                                  int rows, int64_t ws, int64_t counters, int64_t stream) {
     nf4_decode_mma_cuda(as_ptr<const void>(x), M, K, as_ptr<const uint8_t>(packed), as_ptr<const float>(code),
                         as_ptr<const float>(absmax), as_ptr<const uint8_t>(qabsmax), as_ptr<const float>(code2),
                         as_ptr<const float>(absmax2), offset, blocksize2, N, as_ptr<const void>(xa), xa_stride,
                         as_ptr<const void>(lora_b), rank, scale, as_ptr<const void>(bias), as_ptr<void>(y), dtype,
-                        split, kb, cols, groups, as_ptr<float>(ws), as_ptr<int>(counters), stream);
+                        split, kb, cols, groups, rows, as_ptr<float>(ws), as_ptr<int>(counters), stream);
   });
 #endif
 }

@@ -253,7 +253,7 @@ struct Epilogue {
 // stored. The LoRA term is itself an m16n8k16 per 16 of the rank: B's rows n0.. as A, xa's
 // rows as B's columns, in their natural k order (no permutation needed: both index j the
 // same), so the loads are 16-bit pairs straight from memory. Warp-uniform: every lane runs it.
-template <typename T, int NT>
+template <typename T, int NT, int GR = 16>
 __device__ __forceinline__ void finish(float (&acc)[NT][4], int n0, int M, int N, const Epilogue& ep, T* y) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = n0 + g, r1 = n0 + g + 8;
@@ -289,7 +289,7 @@ __device__ __forceinline__ void finish(float (&acc)[NT][4], int n0, int M, int N
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
-      if (m < M && n < N) {
+      if (m < M && n < N && (GR == 16 || i < 2)) {  // GR = 8: the group has no rows g + 8
         const float v = bias != nullptr ? acc[nt][i] + to_f32(bias[n]) : acc[nt][i];
         y[static_cast<int64_t>(m) * N + n] = from_f32<T>(v);
       }
@@ -365,14 +365,14 @@ struct ColLoads {
   float sa[4];      // nested: its nested scale; plain: its absmax
 };
 
-template <bool Q, bool V>
+template <bool Q, bool V, int TL>
 __device__ __forceinline__ void issue_cols(ColLoads& s, uint32_t base, uint32_t end, const uint8_t* const (&w)[4],
                                             const uint32_t (&rblk)[4], uint32_t wblk, uint32_t t,
                                             const Operands& op) {
   const uint32_t qb = V ? base + wblk : min(base + wblk, end - 1);  // the block of the lane's chunk
   const uint32_t ab = V ? base + t : min(base + t, end - 1);         // the block of its D entries
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2 * TL; ++i) {
     s.q[i] = __ldg(reinterpret_cast<const uint4*>(w[i] + 32 * qb));
     if (Q) {
       s.ia[i] = __ldg(op.qabsmax + rblk[i] + ab);
@@ -386,11 +386,12 @@ __device__ __forceinline__ void issue_cols(ColLoads& s, uint32_t base, uint32_t 
 // The rows of a lane in a row group from n0 (clamped to N - 1): row i = 2τ + β is
 // n0 + 8τ + 4β + g/2; its packed bytes from the lane's chunk offset 16(t&1), and its first
 // absmax block.
+template <int TL>
 __device__ __forceinline__ void cols_rows(const uint8_t* (&w)[4], uint32_t (&rblk)[4], int n0, int N,
                                           const Operands& op, uint32_t row_bytes, uint32_t row_blocks) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2 * TL; ++i) {
     const uint32_t r = min(n0 + 8 * (i >> 1) + 4 * (i & 1) + (g >> 1), N - 1);
     w[i] = op.packed + r * row_bytes + 16 * (t & 1);
     rblk[i] = r * row_blocks;
@@ -400,7 +401,7 @@ __device__ __forceinline__ void cols_rows(const uint8_t* (&w)[4], uint32_t (&rbl
 // One step of the column layout: x's chunk from p (the lane's column, 32 elements; zeros where
 // it holds none), both tiles' decode and mmas, each D entry scaled by its block's absmax (zero
 // where !ok: block t past the row's end) into sum.
-template <typename T, bool Q>
+template <typename T, bool Q, int TL>
 __device__ __forceinline__ void cols_step(float (&sum)[2][4], const ColLoads& cur, const uint4* p, bool xload, bool ok,
                                           const unsigned char* table, const float* code2_s, uint32_t lane_col,
                                           float offset) {
@@ -410,7 +411,7 @@ __device__ __forceinline__ void cols_step(float (&sum)[2][4], const ColLoads& cu
   const uint32_t xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
                            xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
 #pragma unroll
-  for (int tau = 0; tau < 2; ++tau) {
+  for (int tau = 0; tau < TL; ++tau) {
     const uint32_t wa4[4] = {cur.q[2 * tau].x, cur.q[2 * tau].y, cur.q[2 * tau].z, cur.q[2 * tau].w};
     const uint32_t wb4[4] = {cur.q[2 * tau + 1].x, cur.q[2 * tau + 1].y, cur.q[2 * tau + 1].z,
                              cur.q[2 * tau + 1].w};
@@ -444,12 +445,13 @@ __device__ __forceinline__ void cols_step(float (&sum)[2][4], const ColLoads& cu
 // rows g and g+8; the other lanes zero). A weight row's four blocks sit in lanes
 // 8r + {0, 1, 6, 7} of tile row r (r = g/2): the kept lanes' sums over the 8-lane group, then
 // lane (g, 0) takes warp rows g and g+8 (tile 0 and 1, row a when g < 4, else b) from lane 8(g&3).
+template <int TL>
 __device__ __forceinline__ void cols_reduce(const float (&sum)[2][4], float (&acc)[1][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool kept = (t >> 1) == (g & 1);
   float v[2][4];
 #pragma unroll
-  for (int tau = 0; tau < 2; ++tau)
+  for (int tau = 0; tau < TL; ++tau)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float s = kept ? sum[tau][i] : 0.0f;
@@ -461,12 +463,13 @@ __device__ __forceinline__ void cols_reduce(const float (&sum)[2][4], float (&ac
   const int src = 8 * (g & 3);
   const bool first = t == 0, b = g >= 4;
 #pragma unroll
-  for (int tau = 0; tau < 2; ++tau) {
+  for (int tau = 0; tau < TL; ++tau) {
     const float a0 = __shfl_sync(kAll, v[tau][0], src), a1 = __shfl_sync(kAll, v[tau][1], src);
     const float b0 = __shfl_sync(kAll, v[tau][2], src), b1 = __shfl_sync(kAll, v[tau][3], src);
     acc[0][2 * tau] = first ? (b ? b0 : a0) : 0.0f;
     acc[0][2 * tau + 1] = first ? (b ? b1 : a1) : 0.0f;
   }
+  if (TL == 1) acc[0][2] = acc[0][3] = 0.0f;  // 8-row groups: no rows g + 8
 }
 
 // B: lane (g, t) holds column g, x row g&1 in block g/2 of the step, weights 32(t&1)..; the
@@ -482,14 +485,14 @@ __device__ __forceinline__ bool cols_x(uint32_t& xoff, int M, int K) {
 // The column layout's main loop over the warp's steps from `base` (every S·4-th block) to
 // `kend` of row group n0; returns the sums in the row layout's D order (cols_reduce), so the
 // split sums and the epilogue are the row layout's.
-template <typename T, int S, bool Q, bool V>
+template <typename T, int S, bool Q, bool V, int TL>
 __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M, int K, const Operands& op,
                                           const float* code, unsigned char* table, float* code2_s, uint32_t base,
                                           uint32_t kend, int n0, int N, uint32_t row_bytes, uint32_t row_blocks) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint8_t* w[4];
   uint32_t rblk[4];
-  cols_rows(w, rblk, n0, N, op, row_bytes, row_blocks);
+  cols_rows<TL>(w, rblk, n0, N, op, row_bytes, row_blocks);
   const uint32_t wblk = 2 * (g & 1) + (t >> 1);
   const uint32_t lane_col = lane * 4;
   uint32_t xoff;
@@ -501,18 +504,18 @@ __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M,
 #pragma unroll
     for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
   ColLoads cur;
-  if (base < kend) issue_cols<Q, V>(cur, base, kend, w, rblk, wblk, t, op);
+  if (base < kend) issue_cols<Q, V, TL>(cur, base, kend, w, rblk, wblk, t, op);
   fill_tables<T, Q>(table, code2_s, code, op);
   __syncthreads();  // the tables
   for (; base < kend; base += S * kU) {
     ColLoads nxt;
-    issue_cols<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, w, rblk, wblk, t, op);
+    issue_cols<Q, V, TL>(nxt, base + S * kU < kend ? base + S * kU : base, kend, w, rblk, wblk, t, op);
     const uint4* p = reinterpret_cast<const uint4*>(V ? xs : x + (xoff + 64 * min(base + (g >> 1), kend - 1)));
-    cols_step<T, Q>(sum, cur, p, xload, V || base + t < kend, table, code2_s, lane_col, op.offset);
+    cols_step<T, Q, TL>(sum, cur, p, xload, V || base + t < kend, table, code2_s, lane_col, op.offset);
     cur = nxt;
     xs += 64 * S * kU;
   }
-  cols_reduce(sum, acc);
+  cols_reduce<TL>(sum, acc);
 }
 
 // The 16-warp blocks' loop (FLAT below): the warp's steps [u0, u1) of the block's row groups,
@@ -528,7 +531,7 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint8_t* w[4];
   uint32_t rblk[4];
-  cols_rows(w, rblk, n0, N, op, row_bytes, row_blocks);
+  cols_rows<2>(w, rblk, n0, N, op, row_bytes, row_blocks);
   const uint32_t wblk = 2 * (g & 1) + (t >> 1);
   const uint32_t lane_col = lane * 4;
   uint32_t xoff;
@@ -539,7 +542,7 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
 #pragma unroll
     for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
   ColLoads cur;
-  if (u0 < u1) issue_cols<Q, V>(cur, s0 * kU, row_blocks, w, rblk, wblk, t, op);
+  if (u0 < u1) issue_cols<Q, V, 2>(cur, s0 * kU, row_blocks, w, rblk, wblk, t, op);
   fill_tables<T, Q, true>(table, code2_s, code, op);
   __syncthreads();  // the tables
   const uint32_t na = u0 < u1 ? min(u1 - u0, U - s0) : 0, nb = u0 < u1 ? u1 - u0 - na : 0;  // steps a segment
@@ -548,32 +551,32 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
   const auto step = [&](uint32_t s, uint32_t next) {
     const uint32_t base = s * kU;
     ColLoads nxt;
-    issue_cols<Q, V>(nxt, next, row_blocks, w, rblk, wblk, t, op);
+    issue_cols<Q, V, 2>(nxt, next, row_blocks, w, rblk, wblk, t, op);
     const uint4* p = reinterpret_cast<const uint4*>(x + (xoff + 64 * (V ? base + (g >> 1)
                                                                         : min(base + (g >> 1), row_blocks - 1))));
-    cols_step<T, Q>(sum, cur, p, xload, V || base + t < row_blocks, table, code2_s, lane_col, op.offset);
+    cols_step<T, Q, 2>(sum, cur, p, xload, V || base + t < row_blocks, table, code2_s, lane_col, op.offset);
     cur = nxt;
   };
   for (uint32_t s = s0; s + 1 < s0 + na; ++s) step(s, (s + 1) * kU);
   if (na > 0) {
-    if (nb > 0) cols_rows(w, rblk, n0 + 16, N, op, row_bytes, row_blocks);
+    if (nb > 0) cols_rows<2>(w, rblk, n0 + 16, N, op, row_bytes, row_blocks);
     step(s0 + na - 1, nb > 0 ? 0 : (s0 + na - 1) * kU);
   }
-  cols_reduce(sum, acc0);
+  cols_reduce<2>(sum, acc0);
 #pragma unroll
   for (int tau = 0; tau < 2; ++tau)
 #pragma unroll
     for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
   // the second group's steps 0 .. nb - 1
   for (uint32_t s = 0; s < nb; ++s) step(s, s + 1 < nb ? (s + 1) * kU : s * kU);
-  cols_reduce(sum, acc1);
+  cols_reduce<2>(sum, acc1);
 }
 
 // NT: 8-row tiles of x (M <= 8·NT), S: warps a row group splits K over, Q: nested absmax,
 // V: vectorized absmax loads (see issue()). Two blocks an SM (128 registers): the loop
 // hides its latency with warps, and at 138-140 registers (what the compiler takes
 // unbounded at NT = 2) one block an SM made 14336 x 4096 at M = 16 27.5 -> 32.4 µs.
-template <typename T, int NT, int S, bool Q, bool V, bool XZ, bool COLS>
+template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
 __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
                                                                 const float* __restrict__ code, int N, int chunk,
                                                                 float* __restrict__ ws, int* __restrict__ counters,
@@ -584,25 +587,26 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   auto partial = reinterpret_cast<float (*)[32][4 * NT]>(table + kPartialOffset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int per_block = kWarps / S;  // row groups a block
+  constexpr int GR = COLS == 1 ? 8 : 16;  // weight rows a group (a warp)
 #if FQ_TABLE_IMMEDIATE
   if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) {  // see kTableAddr
-    poison_rows<T>(y, M, N, blockIdx.x * per_block * 16, per_block * 16);
+    poison_rows<T>(y, M, N, blockIdx.x * per_block * GR, per_block * GR);
     return;
   }
 #endif
   const int g = lane >> 2, t = lane & 3;
   const int part = warp % S;
-  const int groups = (N + 15) / 16;
+  const int groups = (N + GR - 1) / GR;
   const int group = blockIdx.x * per_block + warp / S;
   const bool live = group < groups;  // a spare warp repeats the last group, unstored
-  const int n0 = (live ? group : groups - 1) * 16;
+  const int n0 = (live ? group : groups - 1) * GR;
   const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
   const uint32_t row_bytes = K / 2, row_blocks = K / 64;
   const uint32_t kbeg = blockIdx.y * chunk, kend = min(kbeg + chunk, row_blocks);
   float acc[NT][4];
-  if constexpr (COLS) {
+  if constexpr (COLS > 0) {
     static_assert(NT == 1, "the column layout takes one or two rows of x");
-    cols_loop<T, S, Q, V>(acc, x, M, K, op, code, table, code2_s, kbeg + part * kU, kend, n0, N, row_bytes,
+    cols_loop<T, S, Q, V, COLS>(acc, x, M, K, op, code, table, code2_s, kbeg + part * kU, kend, n0, N, row_bytes,
                           row_blocks);
   } else {
     const uint8_t* wa = op.packed + ra * row_bytes + 8 * t;
@@ -698,7 +702,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   }
   const int r0 = n0 + g, r1 = n0 + g + 8;
   if (gridDim.y == 1) {
-    if (part == 0 && live) finish<T, NT>(acc, n0, M, N, ep, y);
+    if (part == 0 && live) finish<T, NT, GR>(acc, n0, M, N, ep, y);
     return;
   }
   // K split over the grid: fp32 partials to ws[blockIdx.y][m][n] (L2, not L1: another SM reads them)
@@ -709,7 +713,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = nt * 8 + 2 * t + (i & 1), n = i < 2 ? r0 : r1;
-        if (m < M && n < N) __stcg(wk + static_cast<int64_t>(m) * N + n, acc[nt][i]);
+        if (m < M && n < N && (GR == 16 || i < 2)) __stcg(wk + static_cast<int64_t>(m) * N + n, acc[nt][i]);
       }
     }
   }
@@ -725,7 +729,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   __threadfence();
   // the last block: all its threads sum the partials of its rows, each output in grid order
   // (one output a thread: the L2 reads of many outputs are in flight together)
-  const int nb = blockIdx.x * per_block * 16, rows = min(per_block * 16, N - nb);
+  const int nb = blockIdx.x * per_block * GR, rows = min(per_block * GR, N - nb);
   for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
     const int m = e / rows, n = nb + e % rows;
     float v = 0.0f;
@@ -814,10 +818,10 @@ void launch_flat(int G, const void* x, int M, int K, const Operands& op, const f
   FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma_flat");
 }
 
-template <typename T, int NT, int S, bool Q, bool V, bool XZ, bool COLS>
+template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
 void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
                int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
-  const int groups = (N + 15) / 16;
+  const int groups = (N + (COLS == 1 ? 7 : 15)) / (COLS == 1 ? 8 : 16);
   constexpr int per_block = kWarps / S;
   const int blocks = (groups + per_block - 1) / per_block;
   const int row_blocks = K / 64;
@@ -841,8 +845,9 @@ void launch_xz(const void* x, int M, int K, const Operands& op, const float* cod
   FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma");
 }
 
+// cols: 0 the row layout, 1 the column layout with 8 weight rows a warp, 2 with 16.
 template <typename T, int NT, int S, bool Q, bool V>
-void launch(bool cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
+void launch(int cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
             int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   // Zero-filled x loads at M <= 4 (a lane group without a row of x loads nothing); at more
   // rows every lane loads and nothing is zeroed. H200, graph-timed, the same build: at
@@ -850,14 +855,15 @@ void launch(bool cols, const void* x, int M, int K, const Operands& op, const fl
   // (0.2-0.3 slower on 4096 x 4096); at M = 8-16 the unconditional loads were faster on
   // every shape (gate/up M = 16: 26.1 against 27.6 µs).
   if constexpr (NT == 1) {
-    if (cols) return launch_xz<T, NT, S, Q, V, true, true>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-    if (M <= 4) return launch_xz<T, NT, S, Q, V, true, false>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    if (cols == 2) return launch_xz<T, NT, S, Q, V, true, 2>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    if (cols == 1) return launch_xz<T, NT, S, Q, V, true, 1>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    if (M <= 4) return launch_xz<T, NT, S, Q, V, true, 0>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
   }
-  return launch_xz<T, NT, S, Q, V, false, false>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  return launch_xz<T, NT, S, Q, V, false, 0>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
 }
 
 template <typename T, int NT, bool Q, bool V>
-void launch_split(int split, bool cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
+void launch_split(int split, int cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
                   float* ws, int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
   if (split == 2) return launch<T, NT, 2, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
   if (split == 4) return launch<T, NT, 4, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
@@ -866,7 +872,7 @@ void launch_split(int split, bool cols, const void* x, int M, int K, const Opera
 }
 
 template <typename T>
-void launch_dtype(bool two_tiles, bool nested, bool vec, int split, bool cols, int groups, const void* x, int M, int K,
+void launch_dtype(bool two_tiles, bool nested, bool vec, int split, int cols, int groups, const void* x, int M, int K,
                   const Operands& op, const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep,
                   void* y, cudaStream_t s) {
   if (groups > 0) {
@@ -891,10 +897,15 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
                          const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
                          float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
                          const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
-                         int kb, bool cols, int groups, float* ws, int* counters, int64_t stream) {
+                         int kb, bool cols, int groups, int rows, float* ws, int* counters, int64_t stream) {
   if (M < 1 || M > 16) throw std::invalid_argument("nf4_decode_mma_cuda: x must have 1 to 16 rows, got " + std::to_string(M));
   if (cols && M > 2) {
     throw std::invalid_argument("nf4_decode_mma_cuda: the column layout takes 1 or 2 rows of x, got " + std::to_string(M));
+  }
+  if ((rows != 16 && rows != 8) || (rows == 8 && (!cols || groups != 0))) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: rows (weight rows a warp) must be 16, or 8 with the column layout "
+                                "and groups = 0; got rows=" + std::to_string(rows) + ", cols=" + std::to_string(cols) +
+                                ", groups=" + std::to_string(groups));
   }
   if (groups < 0 || groups > kFlatMaxGroups || (groups > 0 && (!cols || kb != 1))) {
     throw std::invalid_argument("nf4_decode_mma_cuda: groups (row groups a 16-warp block) must be 0, or 1.." +
@@ -931,11 +942,12 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
   const Epilogue ep{xa, static_cast<int>(xa_stride), lora_b, rank, scale, bias};
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool two = M > 8;
+  const int lay = !cols ? 0 : rows == 8 ? 1 : 2;
   switch (dtype) {
     case kF16:
-      return launch_dtype<__half>(two, nested, vec, split, cols, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__half>(two, nested, vec, split, lay, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
     case kBF16:
-      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, cols, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, lay, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
     default:
       throw std::invalid_argument("nf4_decode_mma_cuda: x must be fp16 or bf16 (the tensor cores' input types)");
   }

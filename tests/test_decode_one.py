@@ -19,9 +19,10 @@ def test_config_strings():
     assert decode_one.parse_config("mma:2:4") == DecodeMmaConfig(2, 4)
     assert decode_one.parse_config("mma:8:1:cols") == DecodeMmaConfig(8, 1, cols=True)
     assert decode_one.parse_config("mma:g7:cols") == DecodeMmaConfig(0, cols=True, groups=7)
+    assert decode_one.parse_config("mma:8:1:cols8") == DecodeMmaConfig(8, 1, cols=True, rows=8)
     assert decode_one.parse_config("gemv:8:2:4") == GemvConfig(8, 2, 4, cuda=True)
     assert decode_one.parse_config("bnb") == "bnb"
-    for bad in ("mma:8", "mma:a:1", "mma:8:1:rows", "mma:x:1:cols", "mma:g7", "mma:gx:cols", "mma:7:cols",
+    for bad in ("mma:8", "mma:a:1", "mma:8:1:rows", "mma:x:1:cols", "mma:g7", "mma:gx:cols", "mma:7:cols", "mma:g7:cols8",
                 "gemv:8:2", "bnb:1", "cublas", ""):
         with pytest.raises(ValueError, match="mma:SPLIT:KB"):
             decode_one.parse_config(bad)

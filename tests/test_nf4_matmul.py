@@ -364,6 +364,7 @@ def test_decode_mma_candidates_by_rows():
     assert [nf4_configs.flat_groups(n, 132) for n in (4096, 1024, 4097, 16 * 7 * 132, 16 * 16 * 132 * 3, 1)] == [
         2, 1, 2, 7, 16, 1]
     assert nf4_configs.DecodeMmaConfig(0, cols=True, groups=7).short() == "cuda mma g7 cols"
+    assert nf4_configs.DecodeMmaConfig(8, cols=True, rows=8).short() == "cuda mma s8 cols r8"
 
 
 @pytest.mark.gpu
@@ -485,7 +486,7 @@ def test_gpu_decode_mma_odd_shapes(dtype, nested, N, K, r):
 def test_gpu_decode_mma_cols(dtype, nested, N, K, r):
     """The tensor-core decode's column layout (one or two rows of x; each absmax block of a
     step in its own columns of B): every in-block split and grid splits of 1, 3 and 7 blocks,
-    16-warp blocks of 1-16 row groups,
+    16-warp blocks of 1-16 row groups, 8 weight rows a warp,
     rows past N, K not a multiple of 256 (a partial last step, the clamped loads) and K = 64
     (one block), LoRA rank above 32, bias, plain and double-quantized absmax, against the
     fp64 oracle; run twice, equal; a row's result does not depend on the other row of x (M = 2's
@@ -507,6 +508,8 @@ def test_gpu_decode_mma_cols(dtype, nested, N, K, r):
     # 16-warp blocks of G row groups: a block's last group short (N = 1000: 63 groups), warps
     # with no steps (K = 64), a warp's steps across two groups (G = 3, 7: U = 17 or 56 steps)
     cfgs |= {DecodeMmaConfig(0, cols=True, groups=gr) for gr in (1, 2, 3, 7, 16)}
+    # 8 weight rows a warp (N = 37: a last group of 5 rows; grid splits of 3)
+    cfgs |= {DecodeMmaConfig(s, kb, cols=True, rows=8) for s in (2, 4, 8) for kb in (1, 3)}
     tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
     x2 = torch.randn(2, K, generator=g).to("cuda", dtype)
     xa2 = (torch.randn(2, r + 5, generator=g) * 0.5).to("cuda", dtype)[:, 2:2 + r]
@@ -574,8 +577,10 @@ def test_decode_mma_refuses_what_it_cannot_take():
         nf4_decode_mma(torch.randn(3, 128, dtype=torch.bfloat16), w, DecodeMmaConfig(2, cols=True))
     x = torch.randn(1, 128, dtype=torch.bfloat16)
     for cfg in (DecodeMmaConfig(0, groups=7), DecodeMmaConfig(0, cols=True, groups=17),
-                DecodeMmaConfig(0, 2, cols=True, groups=7), DecodeMmaConfig(3), DecodeMmaConfig(2, 65)):
-        with pytest.raises(ValueError, match="groups .* must be 1..16|split must be 2, 4 or 8"):
+                DecodeMmaConfig(0, 2, cols=True, groups=7), DecodeMmaConfig(3), DecodeMmaConfig(2, 65),
+                DecodeMmaConfig(8, rows=8), DecodeMmaConfig(8, cols=True, rows=4),
+                DecodeMmaConfig(0, cols=True, groups=2, rows=8)):
+        with pytest.raises(ValueError, match="groups .* must be 1..16|split must be 2, 4 or 8|rows .* must be 16"):
             nf4_decode_mma(x, w, cfg)
 
 
@@ -616,6 +621,8 @@ def test_decode_kernels_check_lora_and_bias_first(which, bad, err, match):
     (dict(N=2**25), "under 2 GiB"), (dict(dtype=0), "fp16 or bf16"), (dict(cols=True), "1 or 2 rows of x, got 4"),
     (dict(groups=3), "groups=3, cols=0"), (dict(M=2, cols=True, groups=17), "1..16"),
     (dict(M=2, cols=True, groups=2, kb=2, ws=64, counters=64), "kb=2"),
+    (dict(rows=8), "rows=8, cols=0"), (dict(M=2, cols=True, rows=12), "rows=12"),
+    (dict(M=2, cols=True, rows=8, groups=2), "groups=2"),
 ])
 def test_decode_mma_binding_checks_before_launch(change, match):
     """The tensor-core decode refuses a bad shape or config before touching memory or the
@@ -627,7 +634,7 @@ def test_decode_mma_binding_checks_before_launch(change, match):
         pytest.skip("the extension was built without CUDA")
     args = dict(x=4096, M=4, K=128, packed=8192, code=0, absmax=0, qabsmax=16, code2=0, absmax2=0, offset=0.0,
                 blocksize2=256, N=8, xa=0, xa_stride=0, lora_b=0, rank=0, scale=1.0, bias=0, y=0, dtype=2, split=2,
-                kb=1, cols=False, groups=0, ws=0, counters=0, stream=0)
+                kb=1, cols=False, groups=0, rows=16, ws=0, counters=0, stream=0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
         ext().nf4_decode_mma_cuda(*args.values())

@@ -79,17 +79,21 @@ class DecodeMmaConfig:
     ``kb`` blocks of the grid. ``cols`` (M <= 2): the column layout, 16-byte weight loads with
     each absmax block of a step in its own columns of the mma's B (see the kernel).
     ``groups`` > 0 (with ``cols``, ``kb`` = 1): blocks of 16 warps, each taking that many row
-    groups of 16 weight rows and sharing their K steps evenly over its warps (``split`` unused)."""
+    groups of 16 weight rows and sharing their K steps evenly over its warps (``split`` unused).
+    ``rows`` = 8 (with ``cols``, ``groups`` = 0): 8 weight rows a warp instead of 16, twice
+    the row groups (narrow weights fill more SMs)."""
 
     split: int
     kb: int = 1
     cols: bool = False
     groups: int = 0
+    rows: int = 16
 
     def short(self) -> str:
         if self.groups:
             return f"cuda mma g{self.groups}" + (" cols" if self.cols else "")
-        return f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "") + (" cols" if self.cols else "")
+        return (f"cuda mma s{self.split}" + (f" kb{self.kb}" if self.kb > 1 else "") + (" cols" if self.cols else "")
+                + (f" r{self.rows}" if self.rows != 16 else ""))
 
 
 C = MatmulConfig
@@ -164,6 +168,8 @@ _CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2)
 COLS_MAX_M = 2
 FLAT_MAX_GROUPS = 16  # csrc/nf4_decode_mma.cu: kFlatMaxGroups
 _CUDA_MMA_COLS = [DecodeMmaConfig(s, kb, cols=True) for s, kb in ((8, 1), (4, 1), (2, 1), (4, 2), (2, 4))]
+# 8 weight rows a warp: twice the blocks, for weights with few row groups (1024 x 4096: 128)
+_CUDA_MMA_COLS += [DecodeMmaConfig(s, 1, cols=True, rows=8) for s in (8, 4)]
 
 # ---- transposed, dX = dY·W: bm, bn (reduction), bk (out); the sweep's three fastest.
 _T_LARGE = {

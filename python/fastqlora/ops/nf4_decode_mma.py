@@ -69,6 +69,9 @@ def nf4_decode_mma(
     if cfg.cols and x.dim() == 2 and x.shape[0] > COLS_MAX_M:
         raise ValueError(f"nf4_decode_mma: the column layout (cols=True) takes 1 to {COLS_MAX_M} rows of x, got "
                          f"{x.shape[0]}; use cols=False")
+    if cfg.rows not in (16, 8) or (cfg.rows == 8 and (not cfg.cols or cfg.groups)):
+        raise ValueError(f"nf4_decode_mma: rows (weight rows a warp) must be 16, or 8 with cols=True and no groups; "
+                         f"got {cfg}")
     if cfg.groups:
         if not (1 <= cfg.groups <= FLAT_MAX_GROUPS and cfg.cols and cfg.kb == 1):
             raise ValueError(f"nf4_decode_mma: groups (row groups a 16-warp block) must be 1..{FLAT_MAX_GROUPS}, "
@@ -98,7 +101,7 @@ def nf4_decode_mma(
     if cfg.kb > 1:
         ws = torch.empty(cfg.kb * M * N, device=x.device, dtype=torch.float32)
         per_block = 8 // cfg.split
-        counters = _counters_for(x, ((N + 15) // 16 + per_block - 1) // per_block)
+        counters = _counters_for(x, ((N + cfg.rows - 1) // cfg.rows + per_block - 1) // per_block)
     code = w.code if w.code.dtype == torch.float32 else w.code.float()
     nested = w.nested
     with torch.cuda.device(x.device):
@@ -109,5 +112,5 @@ def nf4_decode_mma(
             float(w.nested_offset or 0.0), int(w.nested_blocksize), N,
             ptr(xa) if has_lora else 0, int(xa.stride(0)) if has_lora else 0, ptr(b_c) if has_lora else 0, rank,
             float(scale), ptr(bias_c), ptr(y), _DTYPE_CODES[x.dtype], int(cfg.split), int(cfg.kb), bool(cfg.cols),
-            int(cfg.groups), ptr(ws), ptr(counters), stream_of(x))
+            int(cfg.groups), int(cfg.rows), ptr(ws), ptr(counters), stream_of(x))
     return y
