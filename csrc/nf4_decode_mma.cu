@@ -33,7 +33,9 @@
 // shared memory starts at address 0, so the permute's result is the address (SASS: `LDS [R]`).
 //
 // At one or two rows of x a second layout (COLS, cols_loop below) reads the weights in
-// 16-byte chunks that span two blocks and keeps the blocks apart in B's columns instead.
+// 16-byte chunks that span two blocks and keeps the blocks apart in B's columns instead, with
+// 16 or 8 weight rows a warp, in 8-warp blocks or in 16-warp blocks that share their row
+// groups' steps evenly (FLAT).
 //
 // Latency: each step takes U = 4 blocks; the next step's weight and absmax loads are
 // issued before this step's decode (a register double buffer), the first step's before the
@@ -385,7 +387,9 @@ __device__ __forceinline__ void issue_cols(ColLoads& s, uint32_t base, uint32_t 
 
 // The rows of a lane in a row group from n0 (clamped to N - 1): row i = 2τ + β is
 // n0 + 8τ + 4β + g/2; its packed bytes from the lane's chunk offset 16(t&1), and its first
-// absmax block.
+// absmax block. TL (here and below): 8-row tiles a warp, 2 (a group of 16 weight rows) or 1
+// (8 rows: twice the groups, for narrow weights; each step then decodes half as much for the
+// same x loads).
 template <int TL>
 __device__ __forceinline__ void cols_rows(const uint8_t* (&w)[4], uint32_t (&rblk)[4], int n0, int N,
                                           const Operands& op, uint32_t row_bytes, uint32_t row_blocks) {
@@ -752,6 +756,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
 // one wave of nearly equal blocks (14336 x 4096: G = 7, 128 blocks, 7 steps a warp). Each
 // warp leaves its segments' sums in shared memory; warp j then sums group j's in warp order
 // (deterministic) and writes it. The table is filled once for 16 warps instead of 8.
+// Measured (H200, M = 1): 14336 x 4096 12.2 µs against 12.6 for s2; on the narrow shapes, where
+// a warp gets one or two steps, it loses (1024 x 4096 G = 1: 5.8 against 3.7 for s8: ncu counts
+// 1.7x the instructions, each warp's setup, prefetch and reduction paid for half the steps),
+// so the dispatch times it beside the 8-warp blocks.
 constexpr int kFlatWarps = 16;
 constexpr int kFlatMaxGroups = 16;
 constexpr int kFlatSmemBytes = kPartialOffset + kFlatWarps * 2 * 32 * 4 * 4;  // partials [warp][segment][lane][4]

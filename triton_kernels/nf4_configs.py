@@ -158,13 +158,15 @@ _CUDA_GEMV2 = [GemvConfig(r, sk, w, cuda=True) for r, sk, w in (
 # (results/nf4_decode_mma_table_h200.json) and stay for other shapes.
 DECODE_MMA_MAX_M = 16
 _CUDA_MMA = [DecodeMmaConfig(s, kb) for s, kb in ((8, 1), (2, 1), (4, 1), (4, 2), (2, 4), (4, 4), (2, 8), (8, 2), (8, 4))]
-# The column layout at one and two rows of x. H200 sweep of the final build
-# (results/nf4_decode_table_s17_h200.json, graph-timed, M = 1 / 2): fastest on q/o (s4 5.8 /
-# 5.9 µs), gate/up (s2 14.3 / 15.2), down (s8 12.9 / 13.7) and k/v at two rows (s8 4.0), ahead of
-# the row layout and the gemv (M = 1: q/o 6.5, gate/up 15.9, down 15.3 (row layout s8)); k/v at
-# one row stays with the gemv (3.4 against 3.9). A grid split (kb > 1) was slower on every shape
-# (its partials' round trip through L2: q/o M = 2 s2 kb4 7.6 against s4 5.9); two stay for
-# shapes with few row groups. First sweep of the layout: results/nf4_decode_cols_sweep_s17_h200.json.
+# The column layout at one and two rows of x (whole 128-byte lines a load since the eighteenth
+# session). H200 sweep of that build (results/nf4_decode_table_s18_h200.json, graph-timed, the
+# fastest candidate, M = 1 / 2): q/o s4 5.3 / 5.7 µs, k/v s8 with 8 weight rows a warp 3.4 / 3.7
+# (the gemv 3.5 at one row), gate/up the 16-warp blocks (G = 7 on 132 SMs) 12.2 / 13.1 (s2
+# 12.6 / 13.6), down s8 11.3 / 12.3. A grid split (kb > 1) was slower on every shape (its
+# partials' round trip through L2: q/o M = 2 s2 kb4 7.6 against s4 5.9 in the seventeenth
+# session); two stay for shapes with few row groups. The 16-warp blocks (flat_groups, added by
+# decode_mma_candidates with the weight's rows and the SM count) lost everywhere else: at one or
+# two steps a warp their per-warp work doubles (results/nf4_decode_flat_s18_h200.json).
 COLS_MAX_M = 2
 FLAT_MAX_GROUPS = 16  # csrc/nf4_decode_mma.cu: kFlatMaxGroups
 _CUDA_MMA_COLS = [DecodeMmaConfig(s, kb, cols=True) for s, kb in ((8, 1), (4, 1), (2, 1), (4, 2), (2, 4))]
