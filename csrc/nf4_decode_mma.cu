@@ -808,19 +808,27 @@ __global__ void __launch_bounds__(kFlatWarps * 32, 1) k_nf4_decode_mma_flat(cons
   finish<T, 1>(acc, (g0 + j) * 16, M, N, ep, y);
 }
 
+// The 64 KiB table is above the default dynamic shared memory: a kernel opts in once per
+// device (the attribute belongs to the device's context; a race between threads only repeats
+// the call). A template on the kernel itself, so each kernel has its own flags.
+template <auto KERNEL>
+void opt_in_smem(int bytes) {
+  int dev = 0;
+  FQ_CUDA_CHECK(cudaGetDevice(&dev));
+  static bool opted_in[64] = {};
+  if (dev >= 64 || !opted_in[dev]) {
+    FQ_CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    if (dev < 64) opted_in[dev] = true;
+  }
+}
+
 template <typename T, bool Q, bool V>
 void launch_flat(int G, const void* x, int M, int K, const Operands& op, const float* code, int N, const Epilogue& ep,
                  void* y, cudaStream_t s) {
   const int groups = (N + 15) / 16;
   const int blocks = (groups + G - 1) / G;
-  auto kernel = k_nf4_decode_mma_flat<T, Q, V>;
-  int dev = 0;
-  FQ_CUDA_CHECK(cudaGetDevice(&dev));
-  static bool opted_in[64] = {};
-  if (dev >= 64 || !opted_in[dev]) {
-    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFlatSmemBytes));
-    if (dev < 64) opted_in[dev] = true;
-  }
+  constexpr auto kernel = k_nf4_decode_mma_flat<T, Q, V>;
+  opt_in_smem<kernel>(kFlatSmemBytes);
   kernel<<<blocks, kFlatWarps * 32, kFlatSmemBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, G, ep,
                                                           static_cast<T*>(y));
   FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma_flat");
@@ -836,18 +844,9 @@ void launch_xz(const void* x, int M, int K, const Operands& op, const float* cod
   int chunk = (row_blocks + kb - 1) / kb;
   chunk = (chunk + kU - 1) / kU * kU;  // a whole number of steps (keeps V's alignment)
   const int ky = (row_blocks + chunk - 1) / chunk;
-  auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ, COLS>;
-  // The 64 KiB table is above the default dynamic shared memory: opt in once per
-  // instantiation and device (the attribute belongs to the device's context; a race between
-  // threads only repeats the call).
+  constexpr auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ, COLS>;
   constexpr int bytes = smem_bytes<NT>();
-  int dev = 0;
-  FQ_CUDA_CHECK(cudaGetDevice(&dev));
-  static bool opted_in[64] = {};
-  if (dev >= 64 || !opted_in[dev]) {
-    FQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    if (dev < 64) opted_in[dev] = true;
-  }
+  opt_in_smem<kernel>(bytes);
   kernel<<<dim3(blocks, ky), kWarps * 32, bytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
                                                              counters, ep, static_cast<T*>(y));
   FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma");
