@@ -8,8 +8,8 @@ graph-timed µs (``bench_nf4_matmul.graph_us``). Under ncu, profile the last lau
     ncu --set full -k regex:nf4_decode_mma -s 5 -c 1 -o out/qo_m2_s8 \\
         python benchmarks/decode_one.py --shape q/o --m 2 --config mma:8:1
 
-Configs: ``mma:SPLIT:KB[:cols|:cols8]``, ``mma:gGROUPS:cols`` (csrc/nf4_decode_mma.cu), ``gemv:ROWS:SPLIT:WARPS``
-(csrc/nf4_gemv.cu), ``bnb``.
+Configs: ``mma:SPLIT:KB[:cols|:cols8]``, ``mma:gGROUPS:cols`` (csrc/nf4_decode_mma.cu),
+``gemv:ROWS:SPLIT:WARPS`` (csrc/nf4_gemv.cu), ``bnb``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from bench_nf4_matmul import SHAPES, graph_us, make_weight  # noqa: E402
 
 def parse_config(text: str):
     """``mma:S:KB`` -> DecodeMmaConfig (``mma:S:KB:cols`` the column layout, ``mma:S:KB:cols8``
-    with 8 weight rows a warp, ``mma:gG:cols`` its 16-warp blocks of G row groups), ``gemv:R:S:W`` -> GemvConfig(cuda=True), ``bnb`` -> "bnb"."""
+    with 8 weight rows a warp, ``mma:gG:cols`` its 16-warp blocks of G row groups),
+    ``gemv:R:S:W`` -> GemvConfig(cuda=True), ``bnb`` -> "bnb"."""
     from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig
 
     kind, *nums = text.split(":")
@@ -45,7 +46,8 @@ def parse_config(text: str):
         return DecodeMmaConfig(values[0], values[1], cols=cols, rows=rows)
     if kind == "gemv" and values is not None and len(values) == 3:
         return GemvConfig(values[0], values[1], values[2], cuda=True)
-    raise ValueError(f"--config {text!r}: expected mma:SPLIT:KB[:cols|:cols8], mma:gGROUPS:cols, gemv:ROWS:SPLIT:WARPS or bnb")
+    raise ValueError(f"--config {text!r}: expected mma:SPLIT:KB[:cols|:cols8], mma:gGROUPS:cols, "
+                     f"gemv:ROWS:SPLIT:WARPS or bnb")
 
 
 def main(argv: list[str] | None = None) -> None:

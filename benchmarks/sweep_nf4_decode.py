@@ -9,8 +9,9 @@ gemv (``cuda gemv r<rows a warp> w<warps> [sk<warps K is split over>]``) join th
 M = 2 the CUDA gemv's two-row kernels; at
 M ≤ 16 the extension's tensor-core decode (``cuda mma s<warps K is split over> [kb<blocks of
 the grid K is split over>] [cols]``, the column layout at M <= 2, ``cuda mma g<row groups a
-16-warp block> cols`` and ``... cols r8``, 8 weight rows a warp). ``--table`` times the dispatch's tables instead of the whole
-grid. The decode table in ``triton_kernels/nf4_configs.py`` is this sweep's fastest tiles.
+16-warp block> cols`` and ``... cols r8``, 8 weight rows a warp). ``--table`` times the
+dispatch's tables instead of the whole grid. The decode table in ``triton_kernels/nf4_configs.py``
+is this sweep's fastest tiles.
 
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
 """

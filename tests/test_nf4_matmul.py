@@ -360,7 +360,8 @@ def test_decode_mma_candidates_by_rows():
     for m in (1, 2):
         cands = nf4_configs.decode_mma_candidates(m, cuda=True, n=14336, sms=132)
         assert cands[0] == nf4_configs.DecodeMmaConfig(0, cols=True, groups=7) and cands[1:] == (one if m == 1 else two)
-    assert nf4_configs.decode_mma_candidates(3, cuda=True, n=14336, sms=132) == nf4_configs.decode_mma_candidates(3, True)
+    three = nf4_configs.decode_mma_candidates(3, cuda=True)
+    assert nf4_configs.decode_mma_candidates(3, cuda=True, n=14336, sms=132) == three
     assert [nf4_configs.flat_groups(n, 132) for n in (4096, 1024, 4097, 16 * 7 * 132, 16 * 16 * 132 * 3, 1)] == [
         2, 1, 2, 7, 16, 1]
     assert nf4_configs.DecodeMmaConfig(0, cols=True, groups=7).short() == "cuda mma g7 cols"

@@ -6,7 +6,8 @@ table), x's rows as its B columns, the absmax factored out of each 64-weight blo
 to that block's fp32 result. The dispatch times it beside the Triton decode tiles
 (``DecodeMmaConfig``: K split over ``split`` warps of a block and ``kb`` blocks of the grid;
 at one or two rows ``cols``, the layout whose weight loads are 16 bytes a lane, and with it
-``groups``, blocks of 16 warps that share their row groups' K steps evenly).
+``groups``, blocks of 16 warps that share their row groups' K steps evenly, or ``rows`` = 8,
+8 weight rows a warp).
 """
 from __future__ import annotations
 
