@@ -66,6 +66,8 @@ namespace {
 
 constexpr unsigned kAll = 0xffffffffu;
 constexpr int kU = 4;                 // 64-weight blocks a step
+// Weight rows a warp's group: the column layout with one tile (COLS = 1) takes 8, else 16.
+template <int COLS> constexpr int kGroupRows = COLS == 1 ? 8 : 16;
 constexpr int kWarps = 8;             // warps a block
 constexpr int kTableBytes = 256 * 256;
 // sm_90's shared window starts with 1 KiB the driver reserves (the compiler's own shared
@@ -149,15 +151,12 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// One step's loads for the lane's two weight rows (a: g, b: g+8) in the row layout. W: what
-// a lane reads of a row's step (8 bytes of each block).
-template <typename W>
+// One step's loads for the lane's two weight rows (a: g, b: g+8) in the row layout.
 struct StepLoads {
-  W qa, qb;                // the packed bytes of rows g and g+8
+  uint2 qa[kU], qb[kU];    // 8 packed bytes a block
   uint32_t ia[kU], ib[kU]; // the blocks' 8-bit absmax indices (nested)
   float sa[kU], sb[kU];    // nested: the nested scale (entry 0 when vectorized); plain: the absmax
 };
-struct RowBytes { uint2 q[kU]; };     // the row layout: bytes 8t..8t+7 of each of the step's blocks
 
 struct Operands {
   const uint8_t* packed;
@@ -173,8 +172,8 @@ struct Operands {
 // nested scale and sit 4-aligned in the row's block list (the row's block count and the
 // nested block size are multiples of 4), so their absmax come in one load. Past `end`,
 // blocks are re-read (clamped) and weighed by zero later.
-template <bool Q, bool V, typename W>
-__device__ __forceinline__ void issue_absmax(StepLoads<W>& s, uint32_t base, uint32_t end, uint32_t ra_b,
+template <bool Q, bool V>
+__device__ __forceinline__ void issue_absmax(StepLoads& s, uint32_t base, uint32_t end, uint32_t ra_b,
                                              uint32_t rb_b, const Operands& op) {
   if (V) {
     if (Q) {
@@ -212,13 +211,13 @@ __device__ __forceinline__ void issue_absmax(StepLoads<W>& s, uint32_t base, uin
 
 // The row layout's step at block `base`: 8 bytes of each block of both rows, then the absmax.
 template <bool Q, bool V>
-__device__ __forceinline__ void issue(StepLoads<RowBytes>& s, uint32_t base, uint32_t end, const uint8_t* wa,
+__device__ __forceinline__ void issue(StepLoads& s, uint32_t base, uint32_t end, const uint8_t* wa,
                                       const uint8_t* wb, uint32_t ra_b, uint32_t rb_b, const Operands& op) {
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     const uint32_t blk = min(base + u, end - 1);
-    s.qa.q[u] = __ldg(reinterpret_cast<const uint2*>(wa + 32 * blk));
-    s.qb.q[u] = __ldg(reinterpret_cast<const uint2*>(wb + 32 * blk));
+    s.qa[u] = __ldg(reinterpret_cast<const uint2*>(wa + 32 * blk));
+    s.qb[u] = __ldg(reinterpret_cast<const uint2*>(wb + 32 * blk));
   }
   issue_absmax<Q, V>(s, base, end, ra_b, rb_b, op);
 }
@@ -476,6 +475,13 @@ __device__ __forceinline__ void cols_reduce(const float (&sum)[2][4], float (&ac
   if (TL == 1) acc[0][2] = acc[0][3] = 0.0f;  // 8-row groups: no rows g + 8
 }
 
+__device__ __forceinline__ void zero_sums(float (&sum)[2][4]) {
+#pragma unroll
+  for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+}
+
 // B: lane (g, t) holds column g, x row g&1 in block g/2 of the step, weights 32(t&1)..; the
 // lanes whose chunk is in the other block of that half hold zeros. Returns whether the lane
 // loads x, and its element offset in x (row and in-block part).
@@ -503,10 +509,7 @@ __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M,
   const bool xload = cols_x(xoff, M, K);
   const T* xs = x + xoff + 64 * (base + (g >> 1));  // V: this step's x (whole steps, no clamp)
   float sum[2][4];  // tile τ: (row a, x rows 0, 1), (row b, x rows 0, 1), block t (kept when t/2 == g&1)
-#pragma unroll
-  for (int tau = 0; tau < 2; ++tau)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  zero_sums(sum);
   ColLoads cur;
   if (base < kend) issue_cols<Q, V, TL>(cur, base, kend, w, rblk, wblk, t, op);
   fill_tables<T, Q>(table, code2_s, code, op);
@@ -541,10 +544,7 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
   uint32_t xoff;
   const bool xload = cols_x(xoff, M, K);
   float sum[2][4];
-#pragma unroll
-  for (int tau = 0; tau < 2; ++tau)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  zero_sums(sum);
   ColLoads cur;
   if (u0 < u1) issue_cols<Q, V, 2>(cur, s0 * kU, row_blocks, w, rblk, wblk, t, op);
   fill_tables<T, Q, true>(table, code2_s, code, op);
@@ -567,10 +567,7 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
     step(s0 + na - 1, nb > 0 ? 0 : (s0 + na - 1) * kU);
   }
   cols_reduce<2>(sum, acc0);
-#pragma unroll
-  for (int tau = 0; tau < 2; ++tau)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) sum[tau][i] = 0.0f;
+  zero_sums(sum);
   // the second group's steps 0 .. nb - 1
   for (uint32_t s = 0; s < nb; ++s) step(s, s + 1 < nb ? (s + 1) * kU : s * kU);
   cols_reduce<2>(sum, acc1);
@@ -591,7 +588,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   auto partial = reinterpret_cast<float (*)[32][4 * NT]>(table + kPartialOffset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int per_block = kWarps / S;  // row groups a block
-  constexpr int GR = COLS == 1 ? 8 : 16;  // weight rows a group (a warp)
+  constexpr int GR = kGroupRows<COLS>;
 #if FQ_TABLE_IMMEDIATE
   if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) {  // see kTableAddr
     poison_rows<T>(y, M, N, blockIdx.x * per_block * GR, per_block * GR);
@@ -630,13 +627,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
-    StepLoads<RowBytes> cur;
+    StepLoads cur;
     uint32_t base = kbeg + part * kU;
     if (base < kend) issue<Q, V>(cur, base, kend, wa, wb, ra_b, rb_b, op);
     fill_tables<T, Q>(table, code2_s, code, op);
     __syncthreads();  // the tables
     for (; base < kend; base += S * kU) {
-      StepLoads<RowBytes> nxt;
+      StepLoads nxt;
       issue<Q, V>(nxt, base + S * kU < kend ? base + S * kU : base, kend, wa, wb, ra_b, rb_b, op);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -660,7 +657,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
         uint32_t fa[8], fb[8];  // byte i of the lane's 8 -> its code pair
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const uint32_t wa_ = i < 4 ? cur.qa.q[u].x : cur.qa.q[u].y, wb_ = i < 4 ? cur.qb.q[u].x : cur.qb.q[u].y;
+          const uint32_t wa_ = i < 4 ? cur.qa[u].x : cur.qa[u].y, wb_ = i < 4 ? cur.qb[u].x : cur.qb[u].y;
           const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
           fa[i] = table_at(table, __byte_perm(wa_, lane_col, sel));
           fb[i] = table_at(table, __byte_perm(wb_, lane_col, sel));
@@ -837,7 +834,7 @@ void launch_flat(int G, const void* x, int M, int K, const Operands& op, const f
 template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
 void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
                int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
-  const int groups = (N + (COLS == 1 ? 7 : 15)) / (COLS == 1 ? 8 : 16);
+  const int groups = (N + kGroupRows<COLS> - 1) / kGroupRows<COLS>;
   constexpr int per_block = kWarps / S;
   const int blocks = (groups + per_block - 1) / per_block;
   const int row_blocks = K / 64;
