@@ -71,6 +71,29 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
                          float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
                          const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
                          int kb, bool cols, int groups, int rows, float* ws, int* counters, int64_t stream);
+// Up to three such products of one x in one launch (q, k, v; gate, up: one launch instead of
+// three, and the narrow ones no longer leave SMs idle): each weight's operands, N and output
+// in a DecodeMmaPart, the same K, xa_stride and config for all; all nested or all plain; kb = 1.
+struct DecodeMmaPart {
+  const uint8_t* packed;
+  const float* code;
+  const float* absmax;
+  const uint8_t* qabsmax;
+  const float* code2;
+  const float* absmax2;
+  float offset;
+  int64_t blocksize2;
+  int64_t N;
+  const void* xa;
+  const void* lora_b;
+  int rank;
+  float scale;
+  const void* bias;
+  void* y;
+};
+void nf4_decode_mma_cuda_parts(const void* x, int64_t M, int64_t K, const DecodeMmaPart* parts, int count,
+                               int64_t xa_stride, int dtype, int split, int kb, bool cols, int groups, int rows,
+                               float* ws, int* counters, int64_t stream);
 #endif
 
 }  // namespace fq

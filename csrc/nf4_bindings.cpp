@@ -4,6 +4,8 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "nf4.h"
 #include "registry.h"
@@ -77,6 +79,25 @@ void register_nf4(py::module_& m) {
                         as_ptr<const float>(absmax2), offset, blocksize2, N, as_ptr<const void>(xa), xa_stride,
                         as_ptr<const void>(lora_b), rank, scale, as_ptr<const void>(bias), as_ptr<void>(y), dtype,
                         split, kb, cols, groups, rows, as_ptr<float>(ws), as_ptr<int>(counters), stream);
+  });
+  // parts: (packed, code, absmax, qabsmax, code2, absmax2, offset, blocksize2, N, xa, lora_b, rank, scale, bias, y)
+  // for each weight of one launch
+  using PartTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t, int64_t, int64_t,
+                               int64_t, int, float, int64_t, int64_t>;
+  m.def("nf4_decode_mma_parts_cuda", [](int64_t x, int64_t M, int64_t K, const std::vector<PartTuple>& parts,
+                                        int64_t xa_stride, int dtype, int split, int kb, bool cols, int groups, int rows,
+                                        int64_t ws, int64_t counters, int64_t stream) {
+    std::vector<DecodeMmaPart> ps;
+    for (const auto& t : parts) {
+      ps.push_back(DecodeMmaPart{as_ptr<const uint8_t>(std::get<0>(t)), as_ptr<const float>(std::get<1>(t)),
+                                 as_ptr<const float>(std::get<2>(t)), as_ptr<const uint8_t>(std::get<3>(t)),
+                                 as_ptr<const float>(std::get<4>(t)), as_ptr<const float>(std::get<5>(t)), std::get<6>(t),
+                                 std::get<7>(t), std::get<8>(t), as_ptr<const void>(std::get<9>(t)),
+                                 as_ptr<const void>(std::get<10>(t)), std::get<11>(t), std::get<12>(t),
+                                 as_ptr<const void>(std::get<13>(t)), as_ptr<void>(std::get<14>(t))});
+    }
+    nf4_decode_mma_cuda_parts(as_ptr<const void>(x), M, K, ps.data(), static_cast<int>(ps.size()), xa_stride, dtype,
+                              split, kb, cols, groups, rows, as_ptr<float>(ws), as_ptr<int>(counters), stream);
   });
 #endif
 }

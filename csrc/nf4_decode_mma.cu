@@ -250,6 +250,31 @@ struct Epilogue {
   const void* bias;
 };
 
+// Several products of one x in one launch (q, k, v; gate, up): each a run of whole blocks of
+// the grid, from block0 on, so a block's warps all read one weight and the block is what a
+// launch of that product alone would run (bx = blockIdx.x - block0). Parts past `count` have
+// block0 = INT_MAX. A __grid_constant__ parameter, so the block's part is read in place
+// (constant bank, indexed by a block-uniform value) instead of copied to local memory.
+constexpr int kMaxParts = 3;
+struct Part {
+  Operands op;
+  const float* code;  // the 16 NF4 code values
+  Epilogue ep;
+  void* y;
+  int N;
+  int block0;
+};
+struct Parts {
+  Part p[kMaxParts];
+};
+
+__device__ __forceinline__ int part_of(const Parts& parts) {
+  int p = 0;
+#pragma unroll
+  for (int i = 1; i < kMaxParts; ++i) p += static_cast<int>(blockIdx.x) >= parts.p[i].block0;
+  return p;
+}
+
 // acc (the warp's 16 rows x 8·NT x rows, in D's layout) += scale·(B·xaᵀ), then + bias, then
 // stored. The LoRA term is itself an m16n8k16 per 16 of the rank: B's rows n0.. as A, xa's
 // rows as B's columns, in their natural k order (no permutation needed: both index j the
@@ -577,11 +602,13 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
 // V: vectorized absmax loads (see issue()). Two blocks an SM (128 registers): the loop
 // hides its latency with warps, and at 138-140 registers (what the compiler takes
 // unbounded at NT = 2) one block an SM made 14336 x 4096 at M = 16 27.5 -> 32.4 µs.
+// The body of both kernels below; block0: where its product's blocks start in the grid (0 for
+// one product), so blockIdx.x - block0 is the block in that product's own grid.
 template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
-__global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
-                                                                const float* __restrict__ code, int N, int chunk,
-                                                                float* __restrict__ ws, int* __restrict__ counters,
-                                                                Epilogue ep, T* __restrict__ y) {
+__device__ __forceinline__ void decode_mma(const T* __restrict__ x, int M, int K, const Operands& op,
+                                           const float* __restrict__ code, int N, int chunk, float* __restrict__ ws,
+                                           int* __restrict__ counters, const Epilogue& ep, T* __restrict__ y,
+                                           unsigned block0) {
   extern __shared__ __align__(16) unsigned char table[];  // smem_bytes<NT>(): see kTableAddr
   float* const code2_s = reinterpret_cast<float*>(table + kTableBytes);
   int& is_last = *reinterpret_cast<int*>(table + kFlagOffset);
@@ -591,14 +618,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   constexpr int GR = kGroupRows<COLS>;
 #if FQ_TABLE_IMMEDIATE
   if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) {  // see kTableAddr
-    poison_rows<T>(y, M, N, blockIdx.x * per_block * GR, per_block * GR);
+    poison_rows<T>(y, M, N, (blockIdx.x - block0) * per_block * GR, per_block * GR);
     return;
   }
 #endif
   const int g = lane >> 2, t = lane & 3;
   const int part = warp % S;
   const int groups = (N + GR - 1) / GR;
-  const int group = blockIdx.x * per_block + warp / S;
+  const int group = (blockIdx.x - block0) * per_block + warp / S;
   const bool live = group < groups;  // a spare warp repeats the last group, unstored
   const int n0 = (live ? group : groups - 1) * GR;
   const int ra = min(n0 + g, N - 1), rb = min(n0 + g + 8, N - 1);
@@ -721,16 +748,17 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
   __threadfence();  // the partials are visible before the counter says so
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int done = atomicAdd(counters + blockIdx.x, 1);
+    // a K split over the grid is one product's (the host checks): block0 = 0
+    const int done = atomicAdd(counters + (blockIdx.x - block0), 1);
     is_last = done == static_cast<int>(gridDim.y) - 1;
-    if (is_last) counters[blockIdx.x] = 0;  // left at zero for the next launch (and graph replays)
+    if (is_last) counters[(blockIdx.x - block0)] = 0;  // left at zero for the next launch (and graph replays)
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
   // the last block: all its threads sum the partials of its rows, each output in grid order
   // (one output a thread: the L2 reads of many outputs are in flight together)
-  const int nb = blockIdx.x * per_block * GR, rows = min(per_block * GR, N - nb);
+  const int nb = (blockIdx.x - block0) * per_block * GR, rows = min(per_block * GR, N - nb);
   for (int e = threadIdx.x; e < M * rows; e += blockDim.x) {
     const int m = e / rows, n = nb + e % rows;
     float v = 0.0f;
@@ -739,6 +767,30 @@ __global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __re
     }
     y[static_cast<int64_t>(m) * N + n] = from_f32<T>(epilogue_one<T>(v, m, n, ep));
   }
+}
+
+// One product: its operands are the kernel's own parameters (read from the constant bank at
+// fixed offsets).
+template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
+__global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma(const T* __restrict__ x, int M, int K, Operands op,
+                                                                const float* __restrict__ code, int N, int chunk,
+                                                                float* __restrict__ ws, int* __restrict__ counters,
+                                                                Epilogue ep, T* __restrict__ y) {
+  decode_mma<T, NT, S, Q, V, XZ, COLS>(x, M, K, op, code, N, chunk, ws, counters, ep, y, 0u);
+}
+
+// Several products of one x (Parts): each block computes its part's. A kernel of its own, so
+// that the one-product kernel keeps its code: indexing the parts with the block's part cost
+// 2-4% at one and two rows when both used it (more registers: 78 -> 96 in the 8-row column
+// layout; H200, single-weight launches, one build against the other).
+template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
+__global__ void __launch_bounds__(kWarps * 32, 2) k_nf4_decode_mma_parts(const T* __restrict__ x, int M, int K,
+                                                                      const __grid_constant__ Parts parts, int chunk,
+                                                                      float* __restrict__ ws,
+                                                                      int* __restrict__ counters) {
+  const Part& job = parts.p[part_of(parts)];
+  decode_mma<T, NT, S, Q, V, XZ, COLS>(x, M, K, job.op, job.code, job.N, chunk, ws, counters, job.ep,
+                                       static_cast<T*>(job.y), job.block0);
 }
 
 // ---- Row groups' steps shared evenly by a block's warps (FLAT, the column layout) ----
@@ -762,21 +814,20 @@ constexpr int kFlatMaxGroups = 16;
 constexpr int kFlatSmemBytes = kPartialOffset + kFlatWarps * 2 * 32 * 4 * 4;  // partials [warp][segment][lane][4]
 
 template <typename T, bool Q, bool V>
-__global__ void __launch_bounds__(kFlatWarps * 32, 1) k_nf4_decode_mma_flat(const T* __restrict__ x, int M, int K,
-                                                                             Operands op,
-                                                                             const float* __restrict__ code, int N,
-                                                                             int G, Epilogue ep, T* __restrict__ y) {
+__device__ __forceinline__ void decode_mma_flat(const T* __restrict__ x, int M, int K, const Operands& op,
+                                                const float* __restrict__ code, int N, int G, const Epilogue& ep,
+                                                T* __restrict__ y, unsigned block0) {
   extern __shared__ __align__(16) unsigned char table[];  // kFlatSmemBytes: see kTableAddr
   float* const code2_s = reinterpret_cast<float*>(table + kTableBytes);
   auto partial = reinterpret_cast<float (*)[2][32][4]>(table + kPartialOffset);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #if FQ_TABLE_IMMEDIATE
   if (static_cast<uint32_t>(__cvta_generic_to_shared(table)) != kTableAddr) {  // see kTableAddr
-    poison_rows<T>(y, M, N, blockIdx.x * G * 16, G * 16);
+    poison_rows<T>(y, M, N, (blockIdx.x - block0) * G * 16, G * 16);
     return;
   }
 #endif
-  const uint32_t groups = (N + 15) / 16, g0 = blockIdx.x * G;
+  const uint32_t groups = (N + 15) / 16, g0 = (blockIdx.x - block0) * G;
   const uint32_t live = min(static_cast<uint32_t>(G), groups - g0);  // the grid is ceil(groups / G)
   const uint32_t row_bytes = K / 2, row_blocks = K / 64;
   const uint32_t U = (row_blocks + kU - 1) / kU;  // steps a row group
@@ -805,6 +856,23 @@ __global__ void __launch_bounds__(kFlatWarps * 32, 1) k_nf4_decode_mma_flat(cons
   finish<T, 1>(acc, (g0 + j) * 16, M, N, ep, y);
 }
 
+template <typename T, bool Q, bool V>
+__global__ void __launch_bounds__(kFlatWarps * 32, 1) k_nf4_decode_mma_flat(const T* __restrict__ x, int M, int K,
+                                                                             Operands op,
+                                                                             const float* __restrict__ code, int N,
+                                                                             int G, Epilogue ep, T* __restrict__ y) {
+  decode_mma_flat<T, Q, V>(x, M, K, op, code, N, G, ep, y, 0u);
+}
+
+template <typename T, bool Q, bool V>
+__global__ void __launch_bounds__(kFlatWarps * 32, 1) k_nf4_decode_mma_flat_parts(const T* __restrict__ x, int M,
+                                                                                   int K,
+                                                                                   const __grid_constant__ Parts parts,
+                                                                                   int G) {
+  const Part& job = parts.p[part_of(parts)];
+  decode_mma_flat<T, Q, V>(x, M, K, job.op, job.code, job.N, G, job.ep, static_cast<T*>(job.y), job.block0);
+}
+
 // The 64 KiB table is above the default dynamic shared memory: a kernel opts in once per
 // device (the attribute belongs to the device's context; a race between threads only repeats
 // the call). A template on the kernel itself, so each kernel has its own flags.
@@ -819,73 +887,96 @@ void opt_in_smem(int bytes) {
   }
 }
 
+// A launch of KERNEL (opted in to `bytes` of dynamic shared memory first).
+template <auto KERNEL, typename... Args>
+void launch_kernel(dim3 grid, int threads, int bytes, cudaStream_t s, Args... args) {
+  opt_in_smem<KERNEL>(bytes);
+  KERNEL<<<grid, threads, bytes, s>>>(args...);
+  FQ_CUDA_CHECK_LAUNCH("nf4_decode_mma");
+}
+
+// Each part's run of blocks: `blocks_of(N)` of them from the previous part's end; the parts
+// past `count` start at INT_MAX (part_of never picks them). Returns the grid's width.
+template <typename BlocksOf>
+int place_parts(Parts& parts, int count, const BlocksOf& blocks_of) {
+  int total = 0;
+  for (int i = 0; i < kMaxParts; ++i) {
+    parts.p[i].block0 = i < count ? total : INT32_MAX;
+    if (i < count) total += blocks_of(parts.p[i].N);
+  }
+  return total;
+}
+
 template <typename T, bool Q, bool V>
-void launch_flat(int G, const void* x, int M, int K, const Operands& op, const float* code, int N, const Epilogue& ep,
-                 void* y, cudaStream_t s) {
-  const int groups = (N + 15) / 16;
-  const int blocks = (groups + G - 1) / G;
-  constexpr auto kernel = k_nf4_decode_mma_flat<T, Q, V>;
-  opt_in_smem<kernel>(kFlatSmemBytes);
-  kernel<<<blocks, kFlatWarps * 32, kFlatSmemBytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, G, ep,
-                                                          static_cast<T*>(y));
-  FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma_flat");
+void launch_flat(int G, const void* x, int M, int K, Parts parts, int count, cudaStream_t s) {
+  const int blocks = place_parts(parts, count, [G](int N) { return ((N + 15) / 16 + G - 1) / G; });
+  const auto* xt = static_cast<const T*>(x);
+  if (count > 1) {
+    return launch_kernel<k_nf4_decode_mma_flat_parts<T, Q, V>>(blocks, kFlatWarps * 32, kFlatSmemBytes, s, xt, M, K,
+                                                                parts, G);
+  }
+  const Part& p = parts.p[0];
+  launch_kernel<k_nf4_decode_mma_flat<T, Q, V>>(blocks, kFlatWarps * 32, kFlatSmemBytes, s, xt, M, K, p.op, p.code, p.N,
+                                                G, p.ep, static_cast<T*>(p.y));
 }
 
 template <typename T, int NT, int S, bool Q, bool V, bool XZ, int COLS>
-void launch_xz(const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
-               int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
-  const int groups = (N + kGroupRows<COLS> - 1) / kGroupRows<COLS>;
-  constexpr int per_block = kWarps / S;
-  const int blocks = (groups + per_block - 1) / per_block;
+void launch_xz(const void* x, int M, int K, Parts parts, int count, int kb, float* ws, int* counters,
+               cudaStream_t s) {
+  constexpr int per_block = kWarps / S, GR = kGroupRows<COLS>;
+  const int blocks = place_parts(parts, count, [](int N) { return ((N + GR - 1) / GR + per_block - 1) / per_block; });
   const int row_blocks = K / 64;
   int chunk = (row_blocks + kb - 1) / kb;
   chunk = (chunk + kU - 1) / kU * kU;  // a whole number of steps (keeps V's alignment)
   const int ky = (row_blocks + chunk - 1) / chunk;
-  constexpr auto kernel = k_nf4_decode_mma<T, NT, S, Q, V, XZ, COLS>;
   constexpr int bytes = smem_bytes<NT>();
-  opt_in_smem<kernel>(bytes);
-  kernel<<<dim3(blocks, ky), kWarps * 32, bytes, s>>>(static_cast<const T*>(x), M, K, op, code, N, chunk, ws,
-                                                             counters, ep, static_cast<T*>(y));
-  FQ_CUDA_CHECK_LAUNCH("k_nf4_decode_mma");
+  const dim3 grid(blocks, ky);
+  const auto* xt = static_cast<const T*>(x);
+  if (count > 1) {
+    return launch_kernel<k_nf4_decode_mma_parts<T, NT, S, Q, V, XZ, COLS>>(grid, kWarps * 32, bytes, s, xt, M, K, parts,
+                                                                            chunk, ws, counters);
+  }
+  const Part& p = parts.p[0];
+  launch_kernel<k_nf4_decode_mma<T, NT, S, Q, V, XZ, COLS>>(grid, kWarps * 32, bytes, s, xt, M, K, p.op, p.code, p.N,
+                                                             chunk, ws, counters, p.ep, static_cast<T*>(p.y));
 }
 
 // cols: 0 the row layout, 1 the column layout with 8 weight rows a warp, 2 with 16.
 template <typename T, int NT, int S, bool Q, bool V>
-void launch(int cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb, float* ws,
-            int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
+void launch(int cols, const void* x, int M, int K, const Parts& parts, int count, int kb, float* ws, int* counters,
+            cudaStream_t s) {
   // Zero-filled x loads at M <= 4 (a lane group without a row of x loads nothing); at more
   // rows every lane loads and nothing is zeroed. H200, graph-timed, the same build: at
   // M = 1-4 the zero-filled loads were 0.5-0.9 µs faster on 14336 x 4096 and 4096 x 14336
   // (0.2-0.3 slower on 4096 x 4096); at M = 8-16 the unconditional loads were faster on
   // every shape (gate/up M = 16: 26.1 against 27.6 µs).
   if constexpr (NT == 1) {
-    if (cols == 2) return launch_xz<T, NT, S, Q, V, true, 2>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-    if (cols == 1) return launch_xz<T, NT, S, Q, V, true, 1>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-    if (M <= 4) return launch_xz<T, NT, S, Q, V, true, 0>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+    if (cols == 2) return launch_xz<T, NT, S, Q, V, true, 2>(x, M, K, parts, count, kb, ws, counters, s);
+    if (cols == 1) return launch_xz<T, NT, S, Q, V, true, 1>(x, M, K, parts, count, kb, ws, counters, s);
+    if (M <= 4) return launch_xz<T, NT, S, Q, V, true, 0>(x, M, K, parts, count, kb, ws, counters, s);
   }
-  return launch_xz<T, NT, S, Q, V, false, 0>(x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+  return launch_xz<T, NT, S, Q, V, false, 0>(x, M, K, parts, count, kb, ws, counters, s);
 }
 
 template <typename T, int NT, bool Q, bool V>
-void launch_split(int split, int cols, const void* x, int M, int K, const Operands& op, const float* code, int N, int kb,
-                  float* ws, int* counters, const Epilogue& ep, void* y, cudaStream_t s) {
-  if (split == 2) return launch<T, NT, 2, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-  if (split == 4) return launch<T, NT, 4, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
-  if (split == 8) return launch<T, NT, 8, Q, V>(cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+void launch_split(int split, int cols, const void* x, int M, int K, const Parts& parts, int count, int kb, float* ws,
+                  int* counters, cudaStream_t s) {
+  if (split == 2) return launch<T, NT, 2, Q, V>(cols, x, M, K, parts, count, kb, ws, counters, s);
+  if (split == 4) return launch<T, NT, 4, Q, V>(cols, x, M, K, parts, count, kb, ws, counters, s);
+  if (split == 8) return launch<T, NT, 8, Q, V>(cols, x, M, K, parts, count, kb, ws, counters, s);
   throw std::invalid_argument("nf4_decode_mma_cuda: the in-block K split must be 2, 4 or 8, got " + std::to_string(split));
 }
 
 template <typename T>
 void launch_dtype(bool two_tiles, bool nested, bool vec, int split, int cols, int groups, const void* x, int M, int K,
-                  const Operands& op, const float* code, int N, int kb, float* ws, int* counters, const Epilogue& ep,
-                  void* y, cudaStream_t s) {
+                  const Parts& parts, int count, int kb, float* ws, int* counters, cudaStream_t s) {
   if (groups > 0) {
-    if (nested) return vec ? launch_flat<T, true, true>(groups, x, M, K, op, code, N, ep, y, s)
-                           : launch_flat<T, true, false>(groups, x, M, K, op, code, N, ep, y, s);
-    return vec ? launch_flat<T, false, true>(groups, x, M, K, op, code, N, ep, y, s)
-               : launch_flat<T, false, false>(groups, x, M, K, op, code, N, ep, y, s);
+    if (nested) return vec ? launch_flat<T, true, true>(groups, x, M, K, parts, count, s)
+                           : launch_flat<T, true, false>(groups, x, M, K, parts, count, s);
+    return vec ? launch_flat<T, false, true>(groups, x, M, K, parts, count, s)
+               : launch_flat<T, false, false>(groups, x, M, K, parts, count, s);
   }
-#define FQ_MMA_ARGS split, cols, x, M, K, op, code, N, kb, ws, counters, ep, y, s
+#define FQ_MMA_ARGS split, cols, x, M, K, parts, count, kb, ws, counters, s
   if (two_tiles) {
     if (nested) return vec ? launch_split<T, 2, true, true>(FQ_MMA_ARGS) : launch_split<T, 2, true, false>(FQ_MMA_ARGS);
     return vec ? launch_split<T, 2, false, true>(FQ_MMA_ARGS) : launch_split<T, 2, false, false>(FQ_MMA_ARGS);
@@ -897,11 +988,17 @@ void launch_dtype(bool two_tiles, bool nested, bool vec, int split, int cols, in
 
 }  // namespace
 
-void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,
-                         const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
-                         float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
-                         const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
-                         int kb, bool cols, int groups, int rows, float* ws, int* counters, int64_t stream) {
+void nf4_decode_mma_cuda_parts(const void* x, int64_t M, int64_t K, const DecodeMmaPart* parts, int count,
+                               int64_t xa_stride, int dtype, int split, int kb, bool cols, int groups, int rows,
+                               float* ws, int* counters, int64_t stream) {
+  if (count < 1 || count > kMaxParts) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: one launch takes 1 to " + std::to_string(kMaxParts) +
+                                " weights, got " + std::to_string(count));
+  }
+  if (count > 1 && kb != 1) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: several weights in one launch need kb = 1 (the K split over "
+                                "the grid keeps one weight's partials), got kb=" + std::to_string(kb));
+  }
   if (M < 1 || M > 16) throw std::invalid_argument("nf4_decode_mma_cuda: x must have 1 to 16 rows, got " + std::to_string(M));
   if (cols && M > 2) {
     throw std::invalid_argument("nf4_decode_mma_cuda: the column layout takes 1 or 2 rows of x, got " + std::to_string(M));
@@ -916,45 +1013,68 @@ void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* pac
                                 std::to_string(kFlatMaxGroups) + " with the column layout and kb = 1; got groups=" +
                                 std::to_string(groups) + ", cols=" + std::to_string(cols) + ", kb=" + std::to_string(kb));
   }
-  if (K % 64 != 0 || K <= 0 || N <= 0) {
-    throw std::invalid_argument("nf4_decode_mma_cuda: K must be a positive multiple of 64 and N positive, got K=" +
-                                std::to_string(K) + ", N=" + std::to_string(N));
+  if (K % 64 != 0 || K <= 0) {
+    throw std::invalid_argument("nf4_decode_mma_cuda: K must be a positive multiple of 64, got K=" + std::to_string(K));
   }
   if (kb < 1 || kb > 64) throw std::invalid_argument("nf4_decode_mma_cuda: the grid's K split must be 1..64");
   if (kb > 1 && (ws == nullptr || counters == nullptr)) {
     throw std::invalid_argument("nf4_decode_mma_cuda: a K split over the grid needs the fp32 workspace and the counters");
   }
-  if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(packed) % 16) {
-    throw std::invalid_argument("nf4_decode_mma_cuda: x and the packed weight must be 16-byte aligned");
-  }
-  if (N > int64_t{INT32_MAX} / (K / 2)) {
-    throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight (N=" + std::to_string(N) + ", K=" +
-                                std::to_string(K) + ") must be under 2 GiB (the kernel's offsets are 32-bit)");
-  }
-  const bool nested = qabsmax != nullptr;
-  int shift2 = 0;
-  while ((int64_t{1} << shift2) < blocksize2) ++shift2;
-  if (nested && (int64_t{1} << shift2) != blocksize2) {
-    throw std::invalid_argument("nf4_decode_mma_cuda: the nested absmax block size must be a power of two, got " +
-                                std::to_string(blocksize2));
-  }
+  if (reinterpret_cast<uintptr_t>(x) % 16) throw std::invalid_argument("nf4_decode_mma_cuda: x must be 16-byte aligned");
   const int64_t row_blocks = K / 64;
-  const void* abs_base = nested ? static_cast<const void*>(qabsmax) : static_cast<const void*>(absmax);
-  const bool vec = row_blocks % kU == 0 && (!nested || blocksize2 % kU == 0) &&
-                   reinterpret_cast<uintptr_t>(abs_base) % (nested ? 4 : 16) == 0;
-  const Operands op{packed, absmax, qabsmax, code2, absmax2, offset, shift2};
-  const Epilogue ep{xa, static_cast<int>(xa_stride), lora_b, rank, scale, bias};
+  const bool nested = parts[0].qabsmax != nullptr;
+  bool vec = row_blocks % kU == 0;
+  Parts kp{};
+  for (int i = 0; i < count; ++i) {
+    const DecodeMmaPart& w = parts[i];
+    const std::string which = count > 1 ? " (weight " + std::to_string(i) + " of the launch)" : "";
+    if (w.N <= 0) throw std::invalid_argument("nf4_decode_mma_cuda: N must be positive, got " + std::to_string(w.N) + which);
+    if (reinterpret_cast<uintptr_t>(w.packed) % 16) {
+      throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight must be 16-byte aligned" + which);
+    }
+    if (w.N > int64_t{INT32_MAX} / (K / 2)) {
+      throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight (N=" + std::to_string(w.N) + ", K=" +
+                                  std::to_string(K) + ") must be under 2 GiB (the kernel's offsets are 32-bit)" + which);
+    }
+    if ((w.qabsmax != nullptr) != nested) {
+      throw std::invalid_argument("nf4_decode_mma_cuda: the weights of one launch must all have nested absmax or "
+                                  "all plain" + which);
+    }
+    int shift2 = 0;
+    while ((int64_t{1} << shift2) < w.blocksize2) ++shift2;
+    if (nested && (int64_t{1} << shift2) != w.blocksize2) {
+      throw std::invalid_argument("nf4_decode_mma_cuda: the nested absmax block size must be a power of two, got " +
+                                  std::to_string(w.blocksize2) + which);
+    }
+    const void* abs_base = nested ? static_cast<const void*>(w.qabsmax) : static_cast<const void*>(w.absmax);
+    vec = vec && (!nested || w.blocksize2 % kU == 0) && reinterpret_cast<uintptr_t>(abs_base) % (nested ? 4 : 16) == 0;
+    kp.p[i].op = Operands{w.packed, w.absmax, w.qabsmax, w.code2, w.absmax2, w.offset, shift2};
+    kp.p[i].code = w.code;
+    kp.p[i].ep = Epilogue{w.xa, static_cast<int>(xa_stride), w.lora_b, w.rank, w.scale, w.bias};
+    kp.p[i].y = w.y;
+    kp.p[i].N = static_cast<int>(w.N);
+  }
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool two = M > 8;
   const int lay = !cols ? 0 : rows == 8 ? 1 : 2;
   switch (dtype) {
     case kF16:
-      return launch_dtype<__half>(two, nested, vec, split, lay, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__half>(two, nested, vec, split, lay, groups, x, M, K, kp, count, kb, ws, counters, s);
     case kBF16:
-      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, lay, groups, x, M, K, op, code, N, kb, ws, counters, ep, y, s);
+      return launch_dtype<__nv_bfloat16>(two, nested, vec, split, lay, groups, x, M, K, kp, count, kb, ws, counters, s);
     default:
       throw std::invalid_argument("nf4_decode_mma_cuda: x must be fp16 or bf16 (the tensor cores' input types)");
   }
+}
+
+void nf4_decode_mma_cuda(const void* x, int64_t M, int64_t K, const uint8_t* packed, const float* code,
+                         const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
+                         float offset, int64_t blocksize2, int64_t N, const void* xa, int64_t xa_stride,
+                         const void* lora_b, int rank, float scale, const void* bias, void* y, int dtype, int split,
+                         int kb, bool cols, int groups, int rows, float* ws, int* counters, int64_t stream) {
+  const DecodeMmaPart part{packed, code, absmax, qabsmax, code2, absmax2, offset, blocksize2, N, xa, lora_b, rank,
+                           scale, bias, y};
+  nf4_decode_mma_cuda_parts(x, M, K, &part, 1, xa_stride, dtype, split, kb, cols, groups, rows, ws, counters, stream);
 }
 
 }  // namespace fq

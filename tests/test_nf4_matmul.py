@@ -341,6 +341,27 @@ def test_gemv_candidates_by_rows():
     assert nf4_configs.gemv_candidates(3, 4096, 4096, cuda=True) == []
 
 
+def test_decode_mma_shares_launch_only_what_one_launch_can_take():
+    """Several weights of one x share a launch only when the kernel can take them together:
+    2-3 weights, one K, all nested or all plain, no K split over the grid."""
+    from types import SimpleNamespace
+
+    from fastqlora.ops.nf4_decode_mma import shares_launch
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    def w(n, k, nested=True):
+        return SimpleNamespace(shape=(n, k), nested=nested)
+
+    cfg = DecodeMmaConfig(4, 1, cols=True)
+    assert shares_launch([w(4096, 4096), w(1024, 4096), w(1024, 4096)], cfg)
+    assert shares_launch([w(14336, 4096), w(14336, 4096)], DecodeMmaConfig(0, cols=True, groups=14))
+    assert not shares_launch([w(4096, 4096)], cfg)  # one weight: the plain launch
+    assert not shares_launch([w(64, 4096)] * 4, cfg)  # more than the kernel's three parts
+    assert not shares_launch([w(64, 4096), w(64, 4160)], cfg)
+    assert not shares_launch([w(64, 4096), w(64, 4096, nested=False)], cfg)
+    assert not shares_launch([w(64, 4096), w(64, 4096)], DecodeMmaConfig(4, 2))
+
+
 def test_decode_mma_candidates_by_rows():
     """The tensor-core decode's configs by rows of x: the column layout's only at one row,
     both layouts at two, the row layout's from three to 16, none above or without the
@@ -529,6 +550,47 @@ def test_gpu_decode_mma_cols(dtype, nested, N, K, r):
             assert rel(plain, rows) < tol, (M, cfg)
             if M == 2:
                 assert torch.equal(plain[:1], nf4_decode_mma(x[:1].contiguous(), w, cfg)), cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [True, False])
+def test_gpu_decode_mma_many_weights_one_launch(dtype, nested):
+    """q, k, v (or gate, up) of one x in one launch: each weight's blocks are the ones its own
+    launch runs, so every output is bit for bit its own launch's, for the row layout (M = 5),
+    the column layout (16 and 8 rows a warp) and the 16-warp blocks (a part whose last block has
+    fewer row groups), with LoRA terms from column slices of one xa, biases, and N not a multiple
+    of 16 (a part's last group short); a weight with another K is launched on its own."""
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma, nf4_decode_mma_many, shares_launch
+    from fastqlora.quant import NF4Tensor
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    g = torch.Generator().manual_seed(11 + nested)
+    K, ns, rs = 1088, (300, 77, 77), (16, 8, 16)
+    ws = [NF4Tensor.quantize((torch.randn(n, K, generator=g) * 0.05).cuda(), blocksize=64,
+                             compress_statistics=nested) for n in ns]
+    bs = [(torch.randn(n, r, generator=g) * 0.1).to("cuda", dtype) for n, r in zip(ns, rs)]
+    biases = [torch.randn(n, generator=g).to("cuda", dtype) for n in ns]
+    cols = [0, rs[0], rs[0] + rs[1]]
+    cfgs = [(5, DecodeMmaConfig(4, 1)), (5, DecodeMmaConfig(8, 1)), (1, DecodeMmaConfig(4, 1, cols=True)),
+            (2, DecodeMmaConfig(2, 1, cols=True, rows=8)), (1, DecodeMmaConfig(0, cols=True, groups=3)),
+            (2, DecodeMmaConfig(0, cols=True, groups=2))]
+    for M, cfg in cfgs:
+        x = torch.randn(M, K, generator=g).to("cuda", dtype)
+        xa = (torch.randn(M, sum(rs) + 3, generator=g) * 0.5).to("cuda", dtype)
+        xas = [xa[:, c:c + r] for c, r in zip(cols, rs)]
+        assert shares_launch(ws, cfg)
+        many = nf4_decode_mma_many(x, ws, cfg, xas=xas, lora_bs=bs, scales=[1.5, 0.5, 2.0], biases=biases)
+        for w, xa_i, b, s, bias, y in zip(ws, xas, bs, (1.5, 0.5, 2.0), biases, many):
+            assert torch.equal(y, nf4_decode_mma(x, w, cfg, xa=xa_i, lora_b=b, scale=s, bias=bias)), (M, cfg)
+        plain = nf4_decode_mma_many(x, ws[:2], cfg)
+        assert all(torch.equal(y, nf4_decode_mma(x, w, cfg)) for w, y in zip(ws[:2], plain)), (M, cfg)
+    other = NF4Tensor.quantize((torch.randn(40, 64, generator=g) * 0.05).cuda(), blocksize=64,
+                               compress_statistics=nested)
+    x = torch.randn(1, K, generator=g).to("cuda", dtype)
+    assert not shares_launch([ws[1], other], DecodeMmaConfig(4, 1, cols=True))
+    with pytest.raises(ValueError, match="K = 1088"):
+        nf4_decode_mma_many(x, [ws[1], other], DecodeMmaConfig(4, 1, cols=True))
 
 
 @pytest.mark.gpu

@@ -150,7 +150,8 @@ def choose(
         return hit
     if kind == "fwd":
         cands: list[Choice] = list(nf4_configs.gemv_candidates(M, max(n_list), K, cuda=cuda_gemv))
-        cands += nf4_configs.decode_mma_candidates(M, cuda_mma, max(n_list), props.multi_processor_count)
+        # with several weights the tensor-core decode runs them in one launch (nf4_decode_mma_many)
+        cands += nf4_configs.decode_mma_candidates(M, cuda_mma, sum(n_list), props.multi_processor_count)
         cands += nf4_configs.forward_candidates(cap, M, sum(n_list), K)
     else:
         cands = list(nf4_configs.transposed_candidates(cap, M, K))

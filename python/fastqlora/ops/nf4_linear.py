@@ -103,23 +103,21 @@ def frozen_matmul(
     from ..triton_kernels.nf4_gemv import nf4_gemv
     from ..triton_kernels.nf4_matmul import nf4_matmul_fwd
     from .nf4_decode_mma import available as cuda_mma_available
-    from .nf4_decode_mma import nf4_decode_mma
+    from .nf4_decode_mma import nf4_decode_mma_many
     from .nf4_gemv_cuda import available as cuda_gemv_available
     from .nf4_gemv_cuda import nf4_gemv_cuda
 
     lb = [b.contiguous() if b is not None else None for b in lora_b]
 
+    xas = [None if (xa is None or lb[i] is None) else xa[:, xa_cols[i]:xa_cols[i] + lb[i].shape[1]] for i in range(n)]
+
     def fused(cfg):
-        if isinstance(cfg, (GemvConfig, DecodeMmaConfig)):
-            if isinstance(cfg, DecodeMmaConfig):
-                gemv = nf4_decode_mma
-            else:
-                gemv = nf4_gemv_cuda if cfg.cuda else nf4_gemv
-            outs = []
-            for i, w in enumerate(weights):
-                xa_i = None if (xa is None or lb[i] is None) else xa[:, xa_cols[i]:xa_cols[i] + lb[i].shape[1]]
-                outs.append(gemv(x, w, cfg, xa=xa_i, lora_b=lb[i], scale=scales[i], bias=biases[i]))
-            return outs
+        if isinstance(cfg, DecodeMmaConfig):  # the weights in one launch where they can share it
+            return nf4_decode_mma_many(x, weights, cfg, xas=xas, lora_bs=lb, scales=scales, biases=biases)
+        if isinstance(cfg, GemvConfig):
+            gemv = nf4_gemv_cuda if cfg.cuda else nf4_gemv
+            return [gemv(x, w, cfg, xa=xas[i], lora_b=lb[i], scale=scales[i], bias=biases[i])
+                    for i, w in enumerate(weights)]
         return nf4_matmul_fwd(x, weights, cfg, xa=xa, lora_b=lb, scales=scales, xa_cols=xa_cols, biases=biases)
 
     def plain():
