@@ -91,6 +91,8 @@ def frozen_matmul(
     """``[x·Wᵢᵀ + sᵢ·xa[:, colsᵢ:colsᵢ+rᵢ]·Bᵢᵀ + biasᵢ]`` for x [M, K] with unit last stride.
 
     ``lora_b[i]`` [N_i, r_i] and ``xa`` [M, Σr] must be in x's dtype; biases in x's dtype.
+    The dispatch picks one path for the list; with the tensor-core decode (a few rows) the
+    weights run in one launch where they can share it (``nf4_decode_mma_many``).
     """
     n = len(weights)
     lora_b = lora_b or [None] * n
