@@ -1027,24 +1027,29 @@ void nf4_decode_mma_cuda_parts(const void* x, int64_t M, int64_t K, const Decode
   Parts kp{};
   for (int i = 0; i < count; ++i) {
     const DecodeMmaPart& w = parts[i];
-    const std::string which = count > 1 ? " (weight " + std::to_string(i) + " of the launch)" : "";
-    if (w.N <= 0) throw std::invalid_argument("nf4_decode_mma_cuda: N must be positive, got " + std::to_string(w.N) + which);
+    // names the weight in an error (built only when one is thrown)
+    const auto which = [&] {
+      return count > 1 ? " (weight " + std::to_string(i) + " of the launch)" : std::string();
+    };
+    if (w.N <= 0) {
+      throw std::invalid_argument("nf4_decode_mma_cuda: N must be positive, got " + std::to_string(w.N) + which());
+    }
     if (reinterpret_cast<uintptr_t>(w.packed) % 16) {
-      throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight must be 16-byte aligned" + which);
+      throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight must be 16-byte aligned" + which());
     }
     if (w.N > int64_t{INT32_MAX} / (K / 2)) {
       throw std::invalid_argument("nf4_decode_mma_cuda: the packed weight (N=" + std::to_string(w.N) + ", K=" +
-                                  std::to_string(K) + ") must be under 2 GiB (the kernel's offsets are 32-bit)" + which);
+                                  std::to_string(K) + ") must be under 2 GiB (the kernel's offsets are 32-bit)" + which());
     }
     if ((w.qabsmax != nullptr) != nested) {
       throw std::invalid_argument("nf4_decode_mma_cuda: the weights of one launch must all have nested absmax or "
-                                  "all plain" + which);
+                                  "all plain" + which());
     }
     int shift2 = 0;
     while ((int64_t{1} << shift2) < w.blocksize2) ++shift2;
     if (nested && (int64_t{1} << shift2) != w.blocksize2) {
       throw std::invalid_argument("nf4_decode_mma_cuda: the nested absmax block size must be a power of two, got " +
-                                  std::to_string(w.blocksize2) + which);
+                                  std::to_string(w.blocksize2) + which());
     }
     const void* abs_base = nested ? static_cast<const void*>(w.qabsmax) : static_cast<const void*>(w.absmax);
     vec = vec && (!nested || w.blocksize2 % kU == 0) && reinterpret_cast<uintptr_t>(abs_base) % (nested ? 4 : 16) == 0;

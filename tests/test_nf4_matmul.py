@@ -362,6 +362,22 @@ def test_decode_mma_shares_launch_only_what_one_launch_can_take():
     assert not shares_launch([w(64, 4096), w(64, 4096)], DecodeMmaConfig(4, 2))
 
 
+def test_per_weight_lists_must_match_the_weights():
+    """A per-weight list shorter than the weights is refused (a zip would drop outputs), before
+    anything touches a device."""
+    from types import SimpleNamespace
+
+    from fastqlora.ops.nf4_decode_mma import nf4_decode_mma_many
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    ws = [SimpleNamespace(shape=(64, 4096), nested=True)] * 3
+    x = torch.zeros(1, 4096)
+    with pytest.raises(ValueError, match="lora_bs has 1 entries for 3 weights"):
+        nf4_decode_mma_many(x, ws, DecodeMmaConfig(4, 1, cols=True), lora_bs=[None])
+    with pytest.raises(ValueError, match="scales has 2 entries for 3 weights"):
+        frozen_matmul(x, ws, scales=[1.0, 1.0])
+
+
 def test_decode_mma_candidates_by_rows():
     """The tensor-core decode's configs by rows of x: the column layout's only at one row,
     both layouts at two, the row layout's from three to 16, none above or without the

@@ -166,6 +166,9 @@ def nf4_decode_mma_many(
     lora_bs = lora_bs or [None] * n
     scales = scales or [1.0] * n
     biases = biases or [None] * n
+    from .nf4_linear import check_lengths
+
+    check_lengths("nf4_decode_mma_many", n, xas=xas, lora_bs=lora_bs, scales=scales, biases=biases)
     lora = [xa is not None and b is not None for xa, b in zip(xas, lora_bs)]
     strides = {xa.stride(0) for xa, on in zip(xas, lora) if on}
     if not shares_launch(weights, cfg) or len(strides) > 1:

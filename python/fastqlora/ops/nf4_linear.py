@@ -21,6 +21,14 @@ from . import nf4_dispatch
 from .dispatch import use_triton
 
 
+
+def check_lengths(who: str, n: int, **lists) -> None:
+    """Each per-weight list given must have one entry a weight (n); a shorter one would drop
+    outputs silently in a zip. Raises ValueError naming the list."""
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"{who}: {name} has {len(lst)} entries for {n} weights; pass one a weight (None for none)")
+
 def is_nf4(w) -> bool:
     return isinstance(w, NF4Tensor)
 
@@ -99,6 +107,7 @@ def frozen_matmul(
     scales = scales or [1.0] * n
     biases = biases or [None] * n
     xa_cols = xa_cols or [0] * n
+    check_lengths("frozen_matmul", n, lora_b=lora_b, scales=scales, biases=biases, xa_cols=xa_cols)
     if not _fusable(weights, x):
         return _plain_fwd(x, weights, xa, lora_b, scales, biases, xa_cols)
     from ..triton_kernels.nf4_configs import DecodeMmaConfig, GemvConfig
@@ -111,15 +120,14 @@ def frozen_matmul(
 
     lb = [b.contiguous() if b is not None else None for b in lora_b]
 
-    xas = [None if (xa is None or lb[i] is None) else xa[:, xa_cols[i]:xa_cols[i] + lb[i].shape[1]] for i in range(n)]
-
     def fused(cfg):
-        if isinstance(cfg, DecodeMmaConfig):  # the weights in one launch where they can share it
-            return nf4_decode_mma_many(x, weights, cfg, xas=xas, lora_bs=lb, scales=scales, biases=biases)
-        if isinstance(cfg, GemvConfig):
+        if isinstance(cfg, (GemvConfig, DecodeMmaConfig)):  # each weight's LoRA term from its columns of xa
+            xas = [None if (xa is None or b is None) else xa[:, c:c + b.shape[1]] for b, c in zip(lb, xa_cols)]
+            if isinstance(cfg, DecodeMmaConfig):  # the weights in one launch where they can share it
+                return nf4_decode_mma_many(x, weights, cfg, xas=xas, lora_bs=lb, scales=scales, biases=biases)
             gemv = nf4_gemv_cuda if cfg.cuda else nf4_gemv
-            return [gemv(x, w, cfg, xa=xas[i], lora_b=lb[i], scale=scales[i], bias=biases[i])
-                    for i, w in enumerate(weights)]
+            return [gemv(x, w, cfg, xa=xa_i, lora_b=b, scale=s, bias=bias)
+                    for w, xa_i, b, s, bias in zip(weights, xas, lb, scales, biases)]
         return nf4_matmul_fwd(x, weights, cfg, xa=xa, lora_b=lb, scales=scales, xa_cols=xa_cols, biases=biases)
 
     def plain():
