@@ -33,6 +33,7 @@ Targets: fused ≥ 85% of cublas time-for-time at M ≥ 4096; ≥ 2.5× bnb at M
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -95,6 +96,22 @@ def graph_us(fn, n: int = 20) -> float:
         torch.cuda.synchronize()
         best = min(best, e0.elapsed_time(e1) * 1e3 / n)
     return best
+
+
+def l2_copies(nbytes: int, factor: int = 4) -> int:
+    """How many distinct copies of ``nbytes`` of weights :func:`cycle_us` needs so that
+    cycling through them reads each from HBM: their total at least ``factor`` x the GPU's L2."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, -(-factor * l2 // nbytes))
+
+
+def cycle_us(fns: list) -> float:
+    """:func:`graph_us` over calls that take ``fns`` in turn, each a product of its own copy of
+    the weights (``l2_copies`` of them): every captured call finds its weights evicted from L2
+    by the others', as a model's decode step reads each layer's weights once a token. The
+    graph holds max(20, len(fns)) calls; the time is one call's."""
+    it = itertools.cycle(fns)
+    return graph_us(lambda: next(it)(), n=max(20, len(fns)))
 
 
 SWEEP: dict | None = None  # --sweep: every candidate's time, keyed by its name

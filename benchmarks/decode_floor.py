@@ -13,7 +13,11 @@ For each Llama-3-8B projection shape, in the harness the decode numbers use (``g
 - ``copy``: a device copy of the packed weight (its bytes read and written);
 - bitsandbytes' ``matmul_4bit`` and fastqlora's ``frozen_matmul`` (no LoRA) at M = 1, 2, 16.
 
-    python benchmarks/decode_floor.py [--out results/decode_floor.json]
+``--hbm``: each call of the graph reads its own copy of the weight (``cycle_us``: enough copies
+to fill 4x the L2), so every row reads its bytes from HBM, as a model's decode step does (a
+layer's weights are read once a token, after the other layers' have been through the L2).
+
+    python benchmarks/decode_floor.py [--hbm] [--out results/decode_floor.json]
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nf4_matmul import SHAPES, graph_us, make_weight  # noqa: E402
+from bench_nf4_matmul import SHAPES, cycle_us, graph_us, l2_copies, make_weight  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,28 +47,36 @@ def _stream_kernel():
     return stream_read
 
 
-def stream_us(words: torch.Tensor) -> float:
-    """Graph-timed µs of the fastest plain read of ``words`` (int32), its sum checked."""
+def stream_us(copies: list[torch.Tensor], hbm: bool) -> float:
+    """Graph-timed µs of the fastest plain read of one of ``copies`` (int32 words of the same
+    size; ``hbm``: each call a different copy, else the first), each copy's sum checked."""
     kernel = _stream_kernel()
-    n = words.numel()
-    want = words.sum(dtype=torch.int32).item()
+    n = copies[0].numel()
+    wants = [words.sum(dtype=torch.int32).item() for words in copies]
     best = float("inf")
     for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)):
         grid = (n + block - 1) // block
-        out = torch.empty(grid, dtype=torch.int32, device=words.device)
-        fn = lambda: kernel[(grid,)](words, out, n, BLOCK=block, num_warps=warps)  # noqa: E731
-        fn()
-        # int32 sums wrap modulo 2^32 in any order, so the partials' total must equal torch's
-        if out.sum(dtype=torch.int32).item() != want:
-            raise RuntimeError(f"stream read (block {block}): partial sums disagree with torch's sum")
-        best = min(best, graph_us(fn))
+        out = torch.empty(grid, dtype=torch.int32, device=copies[0].device)
+        calls = [lambda words=words: kernel[(grid,)](words, out, n, BLOCK=block, num_warps=warps) for words in copies]
+        for fn, want in zip(calls, wants):
+            fn()
+            # int32 sums wrap modulo 2^32 in any order, so the partials' total must equal torch's
+            if out.sum(dtype=torch.int32).item() != want:
+                raise RuntimeError(f"stream read (block {block}): partial sums disagree with torch's sum")
+        best = min(best, timed(calls, hbm))
     return best
+
+
+def timed(calls: list, hbm: bool) -> float:
+    """µs of one call: cycling through ``calls`` (one a weight copy) with ``hbm``, else the first alone."""
+    return cycle_us(calls) if hbm else graph_us(calls[0])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--m", default="1,2,16")
+    ap.add_argument("--hbm", action="store_true", help="each call reads its own weight copy from HBM (see above)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_floor.py needs a CUDA GPU")
@@ -78,32 +90,36 @@ def main() -> None:
     t_launch = graph_us(lambda: tiny.add_(1.0))
     print(f"launch (16 elements): {t_launch:.2f} us")
     rows = []
+    hbm = args.hbm
     for name, N, K in SHAPES:
-        w, packed, qs, _ = make_weight(N, K, gen)
-        words = packed.reshape(-1).view(torch.int32)
+        copies = [make_weight(N, K, gen)[:3] for _ in range(l2_copies(N * K // 2) if hbm else 1)]
+        w, packed, qs = copies[0]
+        words = [c[1].reshape(-1).view(torch.int32) for c in copies]
         nbytes = packed.numel()
-        t_read = graph_us(lambda: words.sum(dtype=torch.int32))
+        t_read = timed([lambda v=v: v.sum(dtype=torch.int32) for v in words], hbm)
         dst = torch.empty_like(packed)
-        t_copy = graph_us(lambda: dst.copy_(packed))
-        t_stream = stream_us(words)
-        row = {"shape": name, "N": N, "K": K, "bytes": nbytes, "launch_us": t_launch, "read_us": t_read,
-               "copy_us": t_copy, "stream_us": t_stream, "by_m": {}}
-        print(f"{name}: {nbytes / 1e6:.1f} MB; read {t_read:.1f} us, copy {t_copy:.1f} us, stream read {t_stream:.1f} us "
-              f"({nbytes / t_stream / 1e6:.2f} TB/s)", flush=True)
+        t_copy = timed([lambda c=c: dst.copy_(c[1]) for c in copies], hbm)
+        t_stream = stream_us(words, hbm)
+        row = {"shape": name, "N": N, "K": K, "bytes": nbytes, "copies": len(copies), "launch_us": t_launch,
+               "read_us": t_read, "copy_us": t_copy, "stream_us": t_stream, "by_m": {}}
+        print(f"{name}: {nbytes / 1e6:.1f} MB x {len(copies)} copies; read {t_read:.1f} us, copy {t_copy:.1f} us, "
+              f"stream read {t_stream:.1f} us ({nbytes / t_stream / 1e6:.2f} TB/s)", flush=True)
         for M in (int(m) for m in args.m.split(",")):
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-            tb = graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))
+            tb = timed([lambda c=c: bnb.matmul_4bit(x, c[1].t(), quant_state=c[2]) for c in copies], hbm)
             before = set(nf4_dispatch.choices().items())
             frozen_matmul(x, [w])  # the dispatch's first call times its candidates
             picked = [v for k, v in nf4_dispatch.choices().items() if (k, v) not in before]
-            to = graph_us(lambda: frozen_matmul(x, [w]))
+            to = timed([lambda c=c: frozen_matmul(x, [c[0]]) for c in copies], hbm)
             row["by_m"][M] = {"bnb_us": tb, "ours_us": to, "target_us": tb / 2.5, "picked": picked}
             print(f"  M={M:2d}: bnb {tb:5.1f} | ours {to:5.1f} ({tb / to:.2f}x) | 2.5x target {tb / 2.5:5.1f} us "
                   f"| stream read {t_stream:5.1f} | {', '.join(picked) or 'cached'}", flush=True)
         rows.append(row)
+        del copies, w, packed, qs, words, dst
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "hbm": hbm, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

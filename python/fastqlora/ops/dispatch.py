@@ -97,6 +97,14 @@ def decode_kernels_enabled(graphed: bool = False) -> bool:
                    default="1" if graphed else "0")
 
 
+def shared_decode_launch_enabled() -> bool:
+    """Whether the tensor-core decode runs the weights that read one x (q, k, v; gate, up) in
+    one launch (ops.nf4_decode_mma.nf4_decode_mma_many) instead of one launch a weight: on
+    unless ``FASTQLORA_DECODE_SHARED_LAUNCH=0`` (kept for the A/B of bench_generate.py)."""
+    return _switch("FASTQLORA_DECODE_SHARED_LAUNCH", "one launch a weight", "one launch for the weights of one x",
+                   default="1")
+
+
 def decode_graph_enabled() -> bool:
     """Whether generation replays its decode step as a CUDA graph (fastqlora.decode_graph)
     instead of launching each kernel from Python: on unless ``FASTQLORA_DECODE_GRAPH=0``."""

@@ -17,6 +17,7 @@ import torch
 from .._ext import built_with_cuda, ext, ptr, stream_of
 from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import COLS_MAX_M, DECODE_MMA_MAX_M, FLAT_MAX_GROUPS, DecodeMmaConfig
+from .dispatch import shared_decode_launch_enabled
 from .nf4_gemv_cuda import check_epilogue, weight_fits
 
 # Per (device, stream): int32 counters the kernel's K split over the grid leaves at zero.
@@ -171,7 +172,7 @@ def nf4_decode_mma_many(
     check_lengths("nf4_decode_mma_many", n, xas=xas, lora_bs=lora_bs, scales=scales, biases=biases)
     lora = [xa is not None and b is not None for xa, b in zip(xas, lora_bs)]
     strides = {xa.stride(0) for xa, on in zip(xas, lora) if on}
-    if not shares_launch(weights, cfg) or len(strides) > 1:
+    if not shares_launch(weights, cfg) or len(strides) > 1 or not shared_decode_launch_enabled():
         return [nf4_decode_mma(x, w, cfg, xa=xa, lora_b=b, scale=s, bias=bias)
                 for w, xa, b, s, bias in zip(weights, xas, lora_bs, scales, biases)]
     for w, xa, b, bias in zip(weights, xas, lora_bs, biases):
