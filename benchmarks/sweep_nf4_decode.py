@@ -13,6 +13,10 @@ the grid K is split over>] [cols]``, the column layout at M <= 2, ``cuda mma g<r
 dispatch's tables instead of the whole grid. The decode table in ``triton_kernels/nf4_configs.py``
 is this sweep's fastest tiles.
 
+``--hbm``: each graph-captured call reads its own copy of the weight (``cycle_us``: enough copies
+to fill 4x the L2), as a model's decode step reads its weights from HBM; the dispatch times its
+candidates on one weight, which at these sizes stays in the L2.
+
     python benchmarks/sweep_nf4_decode.py --out benchmarks/results/nf4_decode_split_sweep_h200.json
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nf4_matmul import SHAPES, graph_us, make_weight  # noqa: E402
+from bench_nf4_matmul import SHAPES, cycle_us, graph_us, l2_copies, make_weight  # noqa: E402
 
 TILES = [(16, 256, 4), (32, 256, 4), (64, 256, 4), (32, 512, 4), (64, 128, 4), (32, 128, 4), (64, 256, 8)]
 # the weight tile as the MMA's A operand (Yᵀ = W·Xᵀ): the decoded weights feed the tensor
@@ -41,6 +45,7 @@ def main() -> None:
     ap.add_argument("--wa-only", action="store_true", help="only the weight-as-A tiles")
     ap.add_argument("--gemv-only", action="store_true", help="only the gemv kernels (Triton at M = 1, CUDA at M <= 2)")
     ap.add_argument("--table", action="store_true", help="the dispatch's tables (nf4_configs) and the mma grid only")
+    ap.add_argument("--hbm", action="store_true", help="each call reads its own copy of the weight (see above)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sweep_nf4_decode.py needs a CUDA GPU")
@@ -73,15 +78,20 @@ def main() -> None:
     mma_cols += [] if args.wa_only or args.gemv_only else [D(s, 1, cols=True, rows=8) for s in (2, 4, 8)]
     cap = torch.cuda.get_device_capability()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv)}
+    out = {"device": torch.cuda.get_device_name(0), "command": " ".join(sys.argv), "hbm": args.hbm}
     for name, N, K in SHAPES:
         if args.shapes and name not in args.shapes:
             continue
         w, packed, qs, wd = make_weight(N, K, gen)
+        # [(ours, packed, quant state)] a copy: the first is the checked weight's
+        copies = [(w, packed, qs)] + [make_weight(N, K, gen)[:3] for _ in range(l2_copies(N * K // 2) - 1 if args.hbm else 0)]
+
+        def timed(call):  # call(ours, packed, qs) -> one product of that copy
+            return cycle_us([lambda c=c: call(*c) for c in copies]) if args.hbm else graph_us(lambda: call(*copies[0]))
         for M in (int(m) for m in args.m.split(",")):
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             ref = x.float() @ wd.float().t()
-            t_bnb = graph_us(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=qs))
+            t_bnb = timed(lambda w_, p_, q_: bnb.matmul_4bit(x, p_.t(), quant_state=q_))
             rows = []
             if args.table:
                 grid = nf4_configs.forward_candidates(cap, M, N, K)
@@ -91,15 +101,15 @@ def main() -> None:
             cols = mma_cols if M <= nf4_configs.COLS_MAX_M else []
             for c in grid + rowwise + (mma if M <= 16 else []) + cols:
                 if isinstance(c, D):
-                    f = (lambda c=c: nf4_decode_mma(x, w, c))
+                    f = (lambda w_, *_, c=c: nf4_decode_mma(x, w_, c))
                 elif K % c.bk or K // c.bk < c.split_k * 2:
                     continue
                 elif isinstance(c, G):
-                    f = (lambda c=c: (nf4_gemv_cuda if c.cuda else nf4_gemv)(x, w, c))
+                    f = (lambda w_, *_, c=c: (nf4_gemv_cuda if c.cuda else nf4_gemv)(x, w_, c))
                 else:
-                    f = (lambda c=c: nf4_matmul_fwd(x, [w], c)[0])
-                err = ((f().float() - ref).norm() / ref.norm()).item()
-                t = graph_us(f)
+                    f = (lambda w_, *_, c=c: nf4_matmul_fwd(x, [w_], c)[0])
+                err = ((f(w).float() - ref).norm() / ref.norm()).item()
+                t = timed(f)
                 if t is not None:
                     rows.append((t, c.short(), err))
             rows.sort()
@@ -107,10 +117,10 @@ def main() -> None:
             out[f"{name} M={M}"] = {"bnb_graph_us": t_bnb, "rows": rows}
             print(f"{name} M={M}: bnb {t_bnb:.1f} µs | " + " | ".join(f"{c} {t:.1f}" for t, c, _ in rows[:6])
                   + f" | bnb / best {t_bnb / rows[0][0]:.2f} | BAD {bad[:3]}", flush=True)
-        del w, packed, qs, wd
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        del w, packed, qs, wd, copies
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:  # after each shape: a run cut short keeps what it measured
+            json.dump(out, f, indent=1)
     print(f"wrote {args.out}")
 
 
