@@ -378,6 +378,32 @@ def test_per_weight_lists_must_match_the_weights():
         frozen_matmul(x, ws, scales=[1.0, 1.0])
 
 
+def test_shared_launch_switch(monkeypatch):
+    """FASTQLORA_DECODE_SHARED_LAUNCH=0 runs weights that could share a launch one launch each
+    (the generation benchmark's A/B); unset, they share it; another value is refused by name.
+    The launches are recorded instead of run (CPU)."""
+    from types import SimpleNamespace
+
+    from fastqlora.ops import nf4_decode_mma as mod
+    from fastqlora.triton_kernels.nf4_configs import DecodeMmaConfig
+
+    launches = []
+    monkeypatch.setattr(mod, "nf4_decode_mma", lambda x, w, cfg, **kw: launches.append([w]) or w)
+    monkeypatch.setattr(mod, "_check", lambda *a: None)
+    monkeypatch.setattr(mod, "_part", lambda x, w, *a: ((w,), w))
+    monkeypatch.setattr(mod, "_launch", lambda x, parts, cfg, stride: launches.append([p[0] for p in parts]))
+    ws = [SimpleNamespace(shape=(n, 4096), nested=True) for n in (4096, 1024, 1024)]
+    x, cfg = torch.zeros(1, 4096), DecodeMmaConfig(4, 1, cols=True)
+    monkeypatch.delenv("FASTQLORA_DECODE_SHARED_LAUNCH", raising=False)
+    assert mod.nf4_decode_mma_many(x, ws, cfg) == ws and launches == [ws]
+    launches.clear()
+    monkeypatch.setenv("FASTQLORA_DECODE_SHARED_LAUNCH", "0")
+    assert mod.nf4_decode_mma_many(x, ws, cfg) == ws and launches == [[w] for w in ws]
+    monkeypatch.setenv("FASTQLORA_DECODE_SHARED_LAUNCH", "yes")
+    with pytest.raises(ValueError, match="FASTQLORA_DECODE_SHARED_LAUNCH='yes'"):
+        mod.nf4_decode_mma_many(x, ws, cfg)
+
+
 def test_decode_mma_candidates_by_rows():
     """The tensor-core decode's configs by rows of x: the column layout's only at one row,
     both layouts at two, the row layout's from three to 16, none above or without the

@@ -160,8 +160,9 @@ def nf4_decode_mma_many(
 ) -> list[torch.Tensor]:
     """:func:`nf4_decode_mma` for several weights of one x (q, k, v; gate, up), in one launch
     when :func:`shares_launch` allows (each weight's blocks are the ones its own launch would
-    run, so each output is bit for bit its own launch's), else one launch a weight. The LoRA
-    terms' ``xas`` must then share one row stride (column slices of one matrix)."""
+    run, so each output is bit for bit its own launch's), else one launch a weight (and always
+    with ``FASTQLORA_DECODE_SHARED_LAUNCH=0``). The LoRA terms' ``xas`` must then share one row
+    stride (column slices of one matrix)."""
     n = len(weights)
     xas = xas or [None] * n
     lora_bs = lora_bs or [None] * n
