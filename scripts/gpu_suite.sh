@@ -7,7 +7,7 @@
 # train-graph (the graphed training step's GPU tests, bench_trainer.py eager vs graph, then bench_e2e.py ours vs ours-graph, GRAPH_ARGS),
 # trainers-graph (for_training(cuda_graph=True) under transformers' Trainer and trl: GPU tests, bench_hf_trainer.py both ways)
 # decode (the NF4 decode kernels: GPU tests, the dispatch tables' sweep and the 2.5x-bitsandbytes floor table at
-# M = 1-16; with ncu on the path, DECODE_NCU="q/o:2:mma:8:1 k/v:2:gemv:4:4:4" profiles those products one by one,
+# M = 1-16, from L2 and from HBM; with ncu on the path, DECODE_NCU="q/o:2:mma:8:1 k/v:2:gemv:4:4:4" profiles those products one by one,
 # caches not flushed between passes: the weights stay in L2 as in the graph-timed harness)
 set -u
 OUT=${OUT:-$PWD/out}
@@ -70,6 +70,8 @@ for stage in "$@"; do
       timeout 300 python3 "$FQ_SRC/benchmarks/sweep_nf4_decode.py" --table --m 1,2,4,8,16 --out "$OUT/nf4_decode_table.json" \
         2>&1 | grep -v Warn | tail -21
       timeout 200 python3 "$FQ_SRC/benchmarks/decode_floor.py" --m 1,2,4,8,16 --out "$OUT/decode_floor.json" 2>&1 | grep -v Warn | tail -24
+      # the same with each call reading its own weight copy from HBM, as a model's decode step does
+      timeout 200 python3 "$FQ_SRC/benchmarks/decode_floor.py" --hbm --m 1,2,4,8,16 --out "$OUT/decode_floor_hbm.json" 2>&1 | grep -v Warn | tail -24
       if command -v ncu > /dev/null; then
         for spec in ${DECODE_NCU:-}; do  # shape:M:config, e.g. q/o:2:mma:8:1
           shape=${spec%%:*}; rest=${spec#*:}; m=${rest%%:*}; cfg=${rest#*:}
