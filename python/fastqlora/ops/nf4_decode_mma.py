@@ -19,6 +19,7 @@ from ..quant import _DTYPE_CODES
 from ..triton_kernels.nf4_configs import COLS_MAX_M, DECODE_MMA_MAX_M, FLAT_MAX_GROUPS, DecodeMmaConfig
 from .dispatch import shared_decode_launch_enabled
 from .nf4_gemv_cuda import check_epilogue, weight_fits
+from .nf4_linear import check_lengths
 
 # Per (device, stream): int32 counters the kernel's K split over the grid leaves at zero.
 # One set a stream, so launches on two streams never share them.
@@ -168,8 +169,6 @@ def nf4_decode_mma_many(
     lora_bs = lora_bs or [None] * n
     scales = scales or [1.0] * n
     biases = biases or [None] * n
-    from .nf4_linear import check_lengths
-
     check_lengths("nf4_decode_mma_many", n, xas=xas, lora_bs=lora_bs, scales=scales, biases=biases)
     lora = [xa is not None and b is not None for xa, b in zip(xas, lora_bs)]
     strides = {xa.stride(0) for xa, on in zip(xas, lora) if on}

@@ -21,13 +21,13 @@ from . import nf4_dispatch
 from .dispatch import use_triton
 
 
-
 def check_lengths(who: str, n: int, **lists) -> None:
     """Each per-weight list given must have one entry a weight (n); a shorter one would drop
     outputs silently in a zip. Raises ValueError naming the list."""
     for name, lst in lists.items():
         if len(lst) != n:
             raise ValueError(f"{who}: {name} has {len(lst)} entries for {n} weights; pass one a weight (None for none)")
+
 
 def is_nf4(w) -> bool:
     return isinstance(w, NF4Tensor)
