@@ -17,7 +17,7 @@ For each Llama-3-8B projection shape, in the harness the decode numbers use (``g
 to fill 4x the L2), so every row reads its bytes from HBM, as a model's decode step does (a
 layer's weights are read once a token, after the other layers' have been through the L2).
 
-    python benchmarks/decode_floor.py [--hbm] [--out results/decode_floor.json]
+    python benchmarks/decode_floor.py [--hbm] [--m 1,2,16] [--shapes q/o,k/v] [--ours-only] [--out results/decode_floor.json]
 """
 from __future__ import annotations
 
@@ -77,10 +77,22 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--m", default="1,2,16")
     ap.add_argument("--hbm", action="store_true", help="each call reads its own weight copy from HBM (see above)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="time fastqlora alone (no floors, no bitsandbytes): A/B of two builds")
+    ap.add_argument("--shapes", default=None, help="a subset of " + ",".join(s[0] for s in SHAPES))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_floor.py needs a CUDA GPU")
-    import bitsandbytes as bnb
+    shapes = SHAPES
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {s[0] for s in SHAPES})
+        if unknown:
+            raise SystemExit(f"--shapes: unknown {unknown}; choose from {[s[0] for s in SHAPES]}")
+        shapes = [s for s in SHAPES if s[0] in wanted]
+    ours_only = args.ours_only
+    if not ours_only:
+        import bitsandbytes as bnb
 
     from fastqlora.ops import nf4_dispatch
     from fastqlora.ops.nf4_linear import frozen_matmul
@@ -91,31 +103,35 @@ def main() -> None:
     print(f"launch (16 elements): {t_launch:.2f} us")
     rows = []
     hbm = args.hbm
-    for name, N, K in SHAPES:
+    for name, N, K in shapes:
         copies = [make_weight(N, K, gen)[:3] for _ in range(l2_copies(N * K // 2) if hbm else 1)]
         w, packed, qs = copies[0]
         words = [c[1].reshape(-1).view(torch.int32) for c in copies]
         nbytes = packed.numel()
-        t_read = timed([lambda v=v: v.sum(dtype=torch.int32) for v in words], hbm)
-        dst = torch.empty_like(packed)
-        t_copy = timed([lambda c=c: dst.copy_(c[1]) for c in copies], hbm)
-        t_stream = stream_us(words, hbm)
         row = {"shape": name, "N": N, "K": K, "bytes": nbytes, "copies": len(copies), "launch_us": t_launch,
-               "read_us": t_read, "copy_us": t_copy, "stream_us": t_stream, "by_m": {}}
-        print(f"{name}: {nbytes / 1e6:.1f} MB x {len(copies)} copies; read {t_read:.1f} us, copy {t_copy:.1f} us, "
-              f"stream read {t_stream:.1f} us ({nbytes / t_stream / 1e6:.2f} TB/s)", flush=True)
+               "by_m": {}}
+        t_stream = float("nan")
+        if not ours_only:
+            t_read = timed([lambda v=v: v.sum(dtype=torch.int32) for v in words], hbm)
+            dst = torch.empty_like(packed)
+            t_copy = timed([lambda c=c: dst.copy_(c[1]) for c in copies], hbm)
+            t_stream = stream_us(words, hbm)
+            row.update(read_us=t_read, copy_us=t_copy, stream_us=t_stream)
+            print(f"{name}: {nbytes / 1e6:.1f} MB x {len(copies)} copies; read {t_read:.1f} us, copy {t_copy:.1f} us, "
+                  f"stream read {t_stream:.1f} us ({nbytes / t_stream / 1e6:.2f} TB/s)", flush=True)
         for M in (int(m) for m in args.m.split(",")):
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-            tb = timed([lambda c=c: bnb.matmul_4bit(x, c[1].t(), quant_state=c[2]) for c in copies], hbm)
+            tb = float("nan") if ours_only else timed(
+                [lambda c=c: bnb.matmul_4bit(x, c[1].t(), quant_state=c[2]) for c in copies], hbm)
             before = set(nf4_dispatch.choices().items())
             frozen_matmul(x, [w])  # the dispatch's first call times its candidates
             picked = [v for k, v in nf4_dispatch.choices().items() if (k, v) not in before]
             to = timed([lambda c=c: frozen_matmul(x, [c[0]]) for c in copies], hbm)
             row["by_m"][M] = {"bnb_us": tb, "ours_us": to, "target_us": tb / 2.5, "picked": picked}
-            print(f"  M={M:2d}: bnb {tb:5.1f} | ours {to:5.1f} ({tb / to:.2f}x) | 2.5x target {tb / 2.5:5.1f} us "
+            print(f"  {name} M={M:2d}: bnb {tb:5.1f} | ours {to:5.1f} ({tb / to:.2f}x) | 2.5x target {tb / 2.5:5.1f} us "
                   f"| stream read {t_stream:5.1f} | {', '.join(picked) or 'cached'}", flush=True)
         rows.append(row)
-        del copies, w, packed, qs, words, dst
+        del copies, w, packed, qs, words
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "hbm": hbm, "rows": rows},
