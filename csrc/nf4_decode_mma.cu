@@ -138,68 +138,6 @@ template <> __device__ __forceinline__ uint32_t pair_bits<__half>(float lo, floa
   return u;
 }
 
-// ---- Some bytes decoded on the ALU (the column layout) ----
-// At one row the table lookups are most of the L1's work (a 32-lane lookup is a wavefront
-// for 64 weights; ncu, H200, 14336 x 4096: the L1 79% busy while the issue slots are 52%,
-// MIO throttle the top stall), so kAluWords of a tile's 8 packed words a step are decoded in
-// registers instead, with byte permutes over the 16 codes held in 8 registers: lo[j] byte q
-// is the low byte of code 4j + q in T, hi[j] its high byte. For 4 nibbles at once (two
-// packed bytes, the selector's 16 bits), a permute of (lo[0], lo[1]) by the nibbles' low 3
-// bits looks up codes 0-7, one of (lo[2], lo[3]) codes 8-15, and a mask from the nibbles'
-// 4th bit picks between them (the same for hi); two more permutes interleave the low and
-// high bytes into the table's pairs. ~23 instructions for 4 bytes against 8 (a permute and a
-// lookup a byte), and no L1 work: the mix moves the step's cost from the L1 to the issue
-// slots until the two balance. The codes are rounded as the table's are: the same bits.
-#ifndef FQ_ALU_WORDS
-#define FQ_ALU_WORDS 0
-#endif
-constexpr int kAluWords = FQ_ALU_WORDS;  // of a tile's 8 words a step (wa 0-3, wb 0-3)
-static_assert(kAluWords >= 0 && kAluWords <= 8, "FQ_ALU_WORDS: 0 to 8 words a tile");
-
-struct AluCodes {
-  uint32_t lo[4], hi[4];
-};
-
-// prmt without the compiler's masking of the selector (the callers' selectors have no
-// nibble's 4th bit set, which would make prmt replicate a sign instead of selecting a byte)
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-template <typename T>
-__device__ __forceinline__ AluCodes alu_codes(const float* code) {
-  AluCodes c;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t v = pair_bits<T>(__ldg(code + 4 * j + q), 0.0f) & 0xffffu;  // rounded as the table's
-      lo |= (v & 0xffu) << (8 * q);
-      hi |= (v >> 8) << (8 * q);
-    }
-    c.lo[j] = lo;
-    c.hi[j] = hi;
-  }
-  return c;
-}
-
-// The table's pairs of bytes 2hf and 2hf + 1 of w (the pair of byte b: code[b >> 4] in the
-// low half, code[b & 15] in the high half).
-__device__ __forceinline__ void alu_pairs(uint32_t w, int hf, const AluCodes& c, uint32_t& p0, uint32_t& p1) {
-  const uint32_t s7w = w & 0x77777777u, tw = (w >> 3) & 0x11111111u;  // shared by both halves
-  const uint32_t s7 = hf ? s7w >> 16 : s7w, t = hf ? tw >> 16 : tw;    // prmt reads bits 0-15
-  const uint32_t m = prmt(0xff00u, 0u, t);  // byte i: 0xff when nibble i >= 8
-  const uint32_t l = (prmt(c.lo[0], c.lo[1], s7) & ~m) | (prmt(c.lo[2], c.lo[3], s7) & m);
-  const uint32_t h = (prmt(c.hi[0], c.hi[1], s7) & ~m) | (prmt(c.hi[2], c.hi[3], s7) & m);
-  // nibble i of the selector is output byte i: byte 0's low nibble, its high one, byte 1's
-  // low, its high; a pair holds the high nibble's code first
-  p0 = __byte_perm(l, h, 0x4051);
-  p1 = __byte_perm(l, h, 0x6273);
-}
-
 // D += A·B for one m16n8k16 (A 16x16 row-major, B 16x8 column-major), fp32 accumulate.
 template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -494,7 +432,7 @@ __device__ __forceinline__ void cols_rows(const uint8_t* (&w)[4], uint32_t (&rbl
 template <typename T, bool Q, int TL>
 __device__ __forceinline__ void cols_step(float (&sum)[2][4], const ColLoads& cur, const uint4* p, bool xload, bool ok,
                                           const unsigned char* table, const float* code2_s, uint32_t lane_col,
-                                          float offset, const AluCodes& alu) {
+                                          float offset) {
   uint4 xv[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) xv[q] = xload ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
@@ -510,16 +448,12 @@ __device__ __forceinline__ void cols_step(float (&sum)[2][4], const ColLoads& cu
     for (int jj = 0; jj < 8; ++jj) {
       // bytes 2jj and 2jj+1 of the chunk fill A's k slots 2t, 2t+1 and 2t+8, 2t+9
       uint32_t a[4];
-      // words wa 0, wb 0, wa 1, wb 1, ...: the first kAluWords decoded on the ALU
-      const bool alu_a = 2 * (jj >> 1) < kAluWords, alu_b = 2 * (jj >> 1) + 1 < kAluWords;
-      if (alu_a) alu_pairs(wa4[jj >> 1], jj & 1, alu, a[0], a[2]);
-      if (alu_b) alu_pairs(wb4[jj >> 1], jj & 1, alu, a[1], a[3]);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int i = 2 * jj + h;
         const uint32_t sel = 0x5504u | ((i & 3) << 4);  // bytes [lane column, byte i, 0, 0]
-        if (!alu_a) a[2 * h] = table_at(table, __byte_perm(wa4[i >> 2], lane_col, sel));
-        if (!alu_b) a[2 * h + 1] = table_at(table, __byte_perm(wb4[i >> 2], lane_col, sel));
+        a[2 * h] = table_at(table, __byte_perm(wa4[i >> 2], lane_col, sel));
+        a[2 * h + 1] = table_at(table, __byte_perm(wb4[i >> 2], lane_col, sel));
       }
       mma16816<T>(d, a, xw[2 * jj], xw[2 * jj + 1]);
     }
@@ -604,14 +538,12 @@ __device__ __forceinline__ void cols_loop(float (&acc)[1][4], const T* x, int M,
   ColLoads cur;
   if (base < kend) issue_cols<Q, V, TL>(cur, base, kend, w, rblk, wblk, t, op);
   fill_tables<T, Q>(table, code2_s, code, op);
-  AluCodes alu{};
-  if (kAluWords > 0) alu = alu_codes<T>(code);
   __syncthreads();  // the tables
   for (; base < kend; base += S * kU) {
     ColLoads nxt;
     issue_cols<Q, V, TL>(nxt, base + S * kU < kend ? base + S * kU : base, kend, w, rblk, wblk, t, op);
     const uint4* p = reinterpret_cast<const uint4*>(V ? xs : x + (xoff + 64 * min(base + (g >> 1), kend - 1)));
-    cols_step<T, Q, TL>(sum, cur, p, xload, V || base + t < kend, table, code2_s, lane_col, op.offset, alu);
+    cols_step<T, Q, TL>(sum, cur, p, xload, V || base + t < kend, table, code2_s, lane_col, op.offset);
     cur = nxt;
     xs += 64 * S * kU;
   }
@@ -641,8 +573,6 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
   ColLoads cur;
   if (u0 < u1) issue_cols<Q, V, 2>(cur, s0 * kU, row_blocks, w, rblk, wblk, t, op);
   fill_tables<T, Q, true>(table, code2_s, code, op);
-  AluCodes alu{};
-  if (kAluWords > 0) alu = alu_codes<T>(code);
   __syncthreads();  // the tables
   const uint32_t na = u0 < u1 ? min(u1 - u0, U - s0) : 0, nb = u0 < u1 ? u1 - u0 - na : 0;  // steps a segment
   // the first group's steps s0 .. s0 + na - 1; the last one (peeled, so that the loop keeps
@@ -653,7 +583,7 @@ __device__ __forceinline__ void flat_loop(float (&acc0)[1][4], float (&acc1)[1][
     issue_cols<Q, V, 2>(nxt, next, row_blocks, w, rblk, wblk, t, op);
     const uint4* p = reinterpret_cast<const uint4*>(x + (xoff + 64 * (V ? base + (g >> 1)
                                                                         : min(base + (g >> 1), row_blocks - 1))));
-    cols_step<T, Q, 2>(sum, cur, p, xload, V || base + t < row_blocks, table, code2_s, lane_col, op.offset, alu);
+    cols_step<T, Q, 2>(sum, cur, p, xload, V || base + t < row_blocks, table, code2_s, lane_col, op.offset);
     cur = nxt;
   };
   for (uint32_t s = s0; s + 1 < s0 + na; ++s) step(s, (s + 1) * kU);
