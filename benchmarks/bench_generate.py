@@ -17,7 +17,8 @@ every kernel launched from Python, projections by dequantize + cuBLAS); ``ours-g
 ``ours-eager-torch-attn`` (FASTQLORA_DECODE_ATTENTION=0: the step's attention as torch ops,
 graphed or eager, instead of the split decode-attention kernels); ``ours-separate-launch``
 (FASTQLORA_DECODE_SHARED_LAUNCH=0: q, k, v and gate, up in one tensor-core decode launch a
-weight instead of one launch a group). A system named twice in
+weight instead of one launch a group); ``ours-thin-split`` (FASTQLORA_THIN_ROWS=0: the thin
+LoRA product x·Aᵀ split over K at one and two rows too). A system named twice in
 ``--systems`` runs twice in that order (rounds alternated against drift), kept as "name #2".
 
     python benchmarks/bench_generate.py --shapes llama-3-8b:1,llama-3.2-1b:1 --prompt 128 --new 128
@@ -45,6 +46,7 @@ OURS_ENV = {"ours": {}, "ours-eager": {"FASTQLORA_DECODE_GRAPH": "0"},
             "ours-eager-decode": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_KERNELS": "1"},
             "ours-torch-attn": {"FASTQLORA_DECODE_ATTENTION": "0"},
             "ours-separate-launch": {"FASTQLORA_DECODE_SHARED_LAUNCH": "0"},
+            "ours-thin-split": {"FASTQLORA_THIN_ROWS": "0"},
             "ours-eager-torch-attn": {"FASTQLORA_DECODE_GRAPH": "0", "FASTQLORA_DECODE_ATTENTION": "0"}}
 
 

@@ -8,6 +8,13 @@ columns of r), and the last program of a column block to finish sums the fp32 pa
 split order (triton_kernels/split_k.py: deterministic, no zero-filled output) and writes
 the result once, rounded to x's dtype. Products are exact and sums fp32 as in cuBLAS
 (``tl.dot`` of 16-bit inputs, fp32 accumulation; fp32 inputs with IEEE products).
+
+At one or two rows (a decode step at batch 1 or 2) the split's partials cost more than they
+share out: a program writes its partial, bumps a counter in L2 and the last one reads the
+partials back, three trips to L2 after the first loads. There ``_thin_rows_kernel`` instead
+gives each program one row of A and the whole of K (elementwise fp32 products of a chunk,
+the next chunk's loads issued before this one's products, one sum at the end): no workspace,
+no counter, one trip.
 """
 from __future__ import annotations
 
@@ -52,9 +59,40 @@ def _thin_kernel(X, A, OUT, WS, CNT, M, K, R, x_sm, a_sr, o_sm, k_chunk,
                  mask=mm[:, None] & rm[None, :])
 
 
-def thin_matmul(x: torch.Tensor, a: torch.Tensor, block_k: int = 128) -> torch.Tensor:
+@triton.jit
+def _thin_rows_kernel(X, A, OUT, M, K, x_sm, a_sr, o_sm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program r: out[:, r] = Σ_k x[:, k]·a[r, k], fp32 products and sums, chunk by chunk with
+    # the next chunk's loads in flight during this one's products
+    r = tl.program_id(0)
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    mm = m < M
+    xp = X + m[:, None].to(tl.int64) * x_sm + kk[None, :]
+    ap = A + r.to(tl.int64) * a_sr + kk
+    x = tl.load(xp, mask=mm[:, None] & (kk < K)[None, :], other=0.0)
+    a = tl.load(ap, mask=kk < K, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):
+        k = k0 + kk
+        x_next = tl.load(xp + k0, mask=mm[:, None] & (k < K)[None, :], other=0.0)
+        a_next = tl.load(ap + k0, mask=k < K, other=0.0)
+        acc += x.to(tl.float32) * a.to(tl.float32)[None, :]
+        x = x_next
+        a = a_next
+    out = tl.sum(acc, axis=1)
+    tl.store(OUT + m.to(tl.int64) * o_sm + r, out.to(OUT.dtype.element_ty), mask=mm)
+
+
+# rows of x up to which a program a row of A (no split) is the default; above, the split-K
+# tl.dot kernel (measured on the H200: benchmarks/NOTES.md)
+ROWS_KERNEL_MAX_M = 2
+
+
+def thin_matmul(x: torch.Tensor, a: torch.Tensor, block_k: int = 128, method: str = "auto") -> torch.Tensor:
     """``x·aᵀ`` for x [M, K] (1 ≤ M ≤ 16) and a [r, K], both with unit last stride and one
-    dtype (fp16, bf16 or fp32): [M, r] in that dtype."""
+    dtype (fp16, bf16 or fp32): [M, r] in that dtype. ``method``: "split" (split-K over
+    ``block_k`` chunks, tensor cores), "rows" (a program a row of a, elementwise), or "auto"
+    (rows up to ROWS_KERNEL_MAX_M rows of x)."""
     if x.dim() != 2 or a.dim() != 2 or x.shape[1] != a.shape[1]:
         raise ValueError(f"thin_matmul: x [M, K] and a [r, K] must share K; got {tuple(x.shape)} and {tuple(a.shape)}")
     if not 1 <= x.shape[0] <= 16:
@@ -63,8 +101,17 @@ def thin_matmul(x: torch.Tensor, a: torch.Tensor, block_k: int = 128) -> torch.T
         raise TypeError(f"thin_matmul: x and a must share one of fp16/bf16/fp32, got {x.dtype} and {a.dtype}")
     if x.stride(1) != 1 or a.stride(1) != 1:
         raise ValueError("thin_matmul: x and a need unit stride on K")
+    if method not in ("auto", "split", "rows"):
+        raise ValueError(f"thin_matmul: method must be 'auto', 'split' or 'rows', got {method!r}")
     M, K = x.shape
     R = a.shape[0]
+    if method == "rows" or (method == "auto" and M <= ROWS_KERNEL_MAX_M):
+        out = torch.empty(M, R, dtype=x.dtype, device=x.device)
+        # chunks of up to 4096 (a whole Llama K at once), 16 elements a thread of each row
+        chunk = min(4096, triton.next_power_of_2(K))
+        _thin_rows_kernel[(R,)](x, a, out, M, K, x.stride(0), a.stride(0), out.stride(0),
+                                BLOCK_M=triton.next_power_of_2(M), BLOCK_K=chunk, num_warps=max(1, min(8, chunk // 512)))
+        return out
     block_r = 16
     n_r = triton.cdiv(R, block_r)
     split = max(1, min(triton.cdiv(K, block_k), MAX_SPLIT, 128 // n_r))
