@@ -72,6 +72,7 @@ for stage in "$@"; do
       timeout 200 python3 "$FQ_SRC/benchmarks/decode_floor.py" --m 1,2,4,8,16 --out "$OUT/decode_floor.json" 2>&1 | grep -v Warn | tail -24
       # the same with each call reading its own weight copy from HBM, as a model's decode step does
       timeout 200 python3 "$FQ_SRC/benchmarks/decode_floor.py" --hbm --m 1,2,4,8,16 --out "$OUT/decode_floor_hbm.json" 2>&1 | grep -v Warn | tail -24
+      timeout 200 python3 "$FQ_SRC/benchmarks/bench_thin_matmul.py" --out "$OUT/thin_matmul.json" 2>&1 | grep -v Warn | tail -21
       if command -v ncu > /dev/null; then
         for spec in ${DECODE_NCU:-}; do  # shape:M:config, e.g. q/o:2:mma:8:1
           shape=${spec%%:*}; rest=${spec#*:}; m=${rest%%:*}; cfg=${rest#*:}

@@ -77,3 +77,15 @@ def test_thin_rows_switch(kernel_device, monkeypatch):
     monkeypatch.setenv("FASTQLORA_THIN_ROWS", "yes")
     with pytest.raises(ValueError, match="FASTQLORA_THIN_ROWS='yes'"):
         thin_product(x, a)
+
+
+@pytest.mark.parametrize("M,K,want", [(1, 4100, "rows"), (4, 9000, "rows"), (8, 4096, "rows"), (8, 4100, "split"),
+                                      (5, 9000, "split"), (16, 64, "split")])
+def test_auto_picks_rows_up_to_its_measured_sizes(kernel_device, M, K, want):
+    from fastqlora.triton_kernels.thin_matmul import rows_kernel_fits, thin_matmul
+
+    assert rows_kernel_fits(M, K) == (want == "rows")
+    g = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=g).to(kernel_device)
+    a = torch.randn(3, K, generator=g).to(kernel_device)
+    assert torch.equal(thin_matmul(x, a), thin_matmul(x, a, method=want))

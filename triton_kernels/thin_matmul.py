@@ -83,16 +83,20 @@ def _thin_rows_kernel(X, A, OUT, M, K, x_sm, a_sr, o_sm, BLOCK_M: tl.constexpr, 
     tl.store(OUT + m.to(tl.int64) * o_sm + r, out.to(OUT.dtype.element_ty), mask=mm)
 
 
-# rows of x up to which a program a row of A (no split) is the default; above, the split-K
-# tl.dot kernel (measured on the H200: benchmarks/NOTES.md)
-ROWS_KERNEL_MAX_M = 2
+def rows_kernel_fits(M: int, K: int) -> bool:
+    """Whether "auto" takes the kernel of a program a row of A: up to 4 rows of x, 8 when
+    K <= 4096 (H200, benchmarks/bench_thin_matmul.py: 1.7-1.9 µs against the split's 3.75 at
+    one and two rows, 3.1-3.3 against 3.77 at 8 rows of K = 4096; at 16 rows its registers
+    spill, 46-99 µs)."""
+    return M <= 4 or (M <= 8 and K <= 4096)
+
 
 
 def thin_matmul(x: torch.Tensor, a: torch.Tensor, block_k: int = 128, method: str = "auto") -> torch.Tensor:
     """``x·aᵀ`` for x [M, K] (1 ≤ M ≤ 16) and a [r, K], both with unit last stride and one
     dtype (fp16, bf16 or fp32): [M, r] in that dtype. ``method``: "split" (split-K over
     ``block_k`` chunks, tensor cores), "rows" (a program a row of a, elementwise), or "auto"
-    (rows up to ROWS_KERNEL_MAX_M rows of x)."""
+    (rows where `rows_kernel_fits`)."""
     if x.dim() != 2 or a.dim() != 2 or x.shape[1] != a.shape[1]:
         raise ValueError(f"thin_matmul: x [M, K] and a [r, K] must share K; got {tuple(x.shape)} and {tuple(a.shape)}")
     if not 1 <= x.shape[0] <= 16:
@@ -105,9 +109,10 @@ def thin_matmul(x: torch.Tensor, a: torch.Tensor, block_k: int = 128, method: st
         raise ValueError(f"thin_matmul: method must be 'auto', 'split' or 'rows', got {method!r}")
     M, K = x.shape
     R = a.shape[0]
-    if method == "rows" or (method == "auto" and M <= ROWS_KERNEL_MAX_M):
+    if method == "rows" or (method == "auto" and rows_kernel_fits(M, K)):
         out = torch.empty(M, R, dtype=x.dtype, device=x.device)
-        # chunks of up to 4096 (a whole Llama K at once), 16 elements a thread of each row
+        # chunks of up to 4096 (a whole Llama K at once); at K = 14336, 8192 was 0.2 µs faster
+        # (H200), left at 4096 for the registers at 4-8 rows
         chunk = min(4096, triton.next_power_of_2(K))
         _thin_rows_kernel[(R,)](x, a, out, M, K, x.stride(0), a.stride(0), out.stride(0),
                                 BLOCK_M=triton.next_power_of_2(M), BLOCK_K=chunk, num_warps=max(1, min(8, chunk // 512)))
