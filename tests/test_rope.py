@@ -150,3 +150,64 @@ def test_partial_rotary_in_place_on_a_fused_projection(kernel_device, B, S, Hq, 
         assert rel_err(gh[..., :R], torch.cat([d1 * c + d2 * s, d2 * c - d1 * s], dim=-1)) < TOL[dtype]
         assert torch.equal(qkv.grad[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D))[..., R:],
                            dy[..., : (Hq + Hk) * D].unflatten(-1, (Hq + Hk, D))[..., R:])
+
+
+@pytest.mark.parametrize("B,S,Hq,Hk,D", [(1, 1, 3, 1, 16), (2, 3, 6, 2, 24), (3, 5, 4, 4, 12)], ids=str)
+def test_rope_into_cache_matches_rope_then_index_copy(kernel_device, monkeypatch, B, S, Hq, Hk, D):
+    """Generation's step: one launch rotates q and k and stores the rotated k and v into the KV
+    cache at rows row0 + s; against the rotation, then two index copies (the reference path, and
+    the same function's own fallback), other cache rows untouched."""
+    import fastqlora.triton_kernels.rope as kernels
+    from fastqlora.ops import apply_rope_qk_into_cache
+
+    launches = []
+    real = kernels.rope_
+
+    def spy(*args, **kwargs):
+        launches.append(kwargs.get("cache") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "rope_", spy)
+
+    T, row = 11, 4
+    for dtype in _dtypes(kernel_device):
+        g = torch.Generator().manual_seed(B * S + D)
+        q = torch.randn(B, S, Hq * D, generator=g).to(kernel_device, dtype)
+        k = torch.randn(B, S, Hk * D, generator=g).to(kernel_device, dtype)
+        v = torch.randn(B, S, 3 * Hk * D, generator=g).to(kernel_device, dtype)[..., Hk * D:2 * Hk * D]
+        v = v.unflatten(-1, (Hk, D))  # a strided view, as the projections' outputs are
+        keys = torch.randn(B, T, Hk, D, generator=g).to(kernel_device, dtype)
+        values = torch.randn(B, T, Hk, D, generator=g).to(kernel_device, dtype)
+        pos = torch.randint(0, 40, (B, S), generator=g).to(kernel_device)
+        cos, sin = _tables(64, D // 2, kernel_device)
+        row0 = torch.tensor([row], device=kernel_device)
+        want_q, want_k = apply_rope_reference(q.view(B, S, Hq, D), k.view(B, S, Hk, D), cos, sin, pos)
+        want_keys, want_values = keys.clone(), values.clone()
+        want_keys[:, row:row + S] = want_k
+        want_values[:, row:row + S] = v
+        results = []
+        for mode in ("triton", "reference"):
+            launches.clear()
+            with torch.no_grad(), backend(mode):
+                qq, kk, ks, vs = q.clone(), k.clone(), keys.clone(), values.clone()
+                q4, k4 = apply_rope_qk_into_cache(qq, kk, v, Hq, Hk, D, cos, sin, pos, ks, vs, row0)
+            assert launches == ([True] if mode == "triton" else [])  # one launch with the cache, or none
+            assert q4.shape == (B, S, Hq, D) and k4.shape == (B, S, Hk, D)
+            assert rel_err(q4, want_q) < TOL[dtype] and rel_err(k4, want_k) < TOL[dtype]
+            assert rel_err(ks, want_keys) < TOL[dtype] and torch.equal(vs, want_values)
+            # rows outside row .. row + S - 1 untouched, bit for bit
+            assert torch.equal(ks[:, :row], keys[:, :row]) and torch.equal(ks[:, row + S:], keys[:, row + S:])
+            results.append(ks)
+        assert rel_err(results[0], results[1]) < TOL[dtype]
+
+
+def test_rope_into_cache_refuses_a_gradient(kernel_device):
+    from fastqlora.ops import apply_rope_qk_into_cache
+
+    q = torch.randn(1, 1, 16, device=kernel_device)
+    cache = torch.zeros(1, 4, 1, 16, device=kernel_device)
+    cos, sin = _tables(8, 8, kernel_device)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        apply_rope_qk_into_cache(q, q.clone(), q.view(1, 1, 1, 16), 1, 1, 16, cos, sin,
+                                 torch.zeros(1, 1, dtype=torch.long, device=kernel_device), cache, cache.clone(),
+                                 torch.zeros(1, dtype=torch.long, device=kernel_device))

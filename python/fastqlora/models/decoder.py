@@ -69,7 +69,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps, cfg.norm_offset, dtype, device)
 
-    def _qkv(self, x: torch.Tensor, cos, sin, position_ids):
+    def _qkv(self, x: torch.Tensor, cos, sin, position_ids, rotate: bool = True):
+        """q, k, v as [B, S, H, D], q and k rotated; with ``rotate=False`` (a RoPE layer of
+        separate projections only) q and k unrotated as [B, S, H·D] for the caller to rotate."""
         B, S, _ = x.shape
         c = self.cfg
         if c.fused_projections:  # one launch rotates q and k inside the fused output; no copies
@@ -98,6 +100,8 @@ class Attention(nn.Module):
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
         if not self.rope:
             return q.view(B, S, c.num_heads, c.head_dim), k.view(B, S, c.num_kv_heads, c.head_dim), v
+        if not rotate:
+            return q, k, v
         # q and k as the projections' own [B, S, H·D] outputs: one RoPE launch for both
         q, k = ops.apply_rope_qk(q, k, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin, position_ids)
         return q, k, v
@@ -123,8 +127,16 @@ class Attention(nn.Module):
                        local=None) -> torch.Tensor:
         B, S, _ = x.shape
         c = self.cfg
-        q, k, v = self._qkv(x, *self._tables(cos, sin, local), position_ids)
-        k_all, v_all = cache.append(layer, k, v)
+        cos, sin = self._tables(cos, sin, local)
+        if cache.index is not None and self.rope and not c.fused_projections and not torch.is_grad_enabled():
+            # a device-indexed step: the RoPE launch also stores k and v into the cache
+            q, k, v = self._qkv(x, cos, sin, position_ids, rotate=False)
+            k_all, v_all = cache.keys[layer], cache.values[layer]
+            q, k = ops.apply_rope_qk_into_cache(q, k, v, c.num_heads, c.num_kv_heads, c.head_dim, cos, sin,
+                                                position_ids, k_all, v_all, cache.index)
+        else:
+            q, k, v = self._qkv(x, cos, sin, position_ids)
+            k_all, v_all = cache.append(layer, k, v)
         if cache.dense_prompt:  # the prompt's own attention, as the training forward's
             o = ops.attention(q, k, v, scale=c.scale, causal=True, sliding_window=self.window,
                               softcap=c.attn_softcap)

@@ -6,12 +6,13 @@ from .attention import attention
 from .cross_entropy import linear_cross_entropy
 from .dispatch import backend, current_backend, use_triton
 from .rms_norm import rms_norm
-from .rope import apply_rope, apply_rope_qk, apply_rope_qkv
+from .rope import apply_rope, apply_rope_qk, apply_rope_qk_into_cache, apply_rope_qkv
 
 __all__ = [
     "act_mul",
     "apply_rope",
     "apply_rope_qk",
+    "apply_rope_qk_into_cache",
     "attention",
     "backend",
     "current_backend",

@@ -132,6 +132,36 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads
                       position_ids)
 
 
+def apply_rope_qk_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int,
+                             head_dim: int, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
+                             keys: torch.Tensor, values: torch.Tensor,
+                             row0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation's step (no gradient): rotate q ``[B, S, Hq·D]`` and k ``[B, S, Hk·D]`` as
+    :func:`apply_rope_qk` does and store the rotated k and v ``[B, S, Hk, D]`` into the KV cache
+    ``keys``, ``values`` ``[B, T, Hk, D]`` at rows ``row0 + s`` (``row0`` a ``[1]`` long tensor
+    on the device). One launch on the Triton path (whole heads rotated, contiguous q and k),
+    else the rotation and two index copies. Returns q, k as ``[B, S, H, D]``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("apply_rope_qk_into_cache is for generation's steps: call it under torch.no_grad()")
+    B, S = q.shape[:2]
+    for name, t, h in (("q", q, num_heads), ("k", k, num_kv_heads)):
+        if t.shape[-1] != h * head_dim:
+            raise ValueError(f"{name} has width {t.shape[-1]}, expected {h} heads x {head_dim} = {h * head_dim}")
+    if (use_triton(q) and q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype == v.dtype == keys.dtype
+            and cos.shape[-1] * 2 == head_dim and v.stride(-1) == 1 and keys.stride() == values.stride()
+            and keys.stride(-1) == 1):
+        from ..triton_kernels.rope import rope_
+
+        q4, k4 = q.view(B, S, num_heads, head_dim), k.view(B, S, num_kv_heads, head_dim)
+        rope_(q4, k4, cos.contiguous(), sin.contiguous(), position_ids, cache=(v, keys, values, row0))
+        return q4, k4
+    q4, k4 = apply_rope_qk(q, k, num_heads, num_kv_heads, head_dim, cos, sin, position_ids)
+    rows = row0 if S == 1 else row0 + torch.arange(S, device=q.device)
+    keys.index_copy_(1, rows, k4)
+    values.index_copy_(1, rows, v)
+    return q4, k4
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
