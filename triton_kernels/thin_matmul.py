@@ -9,8 +9,8 @@ split order (triton_kernels/split_k.py: deterministic, no zero-filled output) an
 the result once, rounded to x's dtype. Products are exact and sums fp32 as in cuBLAS
 (``tl.dot`` of 16-bit inputs, fp32 accumulation; fp32 inputs with IEEE products).
 
-At one or two rows (a decode step at batch 1 or 2) the split's partials cost more than they
-share out: a program writes its partial, bumps a counter in L2 and the last one reads the
+At a few rows (a decode step at batch 1-4, or 8 on K <= 4096; `rows_kernel_fits`) the split's
+partials cost more than they share out: a program writes its partial, bumps a counter in L2 and the last one reads the
 partials back, three trips to L2 after the first loads. There ``_thin_rows_kernel`` instead
 gives each program one row of A and the whole of K (elementwise fp32 products of a chunk,
 the next chunk's loads issued before this one's products, one sum at the end): no workspace,
@@ -89,7 +89,6 @@ def rows_kernel_fits(M: int, K: int) -> bool:
     one and two rows, 3.1-3.3 against 3.77 at 8 rows of K = 4096; at 16 rows its registers
     spill, 46-99 µs)."""
     return M <= 4 or (M <= 8 and K <= 4096)
-
 
 
 def thin_matmul(x: torch.Tensor, a: torch.Tensor, block_k: int = 128, method: str = "auto") -> torch.Tensor:

@@ -106,9 +106,9 @@ def shared_decode_launch_enabled() -> bool:
 
 
 def thin_rows_enabled() -> bool:
-    """Whether a decode step's thin LoRA product ``x·Aᵀ`` at one or two rows takes the kernel
-    of a program a row of A (triton_kernels/thin_matmul.py, no split) instead of the split-K
-    one: on unless ``FASTQLORA_THIN_ROWS=0`` (kept for the A/B of bench_generate.py)."""
+    """Whether a decode step's thin LoRA product ``x·Aᵀ`` at a few rows (thin_matmul's
+    `rows_kernel_fits`) takes the kernel of a program a row of A (triton_kernels/thin_matmul.py,
+    no split) instead of the split-K one: on unless ``FASTQLORA_THIN_ROWS=0`` (kept for the A/B of bench_generate.py)."""
     return _switch("FASTQLORA_THIN_ROWS", "split-K", "a program a row of A", default="1")
 
 

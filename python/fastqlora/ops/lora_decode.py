@@ -58,13 +58,14 @@ def decode_route(x: torch.Tensor, weights: list) -> bool:
 
 def thin_product(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x2·aᵀ`` for a decode step's few rows: one Triton launch (triton_kernels/thin_matmul.py:
-    a program a row of A at one or two rows, else split-K) instead of cuBLAS's split-K GEMM and
+    a program a row of A at a few rows, else split-K) instead of cuBLAS's split-K GEMM and
     its reduction (only under `decode_route`, where use_triton holds)."""
     from ..triton_kernels.thin_matmul import thin_matmul
 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return thin_matmul(x2, a if a.stride(-1) == 1 else a.contiguous(), method="auto" if thin_rows_enabled() else "split")
+    method = "auto" if thin_rows_enabled() else "split"
+    return thin_matmul(x2, a if a.stride(-1) == 1 else a.contiguous(), method=method)
 
 
 def lora_decode_group(x: torch.Tensor, weights: list, biases: list, a_cat: torch.Tensor, bs: list,
