@@ -106,12 +106,12 @@ def main() -> None:
     for name, N, K in shapes:
         copies = [make_weight(N, K, gen)[:3] for _ in range(l2_copies(N * K // 2) if hbm else 1)]
         w, packed, qs = copies[0]
-        words = [c[1].reshape(-1).view(torch.int32) for c in copies]
         nbytes = packed.numel()
         row = {"shape": name, "N": N, "K": K, "bytes": nbytes, "copies": len(copies), "launch_us": t_launch,
                "by_m": {}}
         t_stream = float("nan")
         if not ours_only:
+            words = [c[1].reshape(-1).view(torch.int32) for c in copies]
             t_read = timed([lambda v=v: v.sum(dtype=torch.int32) for v in words], hbm)
             dst = torch.empty_like(packed)
             t_copy = timed([lambda c=c: dst.copy_(c[1]) for c in copies], hbm)
@@ -128,10 +128,14 @@ def main() -> None:
             picked = [v for k, v in nf4_dispatch.choices().items() if (k, v) not in before]
             to = timed([lambda c=c: frozen_matmul(x, [c[0]]) for c in copies], hbm)
             row["by_m"][M] = {"bnb_us": tb, "ours_us": to, "target_us": tb / 2.5, "picked": picked}
-            print(f"  {name} M={M:2d}: bnb {tb:5.1f} | ours {to:5.1f} ({tb / to:.2f}x) | 2.5x target {tb / 2.5:5.1f} us "
-                  f"| stream read {t_stream:5.1f} | {', '.join(picked) or 'cached'}", flush=True)
+            how = ', '.join(picked) or 'cached'
+            if ours_only:
+                print(f"  {name} M={M:2d}: ours {to:5.1f} us | {how}", flush=True)
+            else:
+                print(f"  {name} M={M:2d}: bnb {tb:5.1f} | ours {to:5.1f} ({tb / to:.2f}x) | 2.5x target {tb / 2.5:5.1f} "
+                      f"us | stream read {t_stream:5.1f} | {how}", flush=True)
         rows.append(row)
-        del copies, w, packed, qs, words
+        del copies, w, packed, qs
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "hbm": hbm, "rows": rows},

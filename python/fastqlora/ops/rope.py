@@ -147,8 +147,8 @@ def apply_rope_qk_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for name, t, h in (("q", q, num_heads), ("k", k, num_kv_heads)):
         if t.shape[-1] != h * head_dim:
             raise ValueError(f"{name} has width {t.shape[-1]}, expected {h} heads x {head_dim} = {h * head_dim}")
-    if (use_triton(q) and q.is_contiguous() and k.is_contiguous() and q.dtype == k.dtype == v.dtype == keys.dtype
-            and cos.shape[-1] * 2 == head_dim and v.stride(-1) == 1 and keys.stride() == values.stride()
+    if (use_triton(q) and q.is_contiguous() and k.is_contiguous()
+            and q.dtype == k.dtype == v.dtype == keys.dtype == values.dtype and cos.shape[-1] * 2 == head_dim and v.stride(-1) == 1 and keys.stride() == values.stride()
             and keys.stride(-1) == 1):
         from ..triton_kernels.rope import rope_
 
